@@ -1,0 +1,22 @@
+"""Errors a user can cause and fix: the CLI prints them as one line, without a traceback."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's inputs (config, files, weights); the message says what and where."""
+
+
+class ConfigError(UserError, ValueError):
+    """An unknown config key or a bad value."""
+
+
+class DataError(UserError):
+    """Missing or malformed data files (lists, images, masks, shards, manifests)."""
+
+
+class WeightsError(UserError):
+    """A weights file that is missing or does not fit the model."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf."""

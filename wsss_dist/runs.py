@@ -1,0 +1,109 @@
+"""Run-directory layout, atomic writes and stage DONE markers (the contracts between stages)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it into place, else remove it.
+
+    Works for files and directories: the final name appears only whole.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if path.is_dir() and tmp.is_dir():  # replace a directory: move the old one aside first
+            old = _tmp_name(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` atomically (write a temporary file, fsync, rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    """``runs/<run>/<stage>/``, created."""
+    d = Path(run_dir) / stage
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def is_done(run_dir: str | os.PathLike, stage: str) -> bool:
+    """Whether ``stage`` finished in this run (its DONE marker exists)."""
+    return (Path(run_dir) / stage / "DONE").is_file()
+
+
+def read_done(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
+    """The metrics a finished stage wrote into its DONE marker."""
+    return read_json(Path(run_dir) / stage / "DONE")
+
+
+def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``<stage>/DONE`` last, atomically, holding the stage's metrics as JSON."""
+    return write_json(stage_dir(run_dir, stage) / "DONE", metrics or {})
+
+
+def require_done(run_dir: str | os.PathLike, stage: str, needed_by: str) -> None:
+    """Fail with a clear message if an upstream stage has not finished."""
+    if not is_done(run_dir, stage):
+        raise FileNotFoundError(
+            f"stage {needed_by!r} needs stage {stage!r} of run {run_dir} to be finished "
+            f"(no {Path(run_dir) / stage / 'DONE'}); run stage={stage} first"
+        )
