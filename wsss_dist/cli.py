@@ -54,6 +54,9 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     logger.info("stage %s: starting (run %s)", stage, cfg.run_dir)
     metrics = module.run(cfg) or {}
     metrics.setdefault("seconds", round(time.time() - t0, 1))
+    if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
+        logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
+        return metrics
     if is_main_process():
         runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, _summary(metrics))

@@ -91,6 +91,7 @@ class TrainCfg:
 class ClsCfg:
     """Classifier training (stage cls) and the six CAM methods' hyper-parameters (seed defaults)."""
 
+    split: str = "train_aug"  # the shards it trains on
     train: TrainCfg = field(default_factory=TrainCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     mixup_alpha: float = 0.2
@@ -105,6 +106,7 @@ class ClsCfg:
     cluster: Literal["finch", "kmeans"] = "finch"
     finch_partition: str = "last"  # last | first | <int column>
     kmeans_k: int = 10
+    round: int = -1  # method=sc: run rounds up to this one (-1 = all); the launcher submits one job per round
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Stage cam: multi-scale + flip class activation maps, and their mIoU.
+
+Inputs: the trained classifier (stage cls) and the ``cam.split`` shards. For each image and scale s in
+``cam.scales``: CAM(s) = ReLU(conv(f(resize(x, s)), W)) for the image and its mirror (one batch of two),
+upsampled to the image size, the mirror flipped back; CAM = Σ_s CAM(s) restricted to the image's classes,
+then divided by its per-class spatial maximum (psa/irn). Outputs: one CAM shard per input shard
+(``cam.npy`` float16 [K, ⌈H/out_stride⌉, ⌈W/out_stride⌉], ``cam.json`` {classes, size}) and ``cam/DONE`` with
+the CAM mIoU of the ``cam.eval_split`` ids at background ``cam.bg_threshold`` plus a threshold sweep.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import runs
+from ..config import Config
+from ..metrics import confusion_matrix
+from .cls import load_trained
+from .common import autocast, check_skips, dist, eval_ids, image_tensor, miou_metrics, shard_map
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def multiscale_cam(model: torch.nn.Module, image: torch.Tensor, labels: torch.Tensor,
+                   scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True) -> torch.Tensor:
+    """Normalised CAMs [K, H, W] of the image's K classes (``labels``: 20 multi-hot), summed over scales and flips."""
+    x = image if image.dim() == 4 else image.unsqueeze(0)
+    H, W = x.shape[-2:]
+    classes = torch.nonzero(torch.as_tensor(labels).flatten() > 0.5).flatten().to(x.device)
+    total = x.new_zeros((len(classes), H, W), dtype=torch.float32)
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        cams = model.cam(batch.contiguous(memory_format=torch.channels_last))[:, classes].float()
+        cams = F.interpolate(cams, size=(H, W), mode="bilinear", align_corners=False)
+        total += cams[0] + (cams[1].flip(-1) if flip else 0)
+    return total / (total.amax(dim=(1, 2), keepdim=True) + 1e-5)
+
+
+def cam_labels(cams: torch.Tensor, classes: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Label map [H, W]: argmax over [background plane = threshold, CAMs] mapped to class ids 0..20."""
+    if len(classes) == 0:
+        return torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
+    value, idx = cams.max(0)
+    return torch.where(value > threshold, classes[idx], torch.zeros_like(idx))
+
+
+def thresholds(cfg: Config) -> list[float]:
+    """The reported threshold first, then the sweep."""
+    return [cfg.cam.bg_threshold] + [t for t in cfg.cam.sweep if t != cfg.cam.bg_threshold]
+
+
+def run(cfg: Config) -> dict:
+    """Compute CAM shards for ``cam.split`` and the CAM mIoU (threshold sweep) on ``cam.eval_split``."""
+    d = dist()
+    model = load_trained(cfg).to(d.device).to(memory_format=torch.channels_last)
+    out_dir = runs.stage_dir(cfg.run_dir, "cam")
+    ids = eval_ids(cfg, cfg.cam.eval_split)
+    ths = thresholds(cfg)
+    c = cfg.cam
+
+    def process(sample: dict) -> dict:
+        x = image_tensor(sample, d.device)
+        labels = torch.as_tensor(sample["cls.npy"])
+        with autocast(d.device, c.mixed_precision):
+            cams = multiscale_cam(model, x, labels, c.scales, c.flip)
+        classes = (torch.nonzero(labels > 0.5).flatten() + 1).to(d.device)
+        H, W = x.shape[-2:]
+        small = F.interpolate(cams[None], size=(math.ceil(H / c.out_stride), math.ceil(W / c.out_stride)),
+                              mode="bilinear", align_corners=False)[0] if c.out_stride > 1 else cams
+        buf = io.BytesIO()
+        np.save(buf, small.half().cpu().numpy(), allow_pickle=False)
+        sample["_cams"], sample["_classes"] = cams, classes
+        return {"__key__": sample["__key__"], "cam.npy": buf.getvalue(),
+                "cam.json": json.dumps({"classes": classes.tolist(), "size": [H, W]}).encode()}
+
+    def evaluate(sample: dict, out: dict) -> np.ndarray | None:
+        gt = sample.get("seg.png")
+        if gt is None or sample["__key__"] not in ids:
+            return None
+        return np.stack([np.asarray(confusion_matrix(cam_labels(sample["_cams"], sample["_classes"], t).cpu(), gt)) for t in ths])
+
+    result = shard_map(cfg, c.split, out_dir, ("jpg", "cls.npy", "seg.png"), process, evaluate, desc="cam")
+    check_skips(result, cfg, "cam")
+    cm = result["cm"]
+    metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": c.split,
+               "eval_split": c.eval_split, "threshold": c.bg_threshold}
+    metrics.update(miou_metrics(None if cm is None else cm[0]))
+    if cm is not None:
+        sweep = {f"{t:.2f}": miou_metrics(cm[i])["miou"] for i, t in enumerate(ths)}
+        best = max(sweep, key=sweep.get)
+        metrics.update(sweep=sweep, best_miou=sweep[best], best_threshold=float(best))
+    return metrics

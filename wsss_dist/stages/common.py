@@ -1,0 +1,187 @@
+"""What several stages share: the process group, shard-parallel inference with resume, model (re)building."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .. import runs
+from ..config import Config
+from ..data.shards import SkipCounter, load_manifest, split_ids, split_urls, write_shard
+from ..data.stream import infer_samples
+from ..errors import DataError
+from ..metrics import confusion_matrix, miou
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (works without torch.distributed: world 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    state: object
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+        self.state.wait_for_everyone()
+
+    @property
+    def main(self) -> bool:
+        """Rank 0."""
+        return self.rank == 0
+
+
+def dist() -> Dist:
+    """The Accelerate process state (initialises torch.distributed under accelerate/torchrun/SLURM)."""
+    from accelerate import PartialState
+
+    s = PartialState()
+    return Dist(s.process_index, s.num_processes, s.device, s)
+
+
+def autocast(device: torch.device, precision: str):
+    """An autocast context for ``precision`` (no|fp16|bf16) on ``device``'s type."""
+    if precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def shard_map(
+    cfg: Config,
+    split: str,
+    out_dir: Path,
+    keys: tuple[str, ...],
+    process: Callable[[dict], dict | None],
+    evaluate: Callable[[dict, dict], np.ndarray] | None = None,
+    paired: Iterable[tuple[Path, tuple[str, ...]]] = (),
+    desc: str = "",
+) -> dict:
+    """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
+
+    Rank r takes shards i with i % world == r. An output shard (and its per-shard confusion matrices when
+    ``evaluate`` is given) appears only whole, by rename; shards already written are skipped, so a rerun
+    does only the rest. ``paired`` adds the samples of same-named shards of earlier stages (merged by key).
+    Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on every rank).
+    """
+    from tqdm import tqdm
+
+    d = dist()
+    manifest = load_manifest(cfg.shards_dir, verify=False)
+    urls = split_urls(cfg.shards_dir, split, manifest)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counter = SkipCounter()
+    mine = [u for i, u in enumerate(urls) if i % d.world == d.rank]
+    todo = [u for u in mine if not (out_dir / Path(u).name).exists()]
+    if len(todo) < len(mine):
+        logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
+    bar = tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img")
+    for url in todo:
+        name = Path(url).name
+        others = [{s["__key__"]: s for s in infer_samples(str(pdir / name), keys=pk, counter=counter)} for pdir, pk in paired]
+        outputs, cms, n = [], [], 0
+        for sample in infer_samples(url, keys=keys, counter=counter):
+            for other in others:
+                if sample["__key__"] not in other:
+                    raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier stage; rerun that stage")
+                sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
+            out = process(sample)
+            if out is not None:
+                outputs.append(out)
+            if evaluate is not None:
+                cm = evaluate(sample, out or {})
+                if cm is not None:
+                    cms.append(cm)
+            n += 1
+            bar.update(1)
+        if evaluate is not None:
+            total = np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64)
+            with runs.atomic_path(out_dir / f"{name}.cm.npy") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, total, allow_pickle=False)
+        write_shard(out_dir / name, outputs)
+        runs.write_json(out_dir / f"{name}.json", {"samples": n, "skipped": counter.skipped})
+    bar.close()
+    d.barrier()
+    return _gather(out_dir, urls)
+
+
+def _count(manifest: dict, split: str, url: str) -> int:
+    info = manifest["splits"][split]
+    try:
+        return int(info["counts"][info["shards"].index(Path(url).name)])
+    except (KeyError, ValueError, IndexError):
+        return 0
+
+
+def _gather(out_dir: Path, urls: list[str]) -> dict:
+    """Sum per-shard sample counts, skips and confusion matrices written by every rank."""
+    samples = skipped = 0
+    cm = None
+    for u in urls:
+        name = Path(u).name
+        info = runs.read_json(out_dir / f"{name}.json")
+        samples += info["samples"]
+        skipped += info["skipped"]
+        p = out_dir / f"{name}.cm.npy"
+        if p.exists():
+            m = np.load(p, allow_pickle=False)
+            if m.size:
+                cm = m if cm is None else cm + m
+    return {"samples": samples, "skipped": skipped, "cm": cm}
+
+
+def check_skips(result: dict, cfg: Config, what: str) -> None:
+    """Fail the stage when more than ``data.max_skip_fraction`` of the samples were broken."""
+    total = result["samples"] + result["skipped"]
+    if total and result["skipped"] / total > cfg.data.max_skip_fraction:
+        raise DataError(
+            f"{what}: {result['skipped']} of {total} samples were broken and skipped, more than "
+            f"data.max_skip_fraction={cfg.data.max_skip_fraction}; check the shards (stage=shards) or raise the limit"
+        )
+
+
+def eval_ids(cfg: Config, split: str) -> set[str]:
+    """Ids whose ground truth scores a stage (e.g. VOC train for CAM and pseudo-label mIoU)."""
+    return set(split_ids(load_manifest(cfg.shards_dir, verify=False), split))
+
+
+def miou_metrics(cm: np.ndarray | None) -> dict:
+    """``{"miou", "iou"}`` from a 21×21 confusion matrix (empty when there was no ground truth)."""
+    if cm is None:
+        return {"miou": None, "iou": None}
+    m, iou = miou(cm)
+    return {"miou": float(m), "iou": [None if np.isnan(x) else float(x) for x in iou], "confusion": np.asarray(cm).tolist()}
+
+
+def gt_confusion(pred: np.ndarray, sample: dict) -> np.ndarray | None:
+    """Confusion matrix of a label map against the sample's ``seg.png`` (None without ground truth)."""
+    gt = sample.get("seg.png")
+    if gt is None:
+        return None
+    return np.asarray(confusion_matrix(pred, gt))
+
+
+def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
+    """The sample's normalised image as [1, 3, H, W] on ``device``."""
+    from ..data.stream import normalize
+
+    return normalize(sample["jpg"]).unsqueeze(0).to(device)
+
+
+def iter_chunks(it: Iterable, n: int) -> Iterator[list]:
+    """Lists of up to ``n`` items."""
+    chunk: list = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,55 @@
+"""Stage seg: DeepLab-v2 (ResNet + ASPP 6/12/18/24, output stride 8) trained on the pseudo labels.
+
+Inputs: images and pseudo-label shards (stage pseudo). Augmentation: random scale in ``seg.scale_range``, flip,
+crop ``seg.train.crop`` (labels padded with 255). Objective: per-pixel cross-entropy of the logits, upsampled to
+the crop, ignoring 255. Optimiser: poly SGD, backbone 1×, ASPP weights 10×, ASPP biases 20× (deeplab-pytorch).
+Engine: :func:`wsss_dist.engine.fit`. Outputs: ``seg/model.safetensors``.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .. import runs
+from ..config import Config
+from ..data.shards import load_manifest, split_urls
+from ..data.stream import train_loader
+from ..engine import fit, load_model_weights
+from ..models.backbones import create_backbone
+from ..models.deeplab import DeepLabV2
+
+
+def build_model(cfg: Config, weights: bool = True) -> DeepLabV2:
+    """DeepLab-v2 on ``seg.backbone`` (ImageNet weights from ``seg.weights`` when given)."""
+    s = cfg.seg
+    return DeepLabV2(create_backbone(s.backbone, weights=s.weights if weights else None, output_stride=8, frozen_bn=s.frozen_bn), num_classes=21)
+
+
+def load_trained(cfg: Config) -> DeepLabV2:
+    """The trained segmentation network of this run, in eval mode."""
+    runs.require_done(cfg.run_dir, "seg", "eval")
+    model = build_model(cfg, weights=False)
+    load_model_weights(model, cfg.run_dir / "seg" / "model.safetensors")
+    return model.eval()
+
+
+def loss_fn(model, batch, step):
+    """Cross-entropy over pixels (255 ignored), logits upsampled to the label size."""
+    logits = model(batch["image"]).float()
+    logits = F.interpolate(logits, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, batch["mask"], ignore_index=255), {}
+
+
+def run(cfg: Config) -> dict:
+    """Train DeepLab-v2 on the pseudo labels of ``cam.split``."""
+    runs.require_done(cfg.run_dir, "pseudo", "seg")
+    urls = split_urls(cfg.shards_dir, cfg.cam.split, load_manifest(cfg.shards_dir))
+    t = cfg.seg.train
+    model = build_model(cfg)
+
+    def make_loader(rank: int, world: int, start_batch: int):
+        return train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed, rank=rank,
+                            world=world, num_workers=cfg.data.num_workers, start_batch=start_batch,
+                            mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
+
+    return fit(model=model, param_groups=model.param_groups(cfg.seg.optim.lr, cfg.seg.optim.weight_decay), loss_fn=loss_fn,
+               make_loader=make_loader, out_dir=runs.stage_dir(cfg.run_dir, "seg"), train=t, optim=cfg.seg.optim, log_name="seg")
