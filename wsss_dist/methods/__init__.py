@@ -1,0 +1,1 @@
+"""CAM-method building blocks: mixing (mixup, FMix, manifold mixup), losses, sub-categories, affinity, random walk."""

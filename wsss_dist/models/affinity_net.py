@@ -1,0 +1,47 @@
+"""AffinityNet (psa): pixel embeddings at stride 8 from three backbone levels.
+
+Heads on the levels of ``backbone.level_channels`` (ResNet-38d: conv4 512, conv5 1024, conv6 4096):
+1×1 convs to 64 / 128 / 256 channels, each followed by ELU; concatenated (448) → 1×1 448→448 → ELU.
+All bias-free; Kaiming-normal init for the three level convs, Xavier-uniform with gain 4 for the last.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss_dist.models.backbones import Backbone, merge_param_groups, param_groups_by_decay
+
+
+class AffinityNet(nn.Module):
+    """Backbone + psa's affinity heads; ``forward`` returns features [B, 448, h, w] at the backbone's stride."""
+
+    def __init__(self, backbone: Backbone, dims: tuple[int, int, int] = (64, 128, 256)) -> None:
+        super().__init__()
+        self.backbone = backbone
+        c3, c4, c5 = backbone.level_channels
+        self.f8_3 = nn.Conv2d(c3, dims[0], 1, bias=False)
+        self.f8_4 = nn.Conv2d(c4, dims[1], 1, bias=False)
+        self.f8_5 = nn.Conv2d(c5, dims[2], 1, bias=False)
+        self.out_channels = sum(dims)
+        self.f9 = nn.Conv2d(self.out_channels, self.out_channels, 1, bias=False)
+        for m in (self.f8_3, self.f8_4, self.f8_5):
+            nn.init.kaiming_normal_(m.weight)
+        nn.init.xavier_uniform_(self.f9.weight, gain=4.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Affinity features [B, 448, h, w]."""
+        l3, l4, l5 = self.backbone.forward_levels(x)
+        f = torch.cat([F.elu(self.f8_3(l3)), F.elu(self.f8_4(l4)), F.elu(self.f8_5(l5))], dim=1)
+        return F.elu(self.f9(f))
+
+    def new_modules(self) -> list[nn.Module]:
+        """Layers trained from scratch (10× lr)."""
+        return [self.f8_3, self.f8_4, self.f8_5, self.f9]
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Backbone lr×1 (weights wd, BN/bias no wd); heads lr×10 with wd; each group has ``lr_mult``."""
+        groups = self.backbone.param_groups(lr, weight_decay)
+        for m in self.new_modules():
+            groups += param_groups_by_decay(m.named_parameters(), lr, weight_decay, lr_mult=10.0)
+        return merge_param_groups(groups)

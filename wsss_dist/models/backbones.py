@@ -1,0 +1,276 @@
+"""Backbones shared by every head: ResNet-38d (our own) and timm ResNets, frozen BN, local weights.
+
+Design of the stage-wise forward (used by manifold mixup): a backbone is a chain of
+``num_stages`` stages. ``forward(x, mix_at=k, mix_fn=f)`` applies ``f`` to the input when
+``k == 0`` and to the output of stage ``k`` when ``1 <= k <= num_stages - 1`` (never after the
+last stage: its output is the feature map the heads see). Without ``mix_at`` it is a plain forward.
+
+* ResNet-38d: 6 stages cut as mva-wsss does — k = 0 input, 1 after b2, 2 after b3, 3 after b4,
+  4 after b5, 5 after b6 (mixing happens before b7).
+* timm ResNets: 4 stages — stem + layer1, layer2, layer3, layer4; k = 0 input, 1..3 after layer1..3.
+
+Nothing is ever downloaded: timm models are built with ``pretrained=False``; ImageNet weights come
+from a local file through :func:`load_weights`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss_dist.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+# Classifier heads of ImageNet/psa checkpoints that a backbone never has: dropped when loading.
+HEAD_PREFIXES: tuple[str, ...] = ("fc.", "fc8.", "linear1000.", "head.", "classifier.")
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """A weights file that does not exist."""
+
+
+class WeightsMismatchError(WeightsError, ValueError):
+    """A weights file whose tensors do not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from a local ``.safetensors`` or torch file (weights_only; 'state_dict'/'model' nesting)."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(p), device="cpu")
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickled objects, ...
+        raise WeightsMismatchError(f"{p}: cannot be read as a state dict ({type(e).__name__}: {e})") from e
+    while isinstance(obj, dict) and len(obj) <= 4:  # unwrap {'state_dict': ...} / {'model': ...} checkpoints
+        nested = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsMismatchError(f"{p}: not a state dict of tensors")
+    sd: dict[str, Tensor] = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):  # DataParallel / DDP checkpoints
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(module: nn.Module, path: str | Path, drop_prefixes: Sequence[str] = HEAD_PREFIXES) -> dict[str, int]:
+    """Load a local weights file into ``module``; every model tensor must be found with its shape.
+
+    Keys starting with ``drop_prefixes`` (classifier heads such as timm's ``fc.*``) are ignored, and a
+    missing ``num_batches_tracked`` buffer is tolerated. Raises :class:`WeightsNotFoundError`
+    (a ``FileNotFoundError``) or :class:`WeightsMismatchError` (a ``ValueError``) naming the file and
+    a few offending keys. Returns counts ``{'loaded', 'dropped'}``.
+    """
+    sd = read_state_dict(path)
+    own = module.state_dict()
+    prefixes = tuple(drop_prefixes)
+    dropped = [k for k in sd if k not in own and k.startswith(prefixes)]
+    unexpected = [k for k in sd if k not in own and not k.startswith(prefixes)]
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    bad_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if unexpected or missing or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if bad_shape:
+            parts.append(f"{len(bad_shape)} of another shape (e.g. " + ", ".join(
+                f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:3]) + ")")
+        raise WeightsMismatchError(
+            f"{path}: weights do not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    n_loaded = sum(1 for k in sd if k in own)
+    logger.info("loaded %d tensors from %s into %s (dropped %d head tensors%s)", n_loaded, path,
+                type(module).__name__, len(dropped), f": {', '.join(dropped[:4])}" if dropped else "")
+    return {"loaded": n_loaded, "dropped": len(dropped)}
+
+
+class Backbone(nn.Module):
+    """A feature extractor run as ``num_stages`` stages (see the module docstring for ``mix_at``).
+
+    Attributes: ``out_channels`` (final map), ``level_channels`` (the three levels AffinityNet
+    uses), ``num_stages``, ``output_stride``, ``frozen_bn``; the network itself is ``self.body``
+    (weights files load into it, so their keys carry no prefix).
+    """
+
+    out_channels: int
+    level_channels: tuple[int, int, int]
+    num_stages: int
+    output_stride: int
+
+    def __init__(self, body: nn.Module, frozen_bn: bool, frozen_modules: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.body = body
+        self.frozen_bn = frozen_bn
+        if frozen_bn:
+            for name in frozen_modules:
+                getattr(body, name).requires_grad_(False)
+            for m in body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.requires_grad_(False)
+                    m.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Set training mode; with ``frozen_bn`` every BatchNorm stays in eval mode (running statistics)."""
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward_stage(self, k: int, x: Tensor) -> Tensor:
+        """Run stage ``k`` (0-based)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, mix_at: int | None = None,
+                mix_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Final feature map at stride ``output_stride``; optionally mix (``mix_fn``) at stage boundary ``mix_at``."""
+        if mix_at is not None:
+            if mix_fn is None:
+                raise ValueError("mix_at given without mix_fn")
+            if not 0 <= mix_at < self.num_stages:
+                raise ValueError(f"mix_at={mix_at} out of range: 0 (input) .. {self.num_stages - 1} "
+                                 f"(after stage {self.num_stages - 1}); never after the last stage")
+            if mix_at == 0:
+                x = mix_fn(x)
+        for k in range(self.num_stages):
+            x = self.forward_stage(k, x)
+            if mix_at is not None and mix_at == k + 1:
+                x = mix_fn(x)  # type: ignore[misc]
+        return x
+
+    def forward_levels(self, x: Tensor) -> list[Tensor]:
+        """The three levels of ``level_channels``, all resized to the last one's size."""
+        raise NotImplementedError
+
+    def load_weights(self, path: str | Path) -> dict[str, int]:
+        """Load local ImageNet weights into the body (see :func:`load_weights`)."""
+        return load_weights(self.body, path)
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+        """Trainable backbone parameters: conv weights (with wd) and BN/bias (no wd), both ``lr_mult`` 1."""
+        return param_groups_by_decay(self.named_parameters(), lr, weight_decay, lr_mult=1.0)
+
+
+def param_groups_by_decay(named: Iterator[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                          lr_mult: float, bias_lr_mult: float | None = None) -> list[dict]:
+    """Split trainable parameters into weights (wd) and 1-d params (BN, biases: no wd); drop empty groups."""
+    weights, others = [], []
+    for _, p in named:
+        if p.requires_grad:
+            (weights if p.ndim > 1 else others).append(p)
+    bias_mult = lr_mult if bias_lr_mult is None else bias_lr_mult
+    groups = [
+        {"params": weights, "lr": lr * lr_mult, "weight_decay": weight_decay, "lr_mult": lr_mult},
+        {"params": others, "lr": lr * bias_mult, "weight_decay": 0.0, "lr_mult": bias_mult},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def merge_param_groups(groups: list[dict]) -> list[dict]:
+    """Merge groups with the same (lr_mult, weight_decay) so an optimiser sees few groups."""
+    merged: dict[tuple[float, float], dict] = {}
+    for g in groups:
+        key = (g["lr_mult"], g["weight_decay"])
+        if key in merged:
+            merged[key]["params"] = merged[key]["params"] + g["params"]
+        else:
+            merged[key] = dict(g)
+    return list(merged.values())
+
+
+class ResNet38dBackbone(Backbone):
+    """ResNet-38d (psa), OS 8, 4096 channels; ``frozen_bn`` also freezes the stem conv1a, b2, b2_1, b2_2."""
+
+    def __init__(self, frozen_bn: bool = True) -> None:
+        from wsss_dist.models.resnet38d import NOT_TRAINING, STAGES, ResNet38d
+
+        super().__init__(ResNet38d(), frozen_bn, frozen_modules=NOT_TRAINING)
+        self.out_channels = ResNet38d.out_channels
+        self.level_channels = ResNet38d.level_channels
+        self.num_stages = len(STAGES)
+        self.output_stride = 8
+
+    def forward_stage(self, k: int, x: Tensor) -> Tensor:
+        """Run stage ``k`` of ResNet-38d."""
+        return self.body.forward_stage(k, x)
+
+    def forward_levels(self, x: Tensor) -> list[Tensor]:
+        """[conv4, conv5, conv6] (512, 1024, 4096 channels, stride 8)."""
+        return self.body.forward_levels(x)
+
+
+class TimmBackbone(Backbone):
+    """A timm ResNet-family model (``features_only``), dilated to ``output_stride``; never downloads weights."""
+
+    def __init__(self, name: str, output_stride: int = 8, frozen_bn: bool = True) -> None:
+        import timm
+
+        body = timm.create_model(name, pretrained=False, features_only=True, output_stride=output_stride,
+                                 out_indices=(1, 2, 3, 4))
+        super().__init__(body, frozen_bn)
+        names = list(body.keys())
+        cuts = [names.index(n) + 1 for n in body.return_layers]  # stage k ends at the k-th returned layer
+        self._stage_names: tuple[tuple[str, ...], ...] = tuple(
+            tuple(names[a:b]) for a, b in zip([0] + cuts[:-1], cuts))
+        channels = body.feature_info.channels()
+        self.out_channels = channels[-1]
+        self.level_channels = tuple(channels[-3:])  # type: ignore[assignment]
+        self.num_stages = len(self._stage_names)
+        self.output_stride = output_stride
+
+    def forward_stage(self, k: int, x: Tensor) -> Tensor:
+        """Run stage ``k`` (stem + layer1, layer2, …)."""
+        for name in self._stage_names[k]:
+            x = self.body[name](x)
+        return x
+
+    def forward_levels(self, x: Tensor) -> list[Tensor]:
+        """Outputs of the last three stages, resized (bilinear) to the last one's size."""
+        outs = []
+        for k in range(self.num_stages):
+            x = self.forward_stage(k, x)
+            outs.append(x)
+        levels = outs[-3:]
+        size = levels[-1].shape[-2:]
+        return [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                for f in levels]
+
+
+def create_backbone(name: str, weights: str | None = None, output_stride: int = 8,
+                    frozen_bn: bool = True) -> Backbone:
+    """Build ``resnet38d`` or a timm ResNet (``resnet18``, ``resnet50``, ``resnet101``, …) with local weights."""
+    if name == "resnet38d":
+        if output_stride != 8:
+            raise ValueError(f"resnet38d has a fixed output stride of 8, got output_stride={output_stride}")
+        backbone: Backbone = ResNet38dBackbone(frozen_bn=frozen_bn)
+    else:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown backbone {name!r}: use 'resnet38d' or a timm ResNet name (resnet18, resnet50, ...)")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        backbone = TimmBackbone(name, output_stride=output_stride, frozen_bn=frozen_bn)
+    if weights:
+        backbone.load_weights(weights)
+    return backbone
+
+
+__all__ = ["Backbone", "ResNet38dBackbone", "TimmBackbone", "create_backbone", "load_weights",
+           "read_state_dict", "param_groups_by_decay", "merge_param_groups", "WeightsNotFoundError",
+           "WeightsMismatchError", "HEAD_PREFIXES"]
