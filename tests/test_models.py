@@ -173,6 +173,14 @@ def test_load_weights_safetensors_and_pth(tmp_path):
         assert all(torch.equal(got[k], sd[k]) for k in got if not k.endswith("num_batches_tracked"))
     counts = load_weights(create_backbone("resnet18").body, pth)
     assert counts["dropped"] == 2 and counts["loaded"] == len(sd) - 2
+    # a full model with a head of another size (e.g. a 20-class teacher): the 1000-class head is dropped
+    small = timm.create_model("resnet18", pretrained=False, num_classes=20)
+    head = small.fc.weight.detach().clone()
+    counts = load_weights(small, st)
+    assert counts["dropped"] == 2 and torch.equal(small.fc.weight, head)
+    assert torch.equal(small.layer4[1].conv2.weight, sd["layer4.1.conv2.weight"])
+    same = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    assert load_weights(same, st) == {"loaded": len(sd), "dropped": 0}  # a head that fits is loaded
 
 
 def test_load_weights_errors(tmp_path):

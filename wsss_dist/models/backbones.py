@@ -68,18 +68,24 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def load_weights(module: nn.Module, path: str | Path, drop_prefixes: Sequence[str] = HEAD_PREFIXES) -> dict[str, int]:
     """Load a local weights file into ``module``; every model tensor must be found with its shape.
 
-    Keys starting with ``drop_prefixes`` (classifier heads such as timm's ``fc.*``) are ignored, and a
-    missing ``num_batches_tracked`` buffer is tolerated. Raises :class:`WeightsNotFoundError`
-    (a ``FileNotFoundError``) or :class:`WeightsMismatchError` (a ``ValueError``) naming the file and
-    a few offending keys. Returns counts ``{'loaded', 'dropped'}``.
+    Classifier heads (keys starting with ``drop_prefixes``, e.g. timm's ``fc.*``) are optional: loaded
+    when the model has them with the same shape, else dropped (a model head of another size keeps its
+    initialisation). A missing ``num_batches_tracked`` buffer is tolerated. Raises
+    :class:`WeightsNotFoundError` (a ``FileNotFoundError``) or :class:`WeightsMismatchError`
+    (a ``ValueError``) naming the file and a few offending keys. Returns counts ``{'loaded', 'dropped'}``.
     """
     sd = read_state_dict(path)
     own = module.state_dict()
     prefixes = tuple(drop_prefixes)
-    dropped = [k for k in sd if k not in own and k.startswith(prefixes)]
+
+    def fits(k: str) -> bool:
+        return k in own and tuple(sd[k].shape) == tuple(own[k].shape)
+
+    dropped = [k for k in sd if k.startswith(prefixes) and not fits(k)]
     unexpected = [k for k in sd if k not in own and not k.startswith(prefixes)]
-    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-    bad_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    bad_shape = [k for k in sd if k in own and not fits(k) and not k.startswith(prefixes)]
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")
+               and not k.startswith(prefixes)]
     if unexpected or missing or bad_shape:
         parts = []
         if missing:
@@ -91,11 +97,11 @@ def load_weights(module: nn.Module, path: str | Path, drop_prefixes: Sequence[st
                 f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:3]) + ")")
         raise WeightsMismatchError(
             f"{path}: weights do not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    n_loaded = sum(1 for k in sd if k in own)
-    logger.info("loaded %d tensors from %s into %s (dropped %d head tensors%s)", n_loaded, path,
+    loaded = {k: v for k, v in sd.items() if fits(k)}
+    module.load_state_dict(loaded, strict=False)
+    logger.info("loaded %d tensors from %s into %s (dropped %d head tensors%s)", len(loaded), path,
                 type(module).__name__, len(dropped), f": {', '.join(dropped[:4])}" if dropped else "")
-    return {"loaded": n_loaded, "dropped": len(dropped)}
+    return {"loaded": len(loaded), "dropped": len(dropped)}
 
 
 class Backbone(nn.Module):
