@@ -36,8 +36,6 @@ from .common import dist, image_tensor
 
 logger = logging.getLogger(__name__)
 
-MIXING = ("mixup", "fmix", "manifold")
-
 
 def build_model(cfg: Config, num_sub: int = 0, weights: bool = True) -> CAMNet:
     """The classifier of ``cfg.model`` (ImageNet weights from ``model.weights`` when given)."""
@@ -71,11 +69,8 @@ def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):
             x = mix.x
         if method == "manifold":
             inner = model.module if hasattr(model, "module") else model
-            layer = mixing.sample_layer(inner.backbone.num_stages)
-            index = torch.randperm(x.shape[0], device=x.device)
-            lam = float(torch.distributions.Beta(c.manifold_alpha, c.manifold_alpha).sample())
-            mix = mixing.MixResult(x=x, index=index, lam=lam)
-            out = model(x, mix_at=layer, mix_fn=mixing.manifold_mix_fn(index, lam))
+            mix, layer, mix_fn = mixing.manifold_mixup(x, inner.backbone.num_stages, alpha=c.manifold_alpha)
+            out = model(x, mix_at=layer, mix_fn=mix_fn)
             logs["layer"] = float(layer)
         else:
             out = model(x)
@@ -84,7 +79,7 @@ def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):
             loss = losses.multilabel_loss(logits, y)
         else:
             loss = losses.mixed_loss(losses.multilabel_loss, logits, y, mix)
-            ent = losses.entropy_loss(y if c.entropy_on_labels else logits, from_probs=c.entropy_on_labels)
+            ent = losses.entropy_loss(y if c.entropy_on_labels else logits)  # the seed's bug: on labels
             con = losses.mixed_loss(losses.concentration_loss, out["cams"].float(), y, mix)
             loss = loss + c.ent_weight * ent + c.con_weight * con
             logs.update(ent=ent.detach(), con=con.detach(), lam=mix.lam)
