@@ -1,0 +1,233 @@
+"""The launcher (launch/submit.py, wsss_dist.launcher), CI wiring and set-up; no SLURM needed."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from wsss_dist import launcher
+from wsss_dist.config import make_config
+from wsss_dist.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBMIT = ROOT / "launch" / "submit.py"
+TOY = ["data.toy.n_train=20", "data.toy.n_val=8", "data.toy.n_sbd=20", "data.toy.size=48", "data.shard_size=8"]
+
+
+def readme_commands() -> list[str]:
+    """The shell commands at the top of README.md (its first code block)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```(?:bash)?\n(.*?)```", text, re.S)
+    assert block and text.index("```") < 200, "README.md must open with the set-up commands"
+    return [line.strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def submit(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run launch/submit.py in a subprocess."""
+    return subprocess.run([sys.executable, str(SUBMIT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def fake_stages(tmp_path: Path, code: dict[str, str]) -> dict[str, str]:
+    """Env that puts modules ``code`` (stage name → source) in front of wsss_dist.stages in every job."""
+    site, stages = tmp_path / "site", tmp_path / "fake_stages"
+    site.mkdir()
+    stages.mkdir()
+    (site / "sitecustomize.py").write_text(f"import wsss_dist.stages\nwsss_dist.stages.__path__.insert(0, {str(stages)!r})\n")
+    for name, src in code.items():
+        (stages / f"{name}.py").write_text(textwrap.dedent(src))
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+
+
+# ------------------------------------------------------------------ README / CI / set-up
+
+
+def test_readme_opens_with_the_two_commands():
+    cmds = readme_commands()
+    assert cmds[:2] == ["bash launch/setup.sh && .venv/bin/python launch/submit.py stage=all method=fmix",
+                        "bash launch/setup.sh && .venv/bin/python -m pytest"]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test_cmd = next(c for c in readme_commands() if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    lines = [line.strip() for line in ci.splitlines()]
+    assert test_cmd in lines, f".ci/run must run the README's test command verbatim: {test_cmd}"
+    assert "set -euo pipefail" in ci and ".ci/slurm_up.sh" in ci
+    assert lines.index(test_cmd) > next(i for i, line in enumerate(lines) if "slurm_up.sh" in line)
+
+
+def test_shell_scripts_parse():
+    for script in ("launch/setup.sh", ".ci/run", ".ci/slurm_up.sh", ".ci/slurm_down.sh"):
+        r = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+
+
+# ------------------------------------------------------------------ keys, plan, resources
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path):
+    r = submit(["stage=shards", "no_such.key=1", f"run={tmp_path}/run"], tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such.key" in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("arg, word", [("slurm.seg.gpus=2", "slurm.seg.gpus"), ("slurm.nostage.nodes=2", "nostage"),
+                                       ("slurm.cls.nodes=two", "slurm.nodes"), ("launch.nope=1", "launch.nope")])
+def test_bad_launcher_keys(arg, word):
+    with pytest.raises(ConfigError, match=re.escape(word)):
+        launcher.split_args(["stage=cls", arg])
+
+
+def test_stage_resources_precedence():
+    launch, rest = launcher.split_args(["stage=all", "slurm.gpus_per_node=4", "slurm.seg.gpus_per_node=8",
+                                        "slurm.seg.time_min=600", "slurm.shards.cpus_per_task=16", "launch.logs=/x"])
+    assert launch.logs == "/x" and "launch.logs" not in rest and "slurm.seg.gpus_per_node" not in rest
+    cfg = make_config(rest)
+    seg, cls, shards = (launcher.stage_resources(cfg, launch, s) for s in ("seg", "cls", "shards"))
+    assert (seg.gpus_per_node, seg.time_min) == (8, 600)  # per-stage key wins
+    assert (cls.gpus_per_node, cls.time_min) == (4, cfg.slurm.time_min)  # global slurm.* key
+    assert (shards.gpus_per_node, shards.cpus_per_task) == (0, 16)  # CPU-only stage default, then its own key
+
+
+def test_plan_skips_done_stages_and_splits_sc_rounds(tmp_path):
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    (run / "shards" / "DONE").write_text("{}")
+    (run / "cls" / "round0").mkdir(parents=True)
+    (run / "cls" / "round0" / "DONE").write_text("{}")
+    launch, rest = launcher.split_args(["stage=[shards,cls,cam]", "method=sc", "cls.sc_rounds=3", f"run={run}"])
+    steps = launcher.plan(make_config(rest), launch, rest)
+    assert [(s.name, s.done) for s in steps] == [("shards", True), ("cls.round0", True), ("cls.round1", False),
+                                                  ("cls.round2", False), ("cam", False)]
+    assert "cls.round=2" in steps[3].overrides and "stage=cls" in steps[3].overrides
+    launch, rest = launcher.split_args(["stage=all", "method=teach"])
+    assert "teacher" in [s.stage for s in launcher.plan(make_config(rest), launch, rest)]
+
+
+def test_slurm_executor_parameters(tmp_path):
+    pytest.importorskip("submitit")
+    launch, rest = launcher.split_args(["stage=cls", "slurm.partition=gpu", "slurm.account=proj", "slurm.nodes=2",
+                                        "slurm.gpus_per_node=4", "slurm.cls.time_min=90", "slurm.extra=[exclusive,comment=x]"])
+    step = launcher.plan(make_config(rest), launch, rest)[0]
+    ex = launcher.make_executor("slurm", tmp_path, step, "r-cls", dependency="afterok:41")
+    p = ex._executor.parameters
+    assert (p["partition"], p["account"], p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["time"]) == \
+        ("gpu", "proj", 2, 4, 4, 90)
+    assert p["dependency"] == "afterok:41"
+    assert p["additional_parameters"] == {"kill-on-invalid-dep": "yes", "exclusive": True, "comment": "x"}
+    assert launcher.PREEMPT_ENV in p["setup"]
+
+
+def test_stage_job_checkpoint_resubmits_the_same_stage():
+    job = launcher.StageJob(["stage=cls", "method=fmix"], "cls", "/some/dir")
+    delayed = job.checkpoint()
+    again = delayed.function
+    assert isinstance(again, launcher.StageJob) and again is not job
+    assert (again.overrides, again.stage, again.cwd) == (job.overrides, job.stage, job.cwd)
+
+
+# ------------------------------------------------------------------ local chains (subprocess)
+
+
+@pytest.mark.skipif(not (ROOT / "wsss_dist" / "stages" / "shards.py").exists(), reason="the shards stage is not there yet")
+def test_local_chain_builds_shards_then_skips(tmp_path):
+    args = ["stage=shards", f"run={tmp_path}/run", f"data.shards_dir={tmp_path}/shards",
+            f"data.toy.root={tmp_path}/toy-src", *TOY]
+    r = submit(args, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[1/1] shards: running as local job" in r.stdout and "shards: done" in r.stdout
+    assert sorted((tmp_path / "shards").glob("train_aug-*.tar")) and (tmp_path / "shards" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "shards" / "DONE").is_file()
+    assert list((tmp_path / "run" / "logs").glob("*_0_log.err"))
+    t0 = time.time()
+    again = submit(args, tmp_path)
+    assert again.returncode == 0 and "shards: skipped (done)" in again.stdout, again.stdout + again.stderr
+    assert "running" not in again.stdout and time.time() - t0 < 20
+
+
+FAILING = """
+    def run(cfg):
+        raise ValueError("boom: the fake stage failed")
+"""
+
+# A trainer stand-in: counts steps (checkpoint after each), and on USR2/TERM checkpoints and raises the engine's
+# Interrupted, as wsss_dist.engine does.
+COUNTING = """
+    import json, os, signal, time
+    import wsss_dist.engine as engine
+
+    Interrupted = getattr(engine, "Interrupted", None)
+    if Interrupted is None:  # before the engine exists: the same contract
+        class Interrupted(Exception):
+            def __init__(self, signum):
+                super().__init__(signum)
+                self.signum = signum
+        engine.Interrupted = Interrupted
+
+    def run(cfg):
+        out = cfg.run_dir / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = out / "ckpt.json"
+        i = json.loads(ckpt.read_text())["i"] if ckpt.exists() else 0
+        got = []
+        old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGUSR2, signal.SIGTERM)}
+        try:
+            with open(out / "trace.txt", "a") as trace:
+                trace.write(f"start {os.getpid()} {i}\\n")
+                trace.flush()
+                while i < 12:
+                    time.sleep(0.25)
+                    i += 1
+                    ckpt.write_text(json.dumps({"i": i}))
+                    trace.write(f"step {os.getpid()} {i}\\n")
+                    trace.flush()
+                    if got:
+                        raise Interrupted(got[0])
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return {"steps": i}
+"""
+
+
+def test_local_job_failure_prints_its_stderr_tail(tmp_path):
+    env = fake_stages(tmp_path, {"eval": FAILING})
+    r = submit(["stage=eval", f"run={tmp_path}/run"], tmp_path, env)
+    assert r.returncode == 1
+    assert "eval failed" in r.stderr and "boom: the fake stage failed" in r.stderr
+    assert not (tmp_path / "run" / "eval" / "DONE").exists()
+
+
+def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
+    env = fake_stages(tmp_path, {"eval": COUNTING})
+    trace = tmp_path / "run" / "eval" / "trace.txt"
+    p = subprocess.Popen([sys.executable, str(SUBMIT), "stage=eval", f"run={tmp_path}/run"], cwd=tmp_path,
+                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (trace.exists() and "step" in trace.read_text()):
+            time.sleep(0.1)
+        first = trace.read_text().split()
+        os.kill(int(first[1]), signal.SIGUSR2)  # what submitit's controller sends at a time-out
+        out, err = p.communicate(timeout=90)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out + err
+    starts = [line.split() for line in trace.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) == 2 and starts[0][1] != starts[1][1]  # a second process ...
+    assert int(starts[1][2]) > 0  # ... resumed from the checkpoint
+    steps = [int(line.split()[2]) for line in trace.read_text().splitlines() if line.startswith("step")]
+    assert steps == list(range(1, 13))  # no step lost or repeated
+    log = next((tmp_path / "run" / "logs").glob("*_0_log.err")).read_text()
+    assert "requeueing through submitit" in log and "Requeued job" in log
+    assert (tmp_path / "run" / "eval" / "DONE").is_file()

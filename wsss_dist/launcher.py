@@ -1,0 +1,364 @@
+"""Submit the pipeline's stages as submitit jobs: ``python launch/submit.py stage=all method=fmix [key=value ...]``.
+
+Each stage (and, for ``method=sc``, each classifier round) becomes one job running
+:func:`wsss_dist.cli.run_stage` in a :class:`StageJob`. Three back-ends (``cluster=``):
+
+- ``local`` (default): submitit's LocalExecutor. It ignores dependencies, so the launcher waits for each job
+  before submitting the next; logs are ``<run>/logs/<job id>_0_log.{out,err}``.
+- ``debug``: submitit's DebugExecutor, in this process (for pdb).
+- ``slurm``: one sbatch job per stage, chained with ``afterok`` (+ ``kill-on-invalid-dep``); returns at once.
+
+Besides every key of :mod:`wsss_dist.config`, the launcher takes its own keys:
+
+- ``slurm.<stage>.<key>=value``: resources of one stage (``slurm.seg.gpus_per_node=4``, ``slurm.cls.time_min=600``);
+  precedence: these > the launcher's per-stage defaults (:data:`STAGE_DEFAULTS`) > ``slurm.<key>``.
+- ``launch.logs=DIR``: submitit's folder (default ``<run>/logs``).
+- ``launch.wait=true``: with ``cluster=slurm``, block until the chain has finished (exit 1 if a job failed).
+
+Time-out and preemption (see docs/cluster.md): submitit's signal handler (checkpoint + requeue) is bound to
+USR2 (time-out) and TERM (preemption). While a trainer runs, the engine's own handlers take over: they finish the
+step, write a checkpoint and raise :class:`wsss_dist.engine.Interrupted`; :class:`StageJob` then calls the same
+submitit handler, which calls :meth:`StageJob.checkpoint` and requeues the job. The requeued job resumes from the
+newest checkpoint (trainers) or from the finished output shards (inference stages).
+
+This module is the launcher's command line, so it reports progress with ``print``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from . import runs
+from .config import Config, SlurmCfg, _convert, make_config, parse_overrides, set_key
+from .errors import ConfigError, UserError
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs have no real time limit
+# Stages that use no accelerator: one CPU task whatever slurm.gpus_per_node says.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shards": {"gpus_per_node": 0, "nodes": 1},
+    "report": {"gpus_per_node": 0, "nodes": 1},
+}
+PREEMPT_ENV = "export SUBMITIT_PREEMPT_SIGNAL=TERM"  # in the job: submitit binds TERM (preemption) too
+
+
+@dataclass
+class LaunchCfg:
+    """The launcher's own keys (``launch.*`` and ``slurm.<stage>.*``)."""
+
+    logs: Optional[str] = None  # submitit folder; default <run>/logs
+    wait: bool = False  # cluster=slurm: wait for the chain to finish
+    poll_s: float = 5.0  # cluster=slurm with wait: seconds between state polls
+    stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
+
+
+@dataclass
+class Step:
+    """One job of the chain: a stage (or one round of method=sc's classifier) with its resources."""
+
+    stage: str
+    overrides: list[str]
+    resources: SlurmCfg
+    done: bool
+    round: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        """``cls`` or ``cls.round1``."""
+        return self.stage if self.round is None else f"{self.stage}.round{self.round}"
+
+
+def split_args(argv: list[str]) -> tuple[LaunchCfg, dict[str, str]]:
+    """Separate the launcher's keys from the config overrides (``key=value`` words)."""
+    from .config import STAGES
+
+    launch = LaunchCfg()
+    rest: dict[str, str] = {}
+    slurm_keys = {f.name for f in dataclasses.fields(SlurmCfg)}
+    for key, value in parse_overrides(argv).items():
+        parts = key.split(".")
+        if parts[0] == "launch":
+            types_ = typing.get_type_hints(LaunchCfg)
+            names = [n for n in types_ if n != "stage_slurm"]
+            if len(parts) != 2 or parts[1] not in names:
+                raise ConfigError(f"unknown launcher key {key!r}; launcher keys: {', '.join('launch.' + n for n in names)}")
+            setattr(launch, parts[1], _convert(key, value, types_[parts[1]]))
+        elif parts[0] == "slurm" and len(parts) == 3:
+            stage, name = parts[1], parts[2]
+            if stage not in STAGES:
+                raise ConfigError(f"{key!r}: per-stage resources are slurm.<stage>.<key> with stage one of {', '.join(STAGES)}")
+            if name not in slurm_keys:
+                raise ConfigError(f"unknown key {key!r}; slurm.<stage>.<key> takes {', '.join(sorted(slurm_keys))}")
+            set_key(make_config({}), f"slurm.{name}", value)  # validate now, before any work
+            launch.stage_slurm.setdefault(stage, {})[name] = value
+        else:
+            rest[key] = value
+    return launch, rest
+
+
+def stage_resources(cfg: Config, launch: LaunchCfg, stage: str) -> SlurmCfg:
+    """The SLURM resources of ``stage``: ``slurm.*``, then :data:`STAGE_DEFAULTS`, then ``slurm.<stage>.*``."""
+    scratch = copy.deepcopy(cfg)
+    for name, value in {**STAGE_DEFAULTS.get(stage, {}), **launch.stage_slurm.get(stage, {})}.items():
+        set_key(scratch, f"slurm.{name}", value)
+    return scratch.slurm
+
+
+def plan(cfg: Config, launch: LaunchCfg, overrides: dict[str, str]) -> list[Step]:
+    """The jobs of the chain in order, each marked done when its DONE marker exists."""
+    steps = []
+    for stage in cfg.stages():
+        base = {**overrides, "stage": stage}
+        res = stage_resources(cfg, launch, stage)
+        done = runs.is_done(cfg.run_dir, stage)
+        if stage == "cls" and cfg.method == "sc" and not done:
+            last = cfg.cls.sc_rounds - 1 if cfg.cls.round < 0 else min(cfg.cls.round, cfg.cls.sc_rounds - 1)
+            for r in range(last + 1):  # one job per round; the last one also finishes the stage
+                rdone = (cfg.run_dir / "cls" / f"round{r}" / "DONE").is_file() and r < cfg.cls.sc_rounds - 1
+                steps.append(Step(stage, _words({**base, "cls.round": str(r)}), res, rdone, round=r))
+            continue
+        steps.append(Step(stage, _words(base), res, done))
+    return steps
+
+
+def _words(d: dict[str, str]) -> list[str]:
+    return [f"{k}={v}" for k, v in d.items()]
+
+
+class StageJob:
+    """The submitit job callable: run one stage from its ``key=value`` overrides; checkpointable."""
+
+    def __init__(self, overrides: list[str], stage: str, cwd: str) -> None:
+        self.overrides = list(overrides)
+        self.stage = stage
+        self.cwd = cwd
+
+    def __call__(self) -> dict[str, Any]:
+        """Set up the distributed env and logging, bind the requeue handler, run the stage."""
+        import submitit
+
+        from .cli import run_stage, setup_logging
+
+        os.chdir(self.cwd)
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # one task per GPU: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for Accelerate
+            submitit.helpers.TorchDistributedEnvironment().export()
+        cfg = make_config(self.overrides)
+        setup_logging(cfg.log_level)
+        requeue = _requeue_handler(env)
+        if requeue is not None:  # time-out (USR2) and preemption (TERM) both checkpoint and requeue
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                signal.signal(sig, requeue)
+        logger.info("job %s: stage %s (%s)", env.job_id, self.stage, " ".join(self.overrides))
+        try:
+            return run_stage(cfg, self.stage)
+        except BaseException as e:  # noqa: B036 - the engine's Interrupted; anything else propagates
+            if not _is_interrupted(e) or requeue is None:  # (debug executor: nothing to requeue)
+                raise
+            signum = _signum(e)
+            logger.warning("job %s: stage %s checkpointed on %s; requeueing through submitit", env.job_id, self.stage,
+                           signal.Signals(signum).name)
+            for sig in (signal.SIGUSR2, signal.SIGTERM):  # the requeue itself sends TERM
+                signal.signal(sig, signal.SIG_IGN)
+            requeue(signum, None)  # rank 0: checkpoint() + requeue + exit; other ranks return
+            sys.exit(-1)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Requeue the same stage; it resumes from its newest checkpoint or its finished shards."""
+        import submitit
+
+        logger.info("stage %s: requeued; it resumes from its newest checkpoint / finished shards", self.stage)
+        return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.stage, self.cwd))
+
+
+def _requeue_handler(env: Any) -> Optional[Callable[..., Any]]:
+    """submitit's own checkpoint-and-requeue signal handler of this job, or None (debug executor)."""
+    from submitit.core.job_environment import SignalHandler
+
+    handler = signal.getsignal(env._usr_sig())
+    return handler if isinstance(getattr(handler, "__self__", None), SignalHandler) else None
+
+
+def _is_interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is the engine's ``Interrupted`` (checked without importing the engine)."""
+    cls = getattr(sys.modules.get("wsss_dist.engine"), "Interrupted", None)
+    return isinstance(cls, type) and isinstance(e, cls)
+
+
+def _signum(e: BaseException) -> int:
+    s = getattr(e, "signum", None)
+    if s is None and e.args and isinstance(e.args[0], int):
+        s = e.args[0]
+    return int(s) if s is not None else int(signal.SIGUSR2)
+
+
+def make_executor(cluster: str, folder: Path, step: Step, job_name: str, dependency: Optional[str] = None) -> Any:
+    """A submitit executor for ``step`` on ``cluster`` (local | debug | slurm) with its resources."""
+    import submitit
+
+    r = step.resources
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    tasks = max(1, r.gpus_per_node)
+    params: dict[str, Any] = {"name": job_name, "tasks_per_node": tasks}
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if cluster == "slurm":
+        extra: dict[str, Any] = {"kill-on-invalid-dep": "yes"}
+        for flag in r.extra:
+            k, _, v = flag.lstrip("-").partition("=")
+            extra[k] = v if v else True
+        params.update(timeout_min=r.time_min, nodes=r.nodes, cpus_per_task=r.cpus_per_task, mem_gb=r.mem_gb,
+                      slurm_partition=r.partition, slurm_account=r.account, slurm_qos=r.qos,
+                      slurm_constraint=r.constraint, slurm_signal_delay_s=r.signal_delay_s,
+                      slurm_additional_parameters=extra, slurm_setup=[PREEMPT_ENV], slurm_dependency=dependency)
+    else:
+        params.update(timeout_min=LOCAL_TIMEOUT_MIN, nodes=1)
+    ex.update_parameters(**params)
+    return ex
+
+
+@contextlib.contextmanager
+def _job_env() -> Iterator[None]:
+    """While submitting: this package importable in the jobs (PYTHONPATH, even without pip install)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    paths = [p for p in (old or "").split(os.pathsep) if p and p != root]
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _set_aside_stale(job: Any, submitted_at: float) -> None:
+    """After a cluster reset job ids restart: move an older job's result/logs of the same id out of the way."""
+    for p in (job.paths.result_pickle, job.paths.stdout, job.paths.stderr):
+        if p.exists() and p.stat().st_mtime < submitted_at - 1:
+            p.rename(p.with_name(p.name + f".stale-{int(p.stat().st_mtime)}"))
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no {path})"
+
+
+def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
+    """Plan and submit the chain; local/debug jobs run one after another. Returns the submitted submitit jobs.
+
+    Raises :class:`UserError` for bad keys and :class:`RuntimeError` (with the log tail) when a local job fails.
+    """
+    launch, overrides = split_args(argv)
+    cfg = make_config(overrides)
+    steps = plan(cfg, launch, overrides)
+    cluster = cfg.cluster
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
+    from .cli import save_config
+
+    save_config(cfg)
+    folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
+    cwd = os.getcwd()
+    jobs: list[Any] = []
+    prev: Optional[str] = None
+    n = len(steps)
+    for i, step in enumerate(steps, 1):
+        head = f"[{i}/{n}] {step.name}"
+        if step.done:
+            out(f"{head}: skipped (done)")
+            continue
+        dep = f"afterok:{prev}" if cluster == "slurm" and prev else None
+        ex = make_executor(cluster, folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
+        t0 = time.time()
+        with _job_env():
+            job = ex.submit(StageJob(step.overrides, step.stage, cwd))
+        jobs.append(job)
+        if cluster == "slurm":
+            _set_aside_stale(job, t0)
+            prev = job.job_id
+            out(f"{head}: submitted slurm job {job.job_id}{' after ' + _prev_dep(dep) if dep else ''} "
+                f"(logs: {job.paths.stdout} / .err)")
+            continue
+        if cluster == "local":
+            out(f"{head}: running as local job {job.job_id} (logs: {job.paths.stdout} / .err)")
+        try:
+            metrics = job.result()
+        except Exception as e:  # submitit's FailedJobError / UncompletedJobError
+            tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
+            raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
+        out(f"{head}: done in {time.time() - t0:.0f} s {_summary(metrics)}")
+    if cluster == "slurm" and jobs:
+        out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
+            f"cancel with: scancel {' '.join(j.job_id for j in jobs)}")
+        if launch.wait:
+            wait_slurm(jobs, launch.poll_s, out)
+    elif not jobs:
+        out("nothing to do: every stage is done")
+    return jobs
+
+
+def _prev_dep(dep: Optional[str]) -> str:
+    """``afterok:123`` → ``job 123``."""
+    return f"job {dep.split(':', 1)[1]}" if dep else ""
+
+
+def wait_slurm(jobs: list[Any], poll_s: float = 5.0, out: Callable[[str], None] = print) -> None:
+    """Wait for SLURM jobs to end (state from sacct); RuntimeError naming the first job that did not complete."""
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+    pending = list(jobs)
+    while pending:
+        time.sleep(poll_s)
+        jobs[0].get_info(mode="force")  # one sacct call refreshes every watched job
+        for job in list(pending):
+            state = job.state.split()[0]
+            if state in final:
+                pending.remove(job)
+                out(f"job {job.job_id}: {state}")
+    bad = [j for j in jobs if not j.state.startswith("COMPLETED")]
+    if bad:
+        raise RuntimeError(f"job {bad[0].job_id} ended {bad[0].state}; last lines of {bad[0].paths.stderr}:\n{_tail(bad[0].paths.stderr)}")
+
+
+def _summary(metrics: Any) -> str:
+    if not isinstance(metrics, dict):
+        return ""
+    keys = [k for k in ("miou", "best_miou", "loss", "samples", "seconds") if k in metrics]
+    return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Command line of ``launch/submit.py``; returns the exit code (2: bad keys, 1: a job failed)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(__doc__.strip())
+        return 0
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        submit(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: running local jobs are cancelled; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
