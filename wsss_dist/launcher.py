@@ -300,6 +300,10 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
             out(f"{head}: running as local job {job.job_id} (logs: {job.paths.stdout} / .err)")
         try:
             metrics = job.result()
+        except KeyboardInterrupt:
+            if cluster == "local":
+                job.cancel(check=False)  # SIGINT to submitit's controller, which stops the task
+            raise
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
             tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
             raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
