@@ -34,7 +34,7 @@ from wsss_dist.methods.affinity import affinity_offsets
 
 logger = logging.getLogger(__name__)
 
-_CHANNEL_CHUNK = 64  # feature channels per pass when computing affinities
+_CHUNK_ELEMENTS = 2**19  # feature values per pass when computing affinities (cache-sized)
 
 
 def _check_inputs(scores: torch.Tensor, features: torch.Tensor) -> None:
@@ -57,15 +57,16 @@ def _half_plane_affinity(
     offsets = affinity_offsets(radius)
     d, h, w = features.shape
     aff = features.new_zeros(len(offsets), h, w)
+    chunk = max(1, _CHUNK_ELEMENTS // (h * w))
     for p, (dy, dx) in enumerate(offsets):
         ys, yt = slice(0, h - dy), slice(dy, h)
         xs, xt = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w + min(0, dx))
         if ys.stop <= 0 or xs.stop <= xs.start:
             continue
         dist = aff[p, ys, xs]
-        for c in range(0, d, _CHANNEL_CHUNK):  # chunks stay in cache: ~2x faster than one pass
-            chunk = features[c : c + _CHANNEL_CHUNK]
-            dist += (chunk[:, ys, xs] - chunk[:, yt, xt]).abs_().sum(0)
+        for c in range(0, d, chunk):  # channel chunks stay in cache: ~2x faster than one pass
+            part = features[c : c + chunk]
+            dist += (part[:, ys, xs] - part[:, yt, xt]).abs_().sum(0)
         torch.exp(dist.mul_(-beta / d), out=dist)  # exp(-mean_d |Δf|)^β = exp(-β mean_d |Δf|)
     return offsets, aff
 
@@ -101,12 +102,13 @@ def _walk(v: torch.Tensor, stencil: torch.Tensor, offsets: list[tuple[int, int]]
     plans = []
     for src, dst in ((bufs[0], bufs[1]), (bufs[1], bufs[0])):
         terms = [(src[:, base + s : base + s + m], weights[k]) for k, s in enumerate(shifts)]
-        plans.append((dst[:, base : base + m], terms))
-    for step in range(steps):
-        out, terms = plans[step % 2]
-        torch.mul(terms[0][0], terms[0][1], out=out)
-        for src, wk in terms[1:]:
-            out.addcmul_(src, wk)
+        out = dst[:, base : base + m]
+        plans.append((out, out.addcmul_, terms[0], terms[1:]))
+    for step in range(steps):  # the hot loop: K in-place multiply-adds per step
+        out, addcmul_, (src0, w0), rest = plans[step % 2]
+        torch.mul(src0, w0, out=out)
+        for src, wk in rest:
+            addcmul_(src, wk)
     final = bufs[steps % 2][:, base : base + m].view(c, h, wp)[:, :, pad : pad + w]
     return final.contiguous()
 
@@ -189,6 +191,6 @@ def propagate_labels(
     scores = F.avg_pool2d(scores[None], stride)[0]
     walked = random_walk(scores, features, radius=radius, beta=beta, logt=logt)
     up = F.interpolate(walked[None], size=(h * stride, w * stride), mode="bilinear", align_corners=False)
-    channel = up[0, :, :big_h, :big_w].argmax(0)
+    channel = up[0, :, :big_h, :big_w].max(0).indices  # first maximum, like argmax; ~10x faster on CPU
     lut = torch.cat([classes.new_zeros(1), classes]).to(device=channel.device, dtype=torch.long)
     return lut[channel]

@@ -1,0 +1,166 @@
+"""Benchmark: sparse random walk vs psa's dense matrix powers (prints figures; not a test).
+
+    python bench/random_walk.py            # all cases, ~1 min on 2 CPU cores
+    python bench/random_walk.py --runs 5   # more timing repeats
+
+Each variant runs in a fresh subprocess: once its inputs exist, the kernel's peak-RSS
+counter is reset (/proc/self/clear_refs, else ru_maxrss is used) and the figure is the
+peak RSS during the runs minus the RSS at that point (tracemalloc cannot see torch).
+Time is the median of --runs calls. Inputs are a synthetic scene (a few regions with
+their own feature vector plus noise, CAM-like blobs), seeded, identical in every child.
+
+(a) 56×56 feature map (448-px crop), D = 448, 21 score channels: dense (psa: n×n
+    matrix, ^β, column-normalised, squared logt = 8 times, float32) vs sparse.
+    Two score stacks: "psa-like" (background + the image's 2 classes, the other 18
+    channels zero, as psa's infer_aff builds them) and "all-21" (every channel non-zero).
+(b) 1024×1024 image → 128×128 map, sparse only: propagate_labels end to end
+    (bg, pool, walk, upsample, argmax) and random_walk alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from wsss_dist.methods.random_walk import propagate_labels, random_walk, random_walk_dense
+
+DIM = 448
+
+
+def scene(h: int, w: int, num_live: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features [DIM, h, w], 21-channel scores [21, h, w] (bg first) and region map of a toy scene."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    region = torch.zeros(h, w, dtype=torch.long)
+    cams = torch.zeros(20, h, w)
+    classes = torch.randperm(20, generator=g)[:2]
+    for i, c in enumerate(classes.tolist()):
+        cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.5, 0.5, 0.25, 0.25]) + torch.tensor([0.25, 0.25, 0.15, 0.15])).tolist()
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        region[inside < 1] = i + 1
+        cams[c] = torch.clamp(1.2 - inside, min=0) * (0.7 + 0.3 * torch.rand(h, w, generator=g))
+    cams /= cams.amax((1, 2), keepdim=True) + 1e-5
+    if num_live > 3:  # every class channel non-zero (worst case for the walk)
+        cams = torch.where(cams > 0, cams, 0.02 + 0.1 * torch.rand(20, h, w, generator=g))
+    bg = (1 - cams.amax(0)) ** 16
+    centres = torch.rand(3, DIM, generator=g)
+    features = centres[region].permute(2, 0, 1) + 0.15 * torch.randn(DIM, h, w, generator=g)
+    return features.contiguous(), torch.cat([bg[None], cams]), classes + 1
+
+
+def _status_mib(key: str) -> float:
+    """A memory figure (VmRSS, VmHWM) of this process from /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def memory_baseline() -> tuple[float, bool]:
+    """Reset the peak-RSS counter if the kernel allows it; return (baseline MiB, reset ok)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
+        return _status_mib("VmRSS"), True
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, False
+
+
+def peak_above(base: float, reset_ok: bool) -> float:
+    """Peak RSS since memory_baseline() minus the baseline, in MiB."""
+    peak = _status_mib("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak - base
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one variant, print JSON (times, peak memory delta), save labels to args.out."""
+    torch.set_num_threads(2)
+    if args.case == "a":
+        features, scores, _ = scene(56, 56, args.live, seed=0)
+        fn = {"dense": random_walk_dense, "sparse": random_walk}[args.variant]
+
+        def run():
+            return fn(scores, features, radius=5, beta=8, logt=8).argmax(0)
+    else:
+        features, scores, classes = scene(128, 128, args.live, seed=1)
+        k = 20 if args.live > 3 else 2
+        chans = scores[1:] if k == 20 else scores[classes]
+        cams = F.interpolate(chans[None], size=(1024, 1024), mode="bilinear", align_corners=False)[0]
+        cls_ids = torch.arange(1, 21) if k == 20 else classes
+        if args.variant == "propagate":
+
+            def run():
+                return propagate_labels(cams, cls_ids, features)
+        else:
+            walk_scores = scores if k == 20 else scores[torch.cat([torch.zeros(1, dtype=torch.long), classes])]
+
+            def run():
+                return random_walk(walk_scores, features).argmax(0)
+    base, reset_ok = memory_baseline()
+    times = []
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        labels = run()
+        times.append(time.perf_counter() - t0)
+    np.save(args.out, labels.numpy())
+    print(json.dumps({"median_s": statistics.median(times), "times": times, "peak_mib": peak_above(base, reset_ok)}))
+
+
+def launch(variant: str, case: str, live: int, runs: int, out: Path) -> dict:
+    """Run one variant in a fresh interpreter and parse its JSON line."""
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--case", case,
+           "--live", str(live), "--runs", str(runs), "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Run all variants and print the comparison."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="sparse", help=argparse.SUPPRESS)
+    p.add_argument("--case", default="a", help=argparse.SUPPRESS)
+    p.add_argument("--live", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    print(f"torch {torch.__version__}, 2 threads, {time.strftime('%Y-%m-%d')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("\n(a) 56x56 map, D=448, 21 channels, radius 5, beta 8, logt 8, float32")
+        dense = launch("dense", "a", 3, args.runs, tmp / "dense.npy")
+        dense_labels = np.load(tmp / "dense.npy")
+        print(f"  dense  : {dense['median_s']:.3f} s (min {min(dense['times']):.3f}), peak +{dense['peak_mib']:.0f} MiB")
+        for live, name in ((3, "psa-like: bg + 2 classes live"), (21, "all 21 channels live")):
+            sparse = launch("sparse", "a", live, args.runs, tmp / "sparse.npy")
+            if live != 3:
+                launch("dense", "a", live, 1, tmp / "dense.npy")
+                dense_labels = np.load(tmp / "dense.npy")
+            agree = (np.load(tmp / "sparse.npy") == dense_labels).mean() * 100
+            print(f"  sparse ({name}): {sparse['median_s']:.3f} s (min {min(sparse['times']):.3f}), peak +{sparse['peak_mib']:.1f} MiB"
+                  f" -> {dense['median_s'] / sparse['median_s']:.1f}x faster,"
+                  f" {dense['peak_mib'] / max(sparse['peak_mib'], 0.1):.0f}x less memory, labels {agree:.3f}% equal")
+        print("\n(b) 1024x1024 image -> 128x128 map, sparse only")
+        for live, name in ((3, "2 classes"), (21, "20 classes")):
+            for variant in ("propagate", "walk"):
+                r = launch(variant, "b", live, args.runs, tmp / "b.npy")
+                what = "propagate_labels" if variant == "propagate" else "random_walk     "
+                print(f"  {what} ({name}): {r['median_s']:.3f} s (min {min(r['times']):.3f}), peak +{r['peak_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
