@@ -47,7 +47,8 @@ def scene(h: int, w: int, num_live: int, seed: int) -> tuple[torch.Tensor, torch
     cams = torch.zeros(20, h, w)
     classes = torch.randperm(20, generator=g)[:2]
     for i, c in enumerate(classes.tolist()):
-        cy, cx, ry, rx = (torch.rand(4, generator=g) * torch.tensor([0.5, 0.5, 0.25, 0.25]) + torch.tensor([0.25, 0.25, 0.15, 0.15])).tolist()
+        u = torch.rand(4, generator=g)
+        cy, cx, ry, rx = (u * torch.tensor([0.5, 0.5, 0.25, 0.25]) + torch.tensor([0.25, 0.25, 0.15, 0.15])).tolist()
         inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
         region[inside < 1] = i + 1
         cams[c] = torch.clamp(1.2 - inside, min=0) * (0.7 + 0.3 * torch.rand(h, w, generator=g))

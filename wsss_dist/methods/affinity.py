@@ -100,7 +100,9 @@ def affinity_labels(
     not a dependency of this package). Without it the labels are the plain argmax.
     """
     if cams.dim() != 3 or classes.dim() != 1 or classes.numel() != cams.shape[0]:
-        raise ValueError(f"need cams [K, h, w] and classes [K]; got {tuple(cams.shape)}, {tuple(classes.shape)}")
+        raise ValueError(
+            f"need cams [K, h, w] and classes [K]; got {tuple(cams.shape)}, {tuple(classes.shape)}"
+        )
     classes = classes.to(cams.device)
     h, w = cams.shape[-2:]
     cam_max = cams.amax(0) if cams.shape[0] else cams.new_zeros(h, w)

@@ -20,6 +20,11 @@ only a few non-zero classes).
 The stencil runs on a flat, zero-padded copy of v with padded row width w + 2(r-1), so
 every shift is a contiguous slice and a step is K fused multiply-adds (``addcmul_``)
 over [C, h·(w + 2(r-1))], all preallocated. Nothing is looped over pixels.
+
+Pair set: every in-bounds pair closer than ``radius``, in both directions. (psa's own
+index helper only takes *sources* in rows [0, h-r+1) and columns [r-1, w-r+1), so its
+dense matrix also lacks some in-bounds pairs whose source lies in that border band;
+this module, its dense reference and the DESIGN contract use the full in-bounds set.)
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ _CHUNK_ELEMENTS = 2**19  # feature values per pass when computing affinities (ca
 def _check_inputs(scores: torch.Tensor, features: torch.Tensor) -> None:
     """Validate shapes of scores [C, h, w] and features [D, h, w]."""
     if scores.dim() != 3 or features.dim() != 3:
-        raise ValueError(f"need scores [C, h, w] and features [D, h, w]; got {tuple(scores.shape)}, {tuple(features.shape)}")
+        raise ValueError(
+            f"need scores [C, h, w] and features [D, h, w]; got {tuple(scores.shape)}, "
+            f"{tuple(features.shape)}"
+        )
     if scores.shape[-2:] != features.shape[-2:]:
         raise ValueError(f"scores {tuple(scores.shape)} and features {tuple(features.shape)} differ in h, w")
 
@@ -88,7 +96,9 @@ def _transition_stencil(
     return offsets, stencil
 
 
-def _walk(v: torch.Tensor, stencil: torch.Tensor, offsets: list[tuple[int, int]], steps: int, pad: int) -> torch.Tensor:
+def _walk(
+    v: torch.Tensor, stencil: torch.Tensor, offsets: list[tuple[int, int]], steps: int, pad: int
+) -> torch.Tensor:
     """Apply v ← Σ_k W_k · shift_k(v) ``steps`` times; v [C, h, w], stencil [K, h, w]."""
     c, h, w = v.shape
     wp = w + 2 * pad  # padded row width
@@ -179,11 +189,15 @@ def propagate_labels(
     back, cropped, argmax, channel index → class id (0 = background).
     """
     if cams.dim() != 3 or classes.dim() != 1 or classes.numel() != cams.shape[0]:
-        raise ValueError(f"need cams [K, H, W] and classes [K]; got {tuple(cams.shape)}, {tuple(classes.shape)}")
+        raise ValueError(
+            f"need cams [K, H, W] and classes [K]; got {tuple(cams.shape)}, {tuple(classes.shape)}"
+        )
     _, big_h, big_w = cams.shape
     h, w = math.ceil(big_h / stride), math.ceil(big_w / stride)
     if tuple(features.shape[-2:]) != (h, w):
-        raise ValueError(f"features {tuple(features.shape)} do not match the CAM grid {h}x{w} at stride {stride}")
+        raise ValueError(
+            f"features {tuple(features.shape)} do not match the CAM grid {h}x{w} at stride {stride}"
+        )
     cams = cams.to(_compute_dtype(cams))
     cam_max = cams.amax(0) if cams.shape[0] else cams.new_zeros(big_h, big_w)
     scores = torch.cat([((1 - cam_max) ** alpha)[None], cams])
