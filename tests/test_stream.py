@@ -1,0 +1,181 @@
+"""Streams: inference reads split across ranks/workers, the deterministic resumable training stream, augmentation."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_dist.data import shards as shards_mod
+from wsss_dist.data.shards import SkipCounter, load_manifest, read_shard, split_urls, write_shard
+from wsss_dist.data.stream import (augment, denormalize, infer_samples, normalize, split_by_node, split_by_worker,
+                                   train_loader)
+from wsss_dist.data.voc import PALETTE
+from wsss_dist.errors import DataError
+
+KW = dict(batch_size=5, crop=40, resize_long=(36, 60), seed=7, shuffle_buffer=20)
+
+
+def _urls(toy_shards, split="train_aug"):
+    return split_urls(toy_shards, split, load_manifest(toy_shards, verify=False))
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["labels"], y["labels"])
+        and (("mask" not in x and "mask" not in y) or torch.equal(x["mask"], y["mask"])) for x, y in zip(a, b))
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_inference_round_trip_over_two_ranks_and_two_workers(toy_shards, toy_source):
+    urls = [{"url": u} for u in _urls(toy_shards)]
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            mine = list(split_by_worker(worker, 2)(split_by_node(rank, 2)(iter(urls))))
+            for d in mine:
+                for s in infer_samples(d["url"], keys=("jpg", "cls.npy", "seg.png")):
+                    seen.append(s["__key__"])
+                    assert np.array_equal(s["seg.png"], toy_source.mask(s["__key__"]))
+                    assert np.array_equal(s["cls.npy"], toy_source.labels(s["__key__"]))
+    assert sorted(seen) == sorted(toy_source.ids("train_aug")) and len(seen) == len(set(seen))
+
+
+def test_train_loader_batches(toy_shards):
+    b = next(train_loader(_urls(toy_shards), **KW))
+    assert set(b) == {"key", "image", "labels", "skipped"}  # no ground truth
+    assert b["image"].shape == (5, 3, 40, 40) and b["image"].dtype == torch.float32
+    assert b["labels"].shape == (5, 20) and b["labels"].dtype == torch.float32 and b["skipped"] == 0
+    assert len(b["key"]) == 5 and (b["labels"].sum(1) >= 1).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_is_deterministic(toy_shards, workers):
+    urls = _urls(toy_shards)
+    a = _take(train_loader(urls, num_workers=workers, **KW), 10)  # 50 samples: past the end of the 40-image epoch
+    b = _take(train_loader(urls, num_workers=workers, **KW), 10)
+    assert _same(a, b)
+    c = _take(train_loader(urls, num_workers=workers, **{**KW, "seed": 8}), 10)
+    assert not _same(a, c)
+    if workers == 0:  # (with workers, each worker's epochs end at different batches)
+        keys = [k for x in a[:8] for k in x["key"]]
+        assert sorted(keys) == sorted(set(keys)) and len(keys) == 40  # one epoch = every image once
+
+
+@pytest.mark.parametrize("workers,start", [(0, 3), (0, 9), (2, 3), (2, 9)])
+def test_start_batch_equals_dropping_batches(toy_shards, workers, start):
+    urls = _urls(toy_shards)
+    full = _take(train_loader(urls, num_workers=workers, **KW), start + 4)
+    resumed = _take(train_loader(urls, num_workers=workers, start_batch=start, **KW), 4)
+    assert _same(full[start:], resumed)
+
+
+def test_ranks_split_the_shards(toy_shards):
+    urls = _urls(toy_shards)
+    keys = [set(k for b in _take(train_loader(urls, rank=r, world=2, **KW), 3) for k in b["key"]) for r in range(2)]
+    assert not keys[0] & keys[1]
+    with pytest.raises(DataError, match="shards for"):
+        train_loader(urls[:1], world=2, **KW)
+
+
+def test_ground_truth_is_never_decoded(toy_shards, tmp_path, monkeypatch):
+    decoded = []
+    real = shards_mod.decode_value
+    monkeypatch.setattr(shards_mod, "decode_value", lambda name, data: decoded.append(name) or real(name, data))
+    # shards whose seg.png is garbage: a reader that touched it would skip samples
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for u in _urls(toy_shards)[:2]:
+        samples = [{**s, "seg.png": b"garbage"} for s in _raw(u)]
+        write_shard(bad / Path(u).name, samples)
+    b = _take(train_loader(sorted(str(p) for p in bad.glob("*.tar")), **KW), 3)
+    assert "seg.png" not in decoded and all(x["skipped"] == 0 for x in b) and "mask" not in b[0]
+
+
+def _raw(url: str) -> list[dict]:
+    import tarfile
+
+    out: dict[str, dict] = {}
+    with tarfile.open(url) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+    return list(out.values())
+
+
+def _mask_shards(toy_shards, toy_source, out: Path, urls: list[str], drop: str | None = None) -> None:
+    from wsss_dist.data.voc import write_mask_png
+
+    out.mkdir(exist_ok=True)
+    for u in urls:
+        keys = [s["__key__"] for s in read_shard(u, ("cls.npy",))]
+        write_shard(out / Path(u).name, [{"__key__": k, "png": write_mask_png(None, toy_source.mask(k))}
+                                         for k in keys if k != drop])
+
+
+def test_masks_from_mask_dir(toy_shards, toy_source, tmp_path):
+    urls = _urls(toy_shards)
+    _mask_shards(toy_shards, toy_source, tmp_path / "pseudo", urls)
+    a = _take(train_loader(urls, mask_dir=tmp_path / "pseudo", **KW), 9)
+    b = _take(train_loader(urls, **KW), 9)
+    assert [x["key"] for x in a] == [x["key"] for x in b]  # the mask does not change the order or the images
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    for x in a:
+        m = x["mask"]
+        assert m.dtype == torch.int64 and m.shape == (5, 40, 40)
+        assert set(m.unique().tolist()) <= set(range(21)) | {255}
+        for i in range(5):  # classes in the (cropped) mask are image-level labels of that image
+            present = set(m[i].unique().tolist()) - {0, 255}
+            assert present <= set((torch.nonzero(x["labels"][i]).flatten() + 1).tolist())
+
+
+def test_mask_mismatch_fails_clearly(toy_shards, toy_source, tmp_path):
+    urls = _urls(toy_shards)[:2]
+    first = next(read_shard(urls[0], ("cls.npy",)))["__key__"]
+    _mask_shards(toy_shards, toy_source, tmp_path / "m", urls, drop=first)
+    with pytest.raises(DataError, match=first):
+        _take(train_loader(urls, mask_dir=tmp_path / "m", **{**KW, "shuffle_buffer": 1}), 3)
+    with pytest.raises(DataError, match="no mask shard"):
+        _take(train_loader(urls, mask_dir=tmp_path / "nowhere", **KW), 1)
+
+
+def test_augment_is_joint_and_pads_right():
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 21, (30, 50)).astype(np.uint8)
+    img = PALETTE[mask]  # the image encodes its own mask
+    for seed in range(6):
+        x, m = augment(img, mask, np.random.default_rng(seed), crop=40, resize_long=None, jitter=False)
+        back = denormalize(x)
+        pad = m == 255
+        assert pad.any() and (~pad).any()  # 30 px high → padded to 40
+        assert np.array_equal(back[~pad.numpy()], PALETTE[m[~pad].numpy()])  # same pixels, same flip, same crop
+        assert torch.allclose(x[:, pad], normalize(np.zeros((1, 1, 3), np.uint8)).view(3, 1) * 0)  # pad 0 after norm
+    x, m = augment(img, mask, np.random.default_rng(1), crop=24, scale_range=(0.5, 1.5))
+    assert x.shape == (3, 24, 24) and m.shape == (24, 24)
+
+
+def test_normalize_round_trip():
+    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    x = normalize(img)
+    assert x.shape == (3, 7, 9) and x.dtype == torch.float32
+    assert np.array_equal(denormalize(x), img) and abs(float(normalize(np.full((2, 2, 3), 124, np.uint8))[0].mean())) < 0.02
+
+
+def test_broken_training_sample_is_counted(toy_shards, tmp_path):
+    urls = _urls(toy_shards)[:2]
+    out = tmp_path / "b"
+    out.mkdir()
+    for j, u in enumerate(urls):
+        samples = _raw(u)
+        if j == 0:
+            samples[1]["jpg"] = samples[1]["jpg"][:50]
+        write_shard(out / Path(u).name, samples)
+    b = _take(train_loader(sorted(str(p) for p in out.glob("*.tar")), **{**KW, "shuffle_buffer": 1}), 4)
+    assert b[1]["skipped"] == 1 and b[-1]["skipped"] == 2  # 11 good samples an epoch: counted again in epoch 2
+    counter = SkipCounter()
+    assert len(list(infer_samples(str(out / Path(urls[0]).name), counter=counter))) == 5 and counter.skipped == 1

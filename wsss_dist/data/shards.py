@@ -1,0 +1,353 @@
+"""WebDataset tar shards: packing VOC/SBD (or any samples) into shards, the manifest, and safe shard reading.
+
+Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[20] labels, ``seg.png`` =
+ground-truth mask (palette PNG) where one exists. Shards are ``{split}-{index:06d}.tar``; each appears only whole
+(written under a temporary name, then renamed). ``manifest.json`` lists, per split, the shards, sample counts, class
+histogram, ids and sha256 of each tar, plus a fingerprint of the inputs so an unchanged rebuild does nothing.
+Readers decode only the keys asked for with explicit decoders, never unpickle, and skip broken samples with a
+counted warning (:class:`SkipCounter`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .. import runs
+from ..errors import DataError
+from .voc import NUM_CLASSES, VOCSource, write_mask_png
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # no '.', '/', '..', NUL, absolute paths: one plain file-name stem
+_EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+class SkipCounter:
+    """Counts samples read and broken samples skipped; its :meth:`handler` is the WebDataset exception handler."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.skipped = 0
+
+    def handler(self, exn: BaseException) -> bool:
+        """Skip-and-count for broken data (warning); a :class:`DataError` (refused content) is re-raised."""
+        if isinstance(exn, DataError):
+            raise exn
+        self.skipped += 1
+        logger.warning("skipped broken data (%d so far): %s", self.skipped, _short(exn))
+        return True
+
+    def fraction(self) -> float:
+        """Skipped / (read + skipped); 0 when nothing was read."""
+        total = self.seen + self.skipped
+        return self.skipped / total if total else 0.0
+
+    def check(self, max_fraction: float, what: str = "reading shards") -> None:
+        """Raise :class:`DataError` when more than ``max_fraction`` of the samples were skipped."""
+        if self.fraction() > max_fraction:
+            raise DataError(f"{what}: {self.skipped} of {self.seen + self.skipped} samples were broken and skipped, "
+                            f"more than data.max_skip_fraction={max_fraction}; rebuild the shards (stage=shards)")
+
+
+def _short(exn: BaseException) -> str:
+    msg = str(exn.args[0]) if exn.args else ""
+    return f"{type(exn).__name__}: {msg[:300]}"
+
+
+# ---------------------------------------------------------------- writing
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key) or key.startswith("__"):
+        raise DataError(f"shard key {key!r} refused: keys must be plain names of letters, digits, '_' and '-' "
+                        "(no '/', '..', '.', NUL or absolute paths)")
+    return key
+
+
+def _encode(name: str, value: Any) -> bytes:
+    if not _EXT_RE.match(name) or name.rsplit(".", 1)[-1].lower() in PICKLE_EXTS:
+        raise DataError(f"shard member name {name!r} refused: use plain extensions such as jpg, png, npy, json")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=False)
+        return buf.getvalue()
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if name.endswith("json"):
+        return json.dumps(value).encode("utf-8")
+    raise TypeError(f"shard member {name!r}: cannot store a {type(value).__name__} (give bytes, str or np.ndarray)")
+
+
+def write_shard(path: Path, samples: Iterable[dict]) -> int:
+    """Write ``samples`` (``__key__`` + name → bytes/str/ndarray) as one tar that appears only whole; returns the count."""
+    import webdataset as wds
+
+    path = Path(path)
+    n = 0
+    with runs.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0)  # int mtime: reproducible, no pax headers
+            for sample in samples:
+                out = {"__key__": _check_key(sample.get("__key__"))}
+                out.update({k: _encode(k, v) for k, v in sample.items() if not k.startswith("__")})
+                writer.write(out)
+                n += 1
+            writer.close()
+    return n
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) -> str:
+    """A hash of what the shards depend on: split ids, list files and each image's source files (size, mtime)."""
+    h = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "shard_size": shard_size, "ids": ids}).encode())
+    files = [f for split in ids for f in source.list_files(split)]
+    if source.lists_dir is not None:
+        files.append(source.lists_dir / "cls_labels.npy")
+    for image_id in sorted({i for v in ids.values() for i in v}):
+        files += source.files(image_id)
+    for f in files:
+        try:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _sample(source: VOCSource, image_id: str) -> dict:
+    jpg = source.jpeg_bytes(image_id)
+    if not jpg.startswith(b"\xff\xd8"):
+        raise DataError(f"{source.jpeg_path(image_id)}: not a JPEG file")
+    sample = {"__key__": image_id, "jpg": jpg, "cls.npy": source.labels(image_id).astype(np.float32)}
+    mask = source.mask(image_id)
+    if mask is not None:
+        sample["seg.png"] = write_mask_png(None, mask)
+    return sample
+
+
+def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
+                 shard_size: int = 200, progress: bool = True) -> dict:
+    """Pack ``splits`` of ``source`` into ``out_dir`` and write ``manifest.json``; no-op when the inputs are unchanged."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = {split: source.ids(split) for split in splits}
+    fp = _fingerprint(source, ids, shard_size)
+    mpath = out_dir / MANIFEST
+    if mpath.is_file():
+        try:
+            old = runs.read_json(mpath)
+        except ValueError:
+            old = {}
+        if old.get("fingerprint") == fp and _tars_present(out_dir, old):
+            logger.info("shards in %s are up to date (same inputs), nothing to do", out_dir)
+            return old
+        logger.info("inputs changed since %s was written: rebuilding the shards", mpath)
+        mpath.unlink()
+    manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
+                                "source": {"voc_root": str(source.voc_root), "sbd_root": str(source.sbd_root or ""),
+                                           "lists_dir": str(source.lists_dir or "")},
+                                "splits": {}}
+    bar = tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress)
+    for split in splits:
+        names, counts, shas, sizes = [], [], {}, {}
+        hist = np.zeros(NUM_CLASSES, np.int64)
+        with_mask = 0
+        split_ids_ = ids[split]
+        for index, start in enumerate(range(0, len(split_ids_), shard_size)):
+            chunk = split_ids_[start:start + shard_size]
+            samples = []
+            for image_id in chunk:
+                s = _sample(source, image_id)
+                hist += s["cls.npy"] > 0.5
+                with_mask += "seg.png" in s
+                samples.append(s)
+                bar.update(1)
+            name = f"{split}-{index:06d}.tar"
+            counts.append(write_shard(out_dir / name, samples))
+            names.append(name)
+            shas[name] = _sha256(out_dir / name)
+            sizes[name] = (out_dir / name).stat().st_size
+        for stale in out_dir.glob(f"{split}-*.tar"):
+            if stale.name not in shas:
+                stale.unlink()
+        manifest["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts), "ids": split_ids_,
+                                     "class_hist": hist.tolist(), "with_mask": with_mask, "sha256": shas, "bytes": sizes}
+        logger.info("split %s: %d samples in %d shards (%d with masks)", split, sum(counts), len(names), with_mask)
+    bar.close()
+    runs.write_json(mpath, manifest)
+    return manifest
+
+
+def _tars_present(out_dir: Path, manifest: dict) -> bool:
+    try:
+        return all((out_dir / n).is_file() and (out_dir / n).stat().st_size == info["bytes"][n]
+                   for info in manifest["splits"].values() for n in info["shards"])
+    except (KeyError, TypeError):
+        return False
+
+
+def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
+    """The shards' manifest; with ``verify`` every listed tar must exist and match its sha256 (else DataError)."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no shard manifest; run stage=shards first")
+    try:
+        manifest = runs.read_json(path)
+        splits = manifest["splits"]
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a valid shard manifest ({e}); run stage=shards again") from None
+    if verify:
+        for info in splits.values():
+            for name in info["shards"]:
+                tar = Path(shards_dir) / name
+                if not tar.is_file():
+                    raise DataError(f"{tar}: shard listed in {path} is missing; run stage=shards again")
+                if _sha256(tar) != info["sha256"][name]:
+                    raise DataError(f"{tar}: sha256 differs from {path} (corrupt or modified shard); run stage=shards again")
+    return manifest
+
+
+def split_urls(shards_dir: str | Path, split: str, manifest: dict | None = None) -> list[str]:
+    """Paths of a split's shards, in order."""
+    manifest = manifest if manifest is not None else load_manifest(shards_dir, verify=False)
+    if split not in manifest["splits"]:
+        raise DataError(f"{Path(shards_dir) / MANIFEST}: no split {split!r}; available: {', '.join(manifest['splits'])}")
+    return [str(Path(shards_dir) / name) for name in manifest["splits"][split]["shards"]]
+
+
+def split_ids(manifest: dict, split: str) -> list[str]:
+    """Image ids of a split, in shard order."""
+    if split not in manifest["splits"]:
+        raise DataError(f"shard manifest: no split {split!r}; available: {', '.join(manifest['splits'])}")
+    return list(manifest["splits"][split]["ids"])
+
+
+# ---------------------------------------------------------------- reading
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower()
+
+
+def decode_value(name: str, data: bytes) -> Any:
+    """Explicit decoders by extension: jpg → RGB uint8 [H,W,3]; png → uint8 [H,W] indices; npy; json; else bytes."""
+    ext = _ext(name)
+    if ext in PICKLE_EXTS:
+        raise DataError(f"shard member {name!r} refused: pickle files are never loaded")
+    if ext in ("jpg", "jpeg"):
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    if ext == "png":
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("P", "L"):
+                raise ValueError(f"{name}: label PNG has mode {img.mode}, expected P or L")
+            return np.array(img, dtype=np.uint8)
+    if ext == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    if ext == "json":
+        return json.loads(data)
+    if ext in ("txt", "cls"):
+        return data.decode("utf-8")
+    return data
+
+
+def refuse_pickles(sample: dict) -> dict:
+    """Raise DataError if a sample holds a member with a pickle extension."""
+    for k in sample:
+        if not k.startswith("__") and _ext(k) in PICKLE_EXTS:
+            raise DataError(f"{sample.get('__url__', '?')}: member {sample.get('__key__')}.{k} has a pickle extension; "
+                            "refusing to read it (shards never hold pickles)")
+    return sample
+
+
+def decode_sample(sample: dict, keys: Sequence[str]) -> dict:
+    """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample)."""
+    refuse_pickles(sample)
+    out = {"__key__": sample["__key__"]}
+    for k in keys:
+        if k not in sample:
+            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no {k!r}")
+        out[k] = decode_value(k, sample[k])
+    return out
+
+
+def selector(keys: Iterable[str]) -> Callable[[str], bool]:
+    """A tar member filter reading only ``keys`` (and any pickle member, so that it is seen and refused)."""
+    from webdataset.tariterators import base_plus_ext
+
+    want = set(keys)
+
+    def select(fname: str) -> bool:
+        _, ext = base_plus_ext(fname)
+        return ext is not None and (ext.lower() in want or _ext(ext) in PICKLE_EXTS)
+
+    return select
+
+
+def tar_intact(url: str) -> bool:
+    """Whether a local tar ends with the end-of-archive marker (a cut tar can otherwise end silently)."""
+    try:
+        size = os.path.getsize(url)
+    except OSError:
+        return True  # not a local file (or missing): opening it reports the problem
+    if size < 1024 or size % 512:
+        return False
+    with open(url, "rb") as f:
+        f.seek(-1024, os.SEEK_END)
+        return not any(f.read(1024))
+
+
+def check_tars(counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage over shard dicts: a truncated tar counts as broken data (warning) and is still read up to the cut."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        for d in src:
+            if not tar_intact(d["url"]):
+                counter.handler(ValueError(f"{d['url']}: truncated tar (no end-of-archive marker); reading up to the cut"))
+            yield d
+
+    return stage
+
+
+def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) -> Iterator[dict]:
+    """Undecoded samples (members ``keys`` only) of tars, in order; a corrupt tar's rest is skipped and counted."""
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), check_tars(counter),
+                                wds.tarfile_to_samples(handler=counter.handler, select_files=selector(keys)))
+    return iter(pipeline)
+
+
+def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None) -> Iterator[dict]:
+    """Decoded samples of one tar (``__key__`` + ``keys``); broken samples are skipped and counted in ``counter``."""
+    import webdataset as wds
+
+    counter = counter if counter is not None else SkipCounter()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(url)]),
+        check_tars(counter),
+        wds.tarfile_to_samples(handler=counter.handler, select_files=selector(keys)),
+        wds.map(lambda s: decode_sample(s, keys), handler=counter.handler),
+    )
+    for sample in pipeline:
+        counter.seen += 1
+        yield sample

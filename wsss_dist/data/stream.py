@@ -1,0 +1,323 @@
+"""WebDataset streams: the deterministic, resumable training stream (joint image+mask augmentation) and inference reads.
+
+Training order is a pure function of (seed, rank, world, num_workers): per epoch e the shard list is shuffled with a
+seed from (seed, e), split across ranks (shard i → rank i % world) and then across DataLoader workers, and each
+worker's samples pass a shuffle buffer seeded by (seed, e, rank, worker). Augmentation parameters come from a numpy
+Generator seeded by (seed, e, sample key), never from global RNG. Batch j of a rank comes from worker j % workers, so
+``start_batch=n`` tells each worker how many of its own batches to drop; whole epochs are skipped from tar headers
+alone and the rest before decoding. A resumed stream therefore equals the uninterrupted one (exactly so while no
+sample in the skipped part was broken: broken samples are dropped after decoding).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from ..errors import DataError
+from .shards import SkipCounter, check_tars, decode_sample, decode_value, read_shard, refuse_pickles, selector
+from .voc import IGNORE
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
+
+
+def normalize(img: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [H, W, 3] RGB → float32 [3, H, W] with ImageNet mean/std."""
+    t = torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return t.sub_(mean).div_(std)
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] normalised → uint8 [..., H, W, 3] RGB (inverse of :func:`normalize`)."""
+    x = x.detach().float().cpu()
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    img = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return img.movedim(-3, -1).numpy()
+
+
+def _seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python runs, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _hue(img: Image.Image, h: float) -> Image.Image:
+    """Rotate the hue by ``h`` turns (−0.5..0.5), as torchvision's adjust_hue, through PIL's HSV."""
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] += np.uint8(round(h * 255) % 256)  # uint8 wrap-around = rotation on the hue circle
+    return Image.frombytes("HSV", img.size, hsv.tobytes()).convert("RGB")
+
+
+# brightness, contrast, saturation: blends with black, the mean grey and the greyscale image (torchvision's definitions)
+_JITTER_OPS = (
+    lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+    lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+    lambda im, f: ImageEnhance.Color(im).enhance(f),
+    _hue,
+)
+
+
+def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, crop: int,
+            resize_long: tuple[int, int] | None = None, scale_range: tuple[float, float] | None = None,
+            jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Joint random resize, h-flip, crop (image pad 0 after normalisation, mask pad 255); colour jitter on the image.
+
+    Returns the normalised image float32 [3, crop, crop] and the mask int64 [crop, crop] (or None).
+    """
+    H, W = img.shape[:2]
+    # every random number is drawn, in a fixed order, whatever the options: the stream stays comparable
+    u_scale, flip = rng.random(), rng.random() < 0.5
+    u_sy, u_sx, u_dy, u_dx = rng.random(4)
+    factors = [rng.uniform(1 - JITTER[0], 1 + JITTER[0]), rng.uniform(1 - JITTER[1], 1 + JITTER[1]),
+               rng.uniform(1 - JITTER[2], 1 + JITTER[2]), rng.uniform(-JITTER[3], JITTER[3])]
+    order = rng.permutation(4)
+    if scale_range is not None:
+        s = scale_range[0] + u_scale * (scale_range[1] - scale_range[0])
+    elif resize_long is not None and resize_long[1] > 0:
+        lo, hi = resize_long
+        s = (lo + int(u_scale * (hi - lo + 1))) / max(H, W)
+    else:
+        s = 1.0
+    nh, nw = max(1, round(H * s)), max(1, round(W * s))
+    pil = Image.fromarray(img)
+    mpil = Image.fromarray(mask) if mask is not None else None
+    if (nh, nw) != (H, W):
+        pil = pil.resize((nw, nh), Image.BICUBIC)
+        mpil = mpil.resize((nw, nh), Image.NEAREST) if mpil is not None else None
+    ch, cw = min(crop, nh), min(crop, nw)
+    sy, sx = int(u_sy * (nh - ch + 1)), int(u_sx * (nw - cw + 1))  # where the crop starts in the image
+    dy, dx = int(u_dy * (crop - ch + 1)), int(u_dx * (crop - cw + 1))  # where it lands on the padded canvas
+    box = (sx, sy, sx + cw, sy + ch)
+    piece = pil.crop(box)
+    if flip:
+        piece = piece.transpose(Image.FLIP_LEFT_RIGHT)
+    if jitter:
+        for i in order:
+            piece = _JITTER_OPS[i](piece, float(factors[i]))
+    x = np.array(piece, dtype=np.uint8)
+    canvas = torch.zeros((3, crop, crop), dtype=torch.float32)
+    canvas[:, dy:dy + ch, dx:dx + cw] = normalize(x)
+    out_mask = None
+    if mpil is not None:
+        m = torch.from_numpy(np.array(mpil.crop(box), dtype=np.uint8)).long()
+        if flip:
+            m = m.flip(-1)
+        out_mask = torch.full((crop, crop), IGNORE, dtype=torch.long)
+        out_mask[dy:dy + ch, dx:dx + cw] = m
+    return canvas, out_mask
+
+
+def count_samples(url: str) -> int:
+    """Samples in a tar, from its headers only (no data read)."""
+    from webdataset.tariterators import base_plus_ext
+
+    n, last = 0, None
+    with tarfile.open(url, "r:") as tf:
+        for member in tf:
+            key, _ = base_plus_ext(member.name)
+            if member.isreg() and key is not None and key != last:
+                n, last = n + 1, key
+    return n
+
+
+# ---------------------------------------------------------------- pipeline stages (plain generator functions)
+def shard_shuffle(seed: int, epoch: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage: shuffle the shard list with a seed from (seed, epoch); every rank sees the same order."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        items = list(src)
+        random.Random(_seed(seed, epoch, "shards")).shuffle(items)
+        yield from items
+
+    return stage
+
+
+def split_by_node(rank: int, world: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage: shard i → rank i % world (explicit rank/world, unlike webdataset's torch.distributed lookup)."""
+    return lambda src: itertools.islice(src, rank, None, world)
+
+
+def split_by_worker(worker: int, workers: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage: a rank's shard i → DataLoader worker i % workers."""
+    return lambda src: itertools.islice(src, worker, None, workers)
+
+
+def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage: attach ``__mask__`` bytes from the same-named tar in ``mask_dir`` (same keys), failing on a mismatch."""
+    from .shards import raw_samples
+
+    def load(url: str) -> dict[str, bytes]:
+        path = Path(mask_dir) / Path(url).name
+        if not path.is_file():
+            raise DataError(f"{path}: no mask shard for {url}; run the stage that writes {mask_dir} first")
+        out = {}
+        for s in raw_samples([str(path)], (mask_key,), counter):
+            refuse_pickles(s)
+            if mask_key in s:
+                out[s["__key__"]] = s[mask_key]
+        return out
+
+    def finish(url: str | None, masks: dict, skipped_before: int) -> None:
+        if url is not None and masks and counter.skipped == skipped_before:
+            raise DataError(f"{Path(mask_dir) / Path(url).name}: keys {sorted(masks)[:3]} are not in {url}; "
+                            "the mask shards do not belong to these image shards (rerun the stage that wrote them)")
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        url, masks, skipped_before = None, {}, 0
+        for sample in src:
+            if sample["__url__"] != url:
+                finish(url, masks, skipped_before)
+                url, skipped_before = sample["__url__"], counter.skipped
+                masks = load(url)
+            sample["__mask__"] = masks.pop(sample["__key__"], None)
+            yield sample
+        finish(url, masks, skipped_before)
+
+    return stage
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The infinite training stream of one rank; iterated by a DataLoader worker (or in-process) it yields batches."""
+
+    def __init__(self, urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None,
+                 seed: int, rank: int, world: int, start_batch: int, mask_dir: str | Path | None, mask_key: str,
+                 jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.crop = [str(u) for u in urls], batch_size, crop
+        self.resize_long, self.scale_range, self.jitter = resize_long, scale_range, jitter
+        self.seed, self.rank, self.world, self.start_batch = seed, rank, world, start_batch
+        self.mask_dir, self.mask_key, self.shuffle_buffer = mask_dir, mask_key, shuffle_buffer
+
+    def worker_urls(self, epoch: int, worker: int, workers: int) -> list[str]:
+        """The shards this rank's ``worker`` reads in ``epoch`` (shard shuffle, then node and worker splits)."""
+        import webdataset as wds
+
+        shards = wds.DataPipeline(wds.SimpleShardList(self.urls), shard_shuffle(self.seed, epoch),
+                                  split_by_node(self.rank, self.world), split_by_worker(worker, workers))
+        return [d["url"] for d in shards]
+
+    def prepare(self, sample: dict, epoch: int) -> dict:
+        """Decode (only jpg, labels and the merged mask) and augment one sample."""
+        keys = ("jpg", "cls.npy")
+        d = decode_sample(sample, keys)
+        mask = None
+        if self.mask_dir is not None:
+            raw = sample.get("__mask__")
+            if raw is None:
+                raise DataError(f"{Path(self.mask_dir) / Path(sample['__url__']).name}: no {self.mask_key!r} for key "
+                                f"{sample['__key__']} of {sample['__url__']}; rerun the stage that wrote {self.mask_dir}")
+            mask = decode_value(self.mask_key, raw)
+            if mask.shape != d["jpg"].shape[:2]:
+                raise ValueError(f"{sample['__url__']}: mask of {sample['__key__']} is {mask.shape}, image {d['jpg'].shape[:2]}")
+        rng = np.random.default_rng(_seed(self.seed, epoch, sample["__key__"]))
+        image, m = augment(d["jpg"], mask, rng, self.crop, self.resize_long, self.scale_range, self.jitter)
+        labels = np.asarray(d["cls.npy"], dtype=np.float32).reshape(-1)
+        return {"__key__": sample["__key__"], "image": image, "labels": torch.from_numpy(labels), "mask": m}
+
+    def samples(self, worker: int, workers: int, skip: int, counter: SkipCounter) -> Iterator[dict]:
+        """Augmented samples of this worker, epoch after epoch, after dropping the first ``skip`` (before decoding)."""
+        import webdataset as wds
+
+        sizes: dict[str, int] = {}
+        left = [skip]
+
+        def drop(src: Iterable[dict]) -> Iterator[dict]:
+            for s in src:
+                if left[0] > 0:
+                    left[0] -= 1
+                    continue
+                yield s
+
+        for epoch in itertools.count():
+            urls = self.worker_urls(epoch, worker, workers)
+            if left[0] > 0:
+                total = sum(sizes.setdefault(u, count_samples(u)) for u in urls)
+                if left[0] >= total:  # a whole epoch skipped from tar headers: nothing read or decoded
+                    left[0] -= total
+                    continue
+            skipping = left[0] > 0
+            stages = [wds.SimpleShardList(urls), check_tars(counter),
+                      wds.tarfile_to_samples(handler=counter.handler, select_files=selector(("jpg", "cls.npy")))]
+            if self.mask_dir is not None:
+                stages.append(merge_masks(Path(self.mask_dir), self.mask_key, counter))
+            buf = self.shuffle_buffer
+            if buf > 1:
+                stages.append(wds.shuffle(buf, initial=min(100, buf), rng=random.Random(
+                    _seed(self.seed, epoch, self.rank, worker, "buffer"))))
+            stages += [drop, wds.map(lambda s, e=epoch: self.prepare(s, e), handler=counter.handler)]
+            n = 0
+            for sample in wds.DataPipeline(*stages):
+                counter.seen += 1
+                n += 1
+                yield sample
+            if n == 0 and not skipping:
+                raise DataError(f"no readable samples in {', '.join(urls)} (epoch {epoch}); rebuild the shards")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # the DataLoader restarts its round robin at worker 0: on resume, worker w plays the role of the worker
+        # that produced batch start_batch + w of the uninterrupted stream
+        worker = (worker + self.start_batch) % workers
+        counter = SkipCounter()
+        skip_batches = len(range(worker, self.start_batch, workers))  # batches j < start_batch with j % workers == worker
+        batch: list[dict] = []
+        for s in self.samples(worker, workers, skip_batches * self.batch_size, counter):
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                yield collate(batch, counter.skipped)
+                batch = []
+
+
+def collate(samples: list[dict], skipped: int) -> dict:
+    """Stack augmented samples into a batch dict."""
+    out = {"key": [s["__key__"] for s in samples], "image": torch.stack([s["image"] for s in samples]),
+           "labels": torch.stack([s["labels"] for s in samples]), "skipped": skipped}
+    if samples[0]["mask"] is not None:
+        out["mask"] = torch.stack([s["mask"] for s in samples])
+    return out
+
+
+def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None = (256, 512),
+                 seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, start_batch: int = 0,
+                 mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
+                 scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500) -> Iterator[dict]:
+    """Infinite deterministic batches for rank ``rank`` of ``world``: {key, image, labels, [mask], skipped}.
+
+    The ground-truth ``seg`` member is never read. ``mask`` (int64, 255 = ignore) comes from the same-named tars in
+    ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank.
+    """
+    urls = [str(u) for u in urls]
+    if len(urls) < world:
+        raise DataError(f"{len(urls)} training shards for {world} processes: every process needs one; "
+                        "rebuild the shards with a smaller data.shard_size")
+    mine = len(range(rank, len(urls), world))
+    workers = min(num_workers, mine)
+    if workers < num_workers:
+        logger.info("train stream: %d shards for this rank, using %d DataLoader workers instead of %d", mine, workers, num_workers)
+    ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
+                     seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
+                     jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer)
+    if workers == 0:
+        return iter(ds)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
+    return iter(loader)
+
+
+def infer_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy"), counter: SkipCounter | None = None) -> Iterator[dict]:
+    """Decoded samples of one shard, in order, for inference (``__key__`` + ``keys``); broken ones skipped and counted."""
+    return read_shard(url, keys, counter)

@@ -1,0 +1,32 @@
+"""Stage shards: the dataset (toy generator, or the user's VOC2012 + SBD) packed into WebDataset tar shards.
+
+Inputs: ``data=toy`` (generated under ``data.toy.root``, deterministic from ``data.toy.seed``) or ``data=voc``
+(``data.voc_root``, optional ``data.sbd_root`` and ``data.lists_dir``). Outputs: ``{split}-{index:06d}.tar`` for
+train, val and train_aug plus ``manifest.json`` in ``data.shards_dir``; unchanged inputs → nothing is rewritten.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import Config
+from ..data.shards import build_shards
+from ..data.toy import generate
+from ..data.voc import VOCSource
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> dict:
+    """Build (or confirm) the shards; returns ``{split: number of samples, ...}``."""
+    d = cfg.data
+    if d.name == "toy":
+        voc_root, sbd_root = generate(Path(d.toy.root), d.toy)
+        source = VOCSource(voc_root, sbd_root)
+    else:
+        source = VOCSource(d.voc_root, d.sbd_root, d.lists_dir)
+    manifest = build_shards(source, cfg.shards_dir, shard_size=d.shard_size)
+    metrics = {split: info["total"] for split, info in manifest["splits"].items()}
+    metrics["shards"] = sum(len(info["shards"]) for info in manifest["splits"].values())
+    metrics["shards_dir"] = str(cfg.shards_dir)
+    return metrics
