@@ -10,7 +10,7 @@ from typing import Any
 
 from . import runs
 from .config import Config, make_config, to_dict
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 logger = logging.getLogger("wsss_dist")
 
@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__.strip() + "\n\nKeys: see docs/usage.md; every key of wsss_dist/config.py as dotted key=value.")
         return
-    from .engine import Interrupted  # local import: keep `--help` fast
-
     try:
         cfg = make_config(argv)
         setup_logging(cfg.log_level)

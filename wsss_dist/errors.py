@@ -20,3 +20,11 @@ class WeightsError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or inf."""
+
+
+class Interrupted(Exception):
+    """A stop signal (SIGUSR1/SIGUSR2/SIGTERM) arrived; the engine wrote a checkpoint. Rerun to resume."""
+
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        super().__init__(message or f"stopped by signal {signum} after writing a checkpoint")
+        self.signum = signum

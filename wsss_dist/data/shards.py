@@ -280,10 +280,13 @@ def refuse_pickles(sample: dict) -> dict:
 
 
 def decode_sample(sample: dict, keys: Sequence[str]) -> dict:
-    """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample)."""
+    """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample; ``"seg.png?"`` is optional)."""
     refuse_pickles(sample)
     out = {"__key__": sample["__key__"]}
     for k in keys:
+        optional, k = k.endswith("?"), k.rstrip("?")
+        if k not in sample and optional:
+            continue
         if k not in sample:
             raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no {k!r}")
         out[k] = decode_value(k, sample[k])
@@ -294,7 +297,7 @@ def selector(keys: Iterable[str]) -> Callable[[str], bool]:
     """A tar member filter reading only ``keys`` (and any pickle member, so that it is seen and refused)."""
     from webdataset.tariterators import base_plus_ext
 
-    want = set(keys)
+    want = {k.rstrip("?") for k in keys}
 
     def select(fname: str) -> bool:
         _, ext = base_plus_ext(fname)
@@ -342,6 +345,8 @@ def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None
     import webdataset as wds
 
     counter = counter if counter is not None else SkipCounter()
+    if "://" not in str(url) and not str(url).startswith("pipe:") and not os.path.exists(url):
+        raise DataError(f"{url}: shard not found")
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([str(url)]),
         check_tars(counter),

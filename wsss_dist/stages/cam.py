@@ -88,7 +88,7 @@ def run(cfg: Config) -> dict:
             return None
         return np.stack([np.asarray(confusion_matrix(cam_labels(sample["_cams"], sample["_classes"], t).cpu(), gt)) for t in ths])
 
-    result = shard_map(cfg, c.split, out_dir, ("jpg", "cls.npy", "seg.png"), process, evaluate, desc="cam")
+    result = shard_map(cfg, c.split, out_dir, ("jpg", "cls.npy", "seg.png?"), process, evaluate, desc="cam")
     check_skips(result, cfg, "cam")
     cm = result["cm"]
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": c.split,

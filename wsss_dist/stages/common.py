@@ -76,7 +76,6 @@ def shard_map(
     manifest = load_manifest(cfg.shards_dir, verify=False)
     urls = split_urls(cfg.shards_dir, split, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counter = SkipCounter()
     mine = [u for i, u in enumerate(urls) if i % d.world == d.rank]
     todo = [u for u in mine if not (out_dir / Path(u).name).exists()]
     if len(todo) < len(mine):
@@ -84,6 +83,7 @@ def shard_map(
     bar = tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img")
     for url in todo:
         name = Path(url).name
+        counter = SkipCounter()
         others = [{s["__key__"]: s for s in infer_samples(str(pdir / name), keys=pk, counter=counter)} for pdir, pk in paired]
         outputs, cms, n = [], [], 0
         for sample in infer_samples(url, keys=keys, counter=counter):

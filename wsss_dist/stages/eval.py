@@ -27,7 +27,7 @@ def run(cfg: Config) -> dict:
         sample["_pred"] = pred = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
         return {"__key__": sample["__key__"], "png": png_bytes(pred)}
 
-    result = shard_map(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png"), process,
+    result = shard_map(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png?"), process,
                        lambda sample, out: gt_confusion(sample["_pred"], sample), desc="eval")
     check_skips(result, cfg, "eval")
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": "val", **miou_metrics(result["cm"])}

@@ -45,7 +45,7 @@ def run(cfg: Config) -> dict:
     def evaluate(sample: dict, out: dict) -> np.ndarray | None:
         return gt_confusion(sample["_label"], sample) if sample["__key__"] in ids else None
 
-    result = shard_map(cfg, cfg.cam.split, runs.stage_dir(cfg.run_dir, "pseudo"), ("jpg", "seg.png"), process, evaluate,
+    result = shard_map(cfg, cfg.cam.split, runs.stage_dir(cfg.run_dir, "pseudo"), ("jpg", "seg.png?"), process, evaluate,
                        paired=[(cfg.run_dir / "cam", ("cam.npy", "cam.json"))], desc="pseudo")
     check_skips(result, cfg, "pseudo")
     return {"samples": result["samples"], "skipped": result["skipped"], "eval_split": cfg.cam.eval_split,

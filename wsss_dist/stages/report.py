@@ -79,7 +79,7 @@ def figures(cfg: Config, run_dirs: list[Path], out: Path) -> list[str]:
         wanted = set(split_ids(manifest, ids_split)[: cfg.report.num_images])
         if not wanted:
             continue
-        base = _find(cfg.shards_dir, names, ("jpg", "seg.png"), wanted)
+        base = _find(cfg.shards_dir, names, ("jpg", "seg.png?"), wanted)
         keys = sorted(base)
         per_stage = {(r, st): _find(r / st, names, ("cam.npy", "cam.json") if st == "cam" else ("png",), wanted)
                      for r in run_dirs for st in stages}
