@@ -142,6 +142,9 @@ def test_mask_mismatch_fails_clearly(toy_shards, toy_source, tmp_path):
         _take(train_loader(urls, mask_dir=tmp_path / "m", **{**KW, "shuffle_buffer": 1}), 3)
     with pytest.raises(DataError, match="no mask shard"):
         _take(train_loader(urls, mask_dir=tmp_path / "nowhere", **KW), 1)
+    with pytest.raises(DataError, match=r"^\S*m/train_aug-00000\d.tar: no 'png' for key") as e:  # from a DataLoader worker
+        _take(train_loader(urls, mask_dir=tmp_path / "m", num_workers=2, **{**KW, "shuffle_buffer": 1}), 4)
+    assert "\n" not in str(e.value)
 
 
 def test_augment_is_joint_and_pads_right():
@@ -179,3 +182,10 @@ def test_broken_training_sample_is_counted(toy_shards, tmp_path):
     assert b[1]["skipped"] == 1 and b[-1]["skipped"] == 2  # 11 good samples an epoch: counted again in epoch 2
     counter = SkipCounter()
     assert len(list(infer_samples(str(out / Path(urls[0]).name), counter=counter))) == 5 and counter.skipped == 1
+
+
+def test_missing_shard_is_a_clear_error(toy_shards, tmp_path):
+    with pytest.raises(DataError, match="nope.tar: shard not found"):
+        train_loader(_urls(toy_shards) + [str(tmp_path / "nope.tar")], **KW)
+    with pytest.raises(DataError, match="shard not found"):
+        list(infer_samples(str(tmp_path / "nope.tar")))

@@ -121,16 +121,19 @@ def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, 
     return canvas, out_mask
 
 
-def count_samples(url: str) -> int:
-    """Samples in a tar, from its headers only (no data read)."""
+def count_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy")) -> int | None:
+    """Samples with any of ``keys`` in a tar, from its headers only (no data read); None if the tar is unreadable."""
     from webdataset.tariterators import base_plus_ext
 
     n, last = 0, None
-    with tarfile.open(url, "r:") as tf:
-        for member in tf:
-            key, _ = base_plus_ext(member.name)
-            if member.isreg() and key is not None and key != last:
-                n, last = n + 1, key
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for member in tf:
+                key, ext = base_plus_ext(member.name)
+                if member.isreg() and key is not None and ext in keys and key != last:
+                    n, last = n + 1, key
+    except (OSError, tarfile.TarError):
+        return None
     return n
 
 
@@ -232,7 +235,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Augmented samples of this worker, epoch after epoch, after dropping the first ``skip`` (before decoding)."""
         import webdataset as wds
 
-        sizes: dict[str, int] = {}
+        sizes: dict[str, int | None] = {}
         left = [skip]
 
         def drop(src: Iterable[dict]) -> Iterator[dict]:
@@ -245,8 +248,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         for epoch in itertools.count():
             urls = self.worker_urls(epoch, worker, workers)
             if left[0] > 0:
-                total = sum(sizes.setdefault(u, count_samples(u)) for u in urls)
-                if left[0] >= total:  # a whole epoch skipped from tar headers: nothing read or decoded
+                counts = [sizes.setdefault(u, count_samples(u)) for u in urls]
+                total = None if None in counts else sum(counts)
+                if total is not None and left[0] >= total:  # a whole epoch skipped from tar headers: nothing read or decoded
                     left[0] -= total
                     continue
             skipping = left[0] > 0
@@ -302,6 +306,9 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank.
     """
     urls = [str(u) for u in urls]
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(urls)} missing); run stage=shards again")
     if len(urls) < world:
         raise DataError(f"{len(urls)} training shards for {world} processes: every process needs one; "
                         "rebuild the shards with a smaller data.shard_size")
@@ -315,7 +322,22 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     if workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
-    return iter(loader)
+    return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
+    """Re-raise a worker's DataError with its own message (the DataLoader wraps it in the worker's traceback)."""
+    try:
+        yield from it
+        return
+    except DataError as e:
+        msg = str(e)
+    if "Original Traceback" in msg:
+        msg = msg.strip().splitlines()[-1].split("DataError: ", 1)[-1]
+    shutdown = getattr(it, "_shutdown_workers", None)  # stop the workers now, not whenever the traceback is freed
+    if shutdown is not None:
+        shutdown()
+    raise DataError(msg)
 
 
 def infer_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy"), counter: SkipCounter | None = None) -> Iterator[dict]:
