@@ -1,7 +1,6 @@
 """Streams: inference reads split across ranks/workers, the deterministic resumable training stream, augmentation."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
