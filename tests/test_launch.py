@@ -163,20 +163,9 @@ FAILING = """
 # A trainer stand-in: counts steps (checkpoint after each), and on USR2/TERM checkpoints and raises the engine's
 # Interrupted, as wsss_dist.engine does.
 COUNTING = """
-    import json, os, signal, sys, time, types
+    import json, os, signal, time
 
-    try:
-        import wsss_dist.engine as engine
-    except ModuleNotFoundError:  # before the engine exists
-        engine = sys.modules["wsss_dist.engine"] = types.ModuleType("wsss_dist.engine")
-
-    Interrupted = getattr(engine, "Interrupted", None)
-    if Interrupted is None:  # before the engine exists: the same contract
-        class Interrupted(Exception):
-            def __init__(self, signum):
-                super().__init__(signum)
-                self.signum = signum
-        engine.Interrupted = Interrupted
+    from wsss_dist.errors import Interrupted
 
     def run(cfg):
         out = cfg.run_dir / "eval"

@@ -17,7 +17,7 @@ Besides every key of :mod:`wsss_dist.config`, the launcher takes its own keys:
 
 Time-out and preemption (see docs/cluster.md): submitit's signal handler (checkpoint + requeue) is bound to
 USR2 (time-out) and TERM (preemption). While a trainer runs, the engine's own handlers take over: they finish the
-step, write a checkpoint and raise :class:`wsss_dist.engine.Interrupted`; :class:`StageJob` then calls the same
+step, write a checkpoint and raise :class:`wsss_dist.errors.Interrupted`; :class:`StageJob` then calls the same
 submitit handler, which calls :meth:`StageJob.checkpoint` and requeues the job. The requeued job resumes from the
 newest checkpoint (trainers) or from the finished output shards (inference stages).
 
@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import runs
 from .config import Config, SlurmCfg, _convert, make_config, parse_overrides, set_key
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Interrupted, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ class StageJob:
         logger.info("job %s: stage %s (%s)", env.job_id, self.stage, " ".join(self.overrides))
         try:
             return run_stage(cfg, self.stage)
-        except BaseException as e:  # noqa: B036 - the engine's Interrupted; anything else propagates
-            if not _is_interrupted(e) or requeue is None:  # (debug executor: nothing to requeue)
+        except Interrupted as e:
+            if requeue is None:  # debug executor: nothing to requeue
                 raise
             signum = _signum(e)
             logger.warning("job %s: stage %s checkpointed on %s; requeueing through submitit", env.job_id, self.stage,
@@ -192,17 +192,8 @@ def _requeue_handler(env: Any) -> Optional[Callable[..., Any]]:
     return handler if isinstance(getattr(handler, "__self__", None), SignalHandler) else None
 
 
-def _is_interrupted(e: BaseException) -> bool:
-    """Whether ``e`` is the engine's ``Interrupted`` (checked without importing the engine)."""
-    cls = getattr(sys.modules.get("wsss_dist.engine"), "Interrupted", None)
-    return isinstance(cls, type) and isinstance(e, cls)
-
-
-def _signum(e: BaseException) -> int:
-    s = getattr(e, "signum", None)
-    if s is None and e.args and isinstance(e.args[0], int):
-        s = e.args[0]
-    return int(s) if s is not None else int(signal.SIGUSR2)
+def _signum(e: Interrupted) -> int:
+    return int(getattr(e, "signum", None) or signal.SIGUSR2)
 
 
 def make_executor(cluster: str, folder: Path, step: Step, job_name: str, dependency: Optional[str] = None) -> Any:
