@@ -20,13 +20,11 @@ from PIL import Image
 
 from .. import runs
 from ..config import Config
-from ..data.shards import load_manifest, split_urls
-from ..data.stream import train_loader
 from ..engine import fit, load_model_weights
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..models.affinity_net import AffinityNet
 from ..models.backbones import create_backbone
-from .common import check_skips, shard_map
+from .common import check_skips, loader_factory, shard_map
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +96,9 @@ def run(cfg: Config) -> dict:
     check_skips(result, cfg, "aff labels")
     out = runs.stage_dir(cfg.run_dir, "aff")
     label_dir = out / "labels"
-    urls = split_urls(cfg.shards_dir, cfg.cam.split, load_manifest(cfg.shards_dir))
     t = cfg.aff.train
     model = build_model(cfg)
-
-    def make_loader(rank: int, world: int, start_batch: int):
-        return train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed, rank=rank,
-                            world=world, num_workers=cfg.data.num_workers, start_batch=start_batch, mask_dir=label_dir)
+    make_loader = loader_factory(cfg, t, cfg.cam.split, mask_dir=label_dir)
 
     metrics = fit(model=model, param_groups=model.param_groups(cfg.aff.optim.lr, cfg.aff.optim.weight_decay),
                   loss_fn=make_loss(cfg.aff.radius), make_loader=make_loader, out_dir=out, train=t, optim=cfg.aff.optim,

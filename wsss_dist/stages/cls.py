@@ -26,13 +26,13 @@ import torch
 from .. import runs
 from ..config import Config
 from ..data.shards import load_manifest, split_urls
-from ..data.stream import infer_samples, train_loader
+from ..data.stream import infer_samples
 from ..engine import fit, load_model_weights
 from ..methods import losses, mixing
 from ..methods.subcategory import cluster_subcategories
 from ..models.backbones import create_backbone
 from ..models.cam_net import CAMNet
-from .common import dist, image_tensor
+from .common import dist, image_tensor, loader_factory
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +98,9 @@ def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):
 
 def train_classifier(cfg: Config, out_dir: Path, sub_labels: dict[str, np.ndarray] | None = None, num_sub: int = 0) -> dict:
     """Train one classifier into ``out_dir`` (resumable); returns the engine's metrics."""
-    urls = split_urls(cfg.shards_dir, cfg.cls.split, load_manifest(cfg.shards_dir))
     t = cfg.cls.train
     model = build_model(cfg, num_sub=num_sub)
-
-    def make_loader(rank: int, world: int, start_batch: int):
-        return train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed,
-                            rank=rank, world=world, num_workers=cfg.data.num_workers, start_batch=start_batch)
-
+    make_loader = loader_factory(cfg, t, cfg.cls.split)
     metrics = fit(model=model, param_groups=model.param_groups(cfg.cls.optim.lr, cfg.cls.optim.weight_decay),
                   loss_fn=make_loss(cfg, sub_labels), make_loader=make_loader, out_dir=out_dir, train=t,
                   optim=cfg.cls.optim, log_name=f"cls/{cfg.method}")

@@ -185,3 +185,17 @@ def iter_chunks(it: Iterable, n: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def loader_factory(cfg: Config, train, split: str, **extra):
+    """The engine's ``make_loader(rank, world, start_batch)`` over ``split``'s shards with ``train``'s augmentation."""
+    from ..data.stream import train_loader
+
+    urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir))
+
+    def make_loader(rank: int, world: int, start_batch: int):
+        return train_loader(urls, batch_size=train.batch_size, crop=train.crop, resize_long=train.resize_long,
+                            seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
+                            start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, **extra)
+
+    return make_loader

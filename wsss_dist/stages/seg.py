@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
-from ..data.shards import load_manifest, split_urls
-from ..data.stream import train_loader
 from ..engine import fit, load_model_weights
 from ..models.backbones import create_backbone
 from ..models.deeplab import DeepLabV2
+from .common import loader_factory
 
 
 def build_model(cfg: Config, weights: bool = True) -> DeepLabV2:
@@ -42,14 +41,9 @@ def loss_fn(model, batch, step):
 def run(cfg: Config) -> dict:
     """Train DeepLab-v2 on the pseudo labels of ``cam.split``."""
     runs.require_done(cfg.run_dir, "pseudo", "seg")
-    urls = split_urls(cfg.shards_dir, cfg.cam.split, load_manifest(cfg.shards_dir))
     t = cfg.seg.train
     model = build_model(cfg)
-
-    def make_loader(rank: int, world: int, start_batch: int):
-        return train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed, rank=rank,
-                            world=world, num_workers=cfg.data.num_workers, start_batch=start_batch,
-                            mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
+    make_loader = loader_factory(cfg, t, cfg.cam.split, mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
 
     return fit(model=model, param_groups=model.param_groups(cfg.seg.optim.lr, cfg.seg.optim.weight_decay), loss_fn=loss_fn,
                make_loader=make_loader, out_dir=runs.stage_dir(cfg.run_dir, "seg"), train=t, optim=cfg.seg.optim, log_name="seg")

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from .. import runs
 from ..config import Config
 from ..data.shards import load_manifest, split_urls
-from ..data.stream import infer_samples, train_loader
+from ..data.stream import infer_samples
 from ..engine import fit, load_model_weights
 from ..methods.losses import multilabel_loss
 from ..models.backbones import load_weights
-from .common import dist, image_tensor
+from .common import dist, image_tensor, loader_factory
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,10 @@ def embeddings(model: torch.nn.Module, cfg: Config) -> dict[str, np.ndarray]:
 def run(cfg: Config) -> dict:
     """Fine-tune the teacher, then write its embeddings."""
     out = runs.stage_dir(cfg.run_dir, "teacher")
-    urls = split_urls(cfg.shards_dir, cfg.cls.split, load_manifest(cfg.shards_dir))
     t = cfg.teacher.train
     model = build_teacher(cfg)
     size = cfg.teacher.img_size
-
-    def make_loader(rank: int, world: int, start_batch: int):
-        return train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed,
-                            rank=rank, world=world, num_workers=cfg.data.num_workers, start_batch=start_batch)
+    make_loader = loader_factory(cfg, t, cfg.cls.split)
 
     def loss_fn(model, batch, step):
         return multilabel_loss(model(resize(batch["image"], size)).float(), batch["labels"]), {}
