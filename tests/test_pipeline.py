@@ -16,7 +16,7 @@ TINY = [
     "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=32", "teacher.train.steps=4", "teacher.train.batch_size=8",
     "teacher.train.crop=32",
     "cam.scales=[1.0,0.5]",
-    "aff.train.steps=6", "aff.train.batch_size=4", "aff.train.crop=48",
+    "aff.train.steps=6", "aff.train.batch_size=4", "aff.train.crop=48", "aff.radius=3", "pseudo.radius=3",
     "seg.train.steps=6", "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0,0.5]",
     "pseudo.logt=4",
 ]

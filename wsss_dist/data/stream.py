@@ -35,7 +35,7 @@ JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
 
 def normalize(img: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [H, W, 3] RGB → float32 [3, H, W] with ImageNet mean/std."""
-    t = torch.as_tensor(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return t.sub_(mean).div_(std)
