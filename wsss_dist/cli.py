@@ -28,6 +28,7 @@ def setup_logging(level: str = "INFO") -> None:
     rank = int(os.environ.get("RANK", "0"))
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s" if "WORLD_SIZE" in os.environ else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level if rank == 0 else "WARNING", format=fmt, datefmt="%H:%M:%S", force=True)
+    logging.getLogger("accelerate").setLevel("WARNING")  # its per-file checkpoint lines drown ours
 
 
 def save_config(cfg: Config) -> None:

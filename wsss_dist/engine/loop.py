@@ -150,9 +150,12 @@ def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     out_dir = Path(out_dir)
     final = out_dir / "model.safetensors"
     if final.is_file() and (out_dir / "metrics.json").is_file():
-        logger.info("%s: already trained (%s)", log_name, final)
-        load_model_weights(model, final)
-        return runs.read_json(out_dir / "metrics.json")
+        done = runs.read_json(out_dir / "metrics.json")
+        if done.get("steps") == train.steps:
+            logger.info("%s: already trained (%s)", log_name, final)
+            load_model_weights(model, final)
+            return done
+        logger.info("%s: trained for %s steps, now asked for %d: continuing from the last checkpoint", log_name, done.get("steps"), train.steps)
     accelerator = Accelerator(mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
                               cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -1,0 +1,37 @@
+"""Two CPU processes under `accelerate launch` (gloo) train the classifier; a second launch resumes."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import shards  # noqa: F401  (module fixture: tiny toy shards)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(ROOT / "tests" / "dist_train.py"), str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_two_processes_train_with_gloo_and_resume(shards, tmp_path):  # noqa: F811
+    args = shards + [f"run={tmp_path / 'run'}", "method=fmix", "cls.train.steps=6", "cls.train.ckpt_every=3", "cls.train.batch_size=4"]
+    r = _launch(tmp_path / "a.json", args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["world"] == 2 and a["backend"] == "gloo" and a["steps"] == 6
+    r = _launch(tmp_path / "b.json", [x if not x.startswith("cls.train.steps") else "cls.train.steps=9" for x in args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "at step 6" in r.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["steps"] == 9
