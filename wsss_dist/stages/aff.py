@@ -97,6 +97,7 @@ def run(cfg: Config) -> dict:
     out = runs.stage_dir(cfg.run_dir, "aff")
     label_dir = out / "labels"
     t = cfg.aff.train
+    torch.manual_seed(t.seed)  # initial weights are a function of the seed
     model = build_model(cfg)
     make_loader = loader_factory(cfg, t, cfg.cam.split, mask_dir=label_dir)
 

@@ -99,6 +99,7 @@ def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):
 def train_classifier(cfg: Config, out_dir: Path, sub_labels: dict[str, np.ndarray] | None = None, num_sub: int = 0) -> dict:
     """Train one classifier into ``out_dir`` (resumable); returns the engine's metrics."""
     t = cfg.cls.train
+    torch.manual_seed(t.seed)  # initial weights are a function of the seed
     model = build_model(cfg, num_sub=num_sub)
     make_loader = loader_factory(cfg, t, cfg.cls.split)
     metrics = fit(model=model, param_groups=model.param_groups(cfg.cls.optim.lr, cfg.cls.optim.weight_decay),

@@ -7,6 +7,7 @@ Engine: :func:`wsss_dist.engine.fit`. Outputs: ``seg/model.safetensors``.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import runs
@@ -42,6 +43,7 @@ def run(cfg: Config) -> dict:
     """Train DeepLab-v2 on the pseudo labels of ``cam.split``."""
     runs.require_done(cfg.run_dir, "pseudo", "seg")
     t = cfg.seg.train
+    torch.manual_seed(t.seed)  # initial weights are a function of the seed
     model = build_model(cfg)
     make_loader = loader_factory(cfg, t, cfg.cam.split, mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
 

@@ -69,6 +69,7 @@ def run(cfg: Config) -> dict:
     """Fine-tune the teacher, then write its embeddings."""
     out = runs.stage_dir(cfg.run_dir, "teacher")
     t = cfg.teacher.train
+    torch.manual_seed(t.seed)  # initial weights are a function of the seed
     model = build_teacher(cfg)
     size = cfg.teacher.img_size
     make_loader = loader_factory(cfg, t, cfg.cls.split)
