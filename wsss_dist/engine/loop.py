@@ -1,239 +1,191 @@
-"""The one training loop on Accelerate: poly schedule, mixed precision, exact resume, signal-safe checkpoints."""
+"""The one training loop on Accelerate: poly schedule, mixed precision, exact resume, signal-safe checkpoints.
+
+See docs/engine.md ("Training engine") for the contract with the stages.
+"""
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
-import shutil
+import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from .. import runs
 from ..config import OptimCfg, TrainCfg
-from ..errors import Interrupted, TrainingDiverged, WeightsError
+from ..errors import Interrupted, TrainingDiverged
+from .checkpoint import (checkpoint_step, complete_checkpoints, load_model_weights, newest_checkpoint, remove_partial,
+                         save_checkpoint, save_model_weights)
+from .optim import build_optimizer, poly_lr
 
 logger = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"  # marker written into a checkpoint dir after everything else
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+NO_STEP = 2**62  # "no non-finite loss" in the divergence check
 
-
-def build_optimizer(param_groups: list[dict], optim: OptimCfg) -> torch.optim.Optimizer:
-    """SGD (real momentum) or AdamW over groups carrying ``lr_mult``; ``legacy_momentum_bug`` puts wd in momentum."""
-    groups = []
-    for g in param_groups:
-        g = dict(g)
-        g.setdefault("lr_mult", 1.0)
-        g.setdefault("weight_decay", optim.weight_decay)
-        g["lr"] = optim.lr * g["lr_mult"]
-        groups.append(g)
-    if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-    momentum = optim.weight_decay if optim.legacy_momentum_bug else optim.momentum
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=momentum, weight_decay=optim.weight_decay)
-
-
-def poly_lr(step: int, total: int, base_lr: float, power: float = 0.9, warmup: int = 0) -> float:
-    """Poly decay base_lr·(1 − step/total)^power after a linear warm-up of ``warmup`` steps."""
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    return base_lr * max(0.0, 1.0 - step / max(1, total)) ** power
+__all__ = ["fit", "step_seed", "read_metrics", "newest_checkpoint"]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """The RNG seed of one step of one rank: randomness is a function of the step, so resume is exact."""
+    """The RNG seed of one step of one rank: randomness is a function of (seed, step, rank), so resume is exact."""
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def newest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``out_dir/ckpt`` (dirs without their COMPLETE marker are ignored)."""
-    ckpt = Path(out_dir) / "ckpt"
-    done = sorted(p for p in ckpt.glob("step-*") if (p / COMPLETE).is_file()) if ckpt.is_dir() else []
-    return done[-1] if done else None
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's (CPU and initialised CUDA devices), numpy's and Python's global RNGs for one step.
+
+    Not ``torch.manual_seed``: while CUDA is not initialised it records a stack trace for a lazy call (~0.3 ms).
+    """
+    s = step_seed(seed, step, rank)
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
 
 
-def save_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Atomic safetensors of the model's state dict."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with runs.atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict saved by :func:`save_model_weights`; WeightsError when missing or not fitting."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; train the stage that writes it first")
-    try:
-        model.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as e:
-        raise WeightsError(f"{path} does not fit the model: {str(e).splitlines()[0]} ...") from None
-
-
-class _Counter:
-    """Step counter registered for checkpointing."""
+class TrainState:
+    """What the loop itself checkpoints (registered with accelerate): step, last logged loss, skipped samples."""
 
     def __init__(self) -> None:
-        self.step = 0
+        self.step, self.loss, self.skipped = 0, float("nan"), 0
 
-    def state_dict(self) -> dict:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "loss": self.loss, "skipped": self.skipped}
 
-    def load_state_dict(self, d: dict) -> None:
-        self.step = int(d["step"])
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self.loss, self.skipped = int(d["step"]), float(d.get("loss", "nan")), int(d.get("skipped", 0))
 
 
-class _StopFlag:
-    """Stop signals set a flag; the loop checks it at step boundaries. Handlers restored on exit."""
+class StopSignals:
+    """USR1/USR2/TERM set a flag (handlers only in the main thread; the previous handlers come back on exit)."""
 
     def __init__(self) -> None:
         self.signum = 0
-        self.old: dict[int, object] = {}
+        self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
-                    self.old[sig] = signal.signal(sig, self._handle)
+                    self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        logger.warning("received signal %d: checkpointing at the end of this step", signum)
+        logger.warning("received %s: writing a checkpoint at the end of this step", signal.Signals(signum).name)
 
-    def __exit__(self, *exc) -> None:
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-
-def _save(accelerator, out_dir: Path, step: int, keep: int = 2) -> None:
-    """accelerator.save_state into ckpt/step-N via a temp dir; COMPLETE last; keep the newest ``keep``."""
-    ckpt = out_dir / "ckpt"
-    final = ckpt / f"step-{step:08d}"
-    tmp = ckpt / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ckpt.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        runs.write_json(tmp / COMPLETE, {"step": step, "time": time.time()})
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in sorted(p for p in ckpt.glob("step-*") if p != final)[:-(keep - 1) or None]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
-def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable[[int, int, int], Iterator[dict]],
-        out_dir: Path, train: TrainCfg, optim: OptimCfg, log_name: str = "train") -> dict:
-    """Train ``model`` for ``train.steps`` optimiser steps; resume from the newest checkpoint in ``out_dir``.
+class StopAgreement:
+    """All ranks agree on a stop signal: an all-reduce (max) of one CPU float per step, overlapped with the next step.
 
-    ``loss_fn(model, batch, step) -> (loss, logs)``; ``make_loader(rank, world, start_batch)`` an infinite,
-    deterministic batch stream. Returns metrics (steps, loss, seconds, images_per_s, skipped).
+    The all-reduce of step k is started at its end and waited for at the end of step k+1, so its latency (~0.5 ms
+    for two CPU processes on gloo) hides behind the computation; all ranks then stop after the same step, one step
+    after the signal. The tensor is on the CPU and goes through gloo (the default group on CPU, a side group under
+    NCCL), so the check never waits for the GPU. On one process it is a plain flag test. Returns the signal number
+    (the largest over ranks), 0 for none.
+    """
+
+    def __init__(self, world: int) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist if world > 1 and dist.is_available() and dist.is_initialized() else None
+        self.group = None
+        if self.dist is not None and self.dist.get_backend() != "gloo":
+            self.group = self.dist.new_group(backend="gloo")
+        self.pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, signum: int) -> int:
+        if self.dist is None:
+            return signum
+        agreed = self.wait()
+        if agreed:
+            return agreed
+        buf = torch.tensor([float(signum)])
+        self.pending = (self.dist.all_reduce(buf, op=self.dist.ReduceOp.MAX, group=self.group, async_op=True), buf)
+        return 0
+
+    def wait(self) -> int:
+        """Finish the all-reduce in flight (collective: every rank calls it at the same point); its result."""
+        if self.pending is None:
+            return 0
+        work, buf = self.pending
+        self.pending = None
+        work.wait()
+        return int(buf.item())
+
+
+def _make_accelerator(train: TrainCfg):
+    """An Accelerator for this fit; drops accelerate's shared state when another precision was used before.
+
+    The process group (PartialState) is kept: stages run one after another in one process.
     """
     from accelerate import Accelerator
-    from tqdm import tqdm
+    from accelerate.state import AcceleratorState
 
-    out_dir = Path(out_dir)
-    final = out_dir / "model.safetensors"
-    if final.is_file() and (out_dir / "metrics.json").is_file():
-        done = runs.read_json(out_dir / "metrics.json")
-        if done.get("steps") == train.steps:
-            logger.info("%s: already trained (%s)", log_name, final)
-            load_model_weights(model, final)
-            return done
-        logger.info("%s: trained for %s steps, now asked for %d: continuing from the last checkpoint", log_name, done.get("steps"), train.steps)
-    accelerator = Accelerator(mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
-                              cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(param_groups, optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    counter = _Counter()
-    accelerator.register_for_checkpointing(counter)
-    resume = newest_checkpoint(out_dir)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        logger.info("%s: resuming from %s at step %d", log_name, resume, counter.step)
-    writer = _tensorboard(out_dir / "tb") if accelerator.is_main_process else None
-    batches = make_loader(rank, world, counter.step * train.grad_accum)
-    total, window, skipped = train.steps, [], 0
-    bar = tqdm(total=total, initial=counter.step, desc=log_name, disable=not accelerator.is_main_process, unit="step")
-    t0, images, loss_value = time.time(), 0, float("nan")
-    model.train()
-    with _StopFlag() as stop:
-        while counter.step < total:
-            step = counter.step
-            torch.manual_seed(step_seed(train.seed, step, rank))
-            for g in optimizer.param_groups:
-                g["lr"] = poly_lr(step, total, optim.lr * g.get("lr_mult", 1.0), optim.poly_power, optim.warmup_steps)
-            for _ in range(train.grad_accum):
-                batch = _to_device(next(batches), accelerator.device, train.channels_last)
-                skipped = max(skipped, int(batch.get("skipped", 0)))
-                with accelerator.accumulate(model), accelerator.autocast():
-                    loss, logs = loss_fn(model, batch, step)
-                    accelerator.backward(loss)
-                    if optim.grad_clip and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                images += batch["image"].shape[0]
-            counter.step += 1
-            if not math.isfinite(float(loss.detach())):
-                raise TrainingDiverged(f"loss is {float(loss.detach())} at step {counter.step} of {log_name}; "
-                                       f"lower the learning rate or use mixed_precision=no")
-            window.append(loss.detach())
-            if counter.step % train.log_every == 0 or counter.step == total:
-                loss_value = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
-                window = []
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if writer is not None:
-                    writer.add_scalar(f"{log_name}/loss", loss_value, counter.step)
-                    writer.add_scalar(f"{log_name}/lr", optimizer.param_groups[0]["lr"], counter.step)
-                    for k, v in logs.items():
-                        writer.add_scalar(f"{log_name}/{k}", float(v), counter.step)
-            bar.update(1)
-            if _agree(accelerator, stop.signum):
-                _save(accelerator, out_dir, counter.step)
-                bar.close()
-                raise Interrupted(stop.signum or signal.SIGTERM, f"{log_name}: stopped by a signal at step {counter.step}, checkpoint written")
-            if counter.step % train.ckpt_every == 0 and counter.step < total:
-                _save(accelerator, out_dir, counter.step)
-    bar.close()
-    seconds = time.time() - t0
-    _save(accelerator, out_dir, counter.step)
-    skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum"))
-    metrics = {"steps": counter.step, "loss": loss_value, "seconds": round(seconds, 2),
-               "images_per_s": round(images * world / max(seconds, 1e-9), 2), "skipped": skipped}
-    if accelerator.is_main_process:
-        save_model_weights(accelerator.unwrap_model(model), final)
-        runs.write_json(out_dir / "metrics.json", metrics)
-        if writer is not None:
-            writer.close()
-    accelerator.wait_for_everyone()
-    return metrics
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != train.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
+                       cpu=not torch.cuda.is_available())
 
 
-def _agree(accelerator, signum: int) -> bool:
-    """Whether any rank got a stop signal (one tiny all-reduce per step under DDP; none on one process)."""
-    if accelerator.num_processes == 1:
-        return bool(signum)
-    flag = torch.tensor([1.0 if signum else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+def _finished(out_dir: Path, steps: int, log_name: str) -> dict | None:
+    """The metrics of a finished training of ``steps`` steps in ``out_dir``, or None when it must (continue to) train."""
+    if not (out_dir / WEIGHTS).is_file():
+        return None
+    done = runs.read_json(out_dir / METRICS) if (out_dir / METRICS).is_file() else {"steps": steps}
+    if done.get("steps") == steps:
+        return done
+    if done.get("steps", 0) > steps:
+        logger.warning("%s: %s holds %s steps of training, more than the %d asked; keeping it (delete %s to retrain)",
+                       log_name, out_dir / WEIGHTS, done.get("steps"), steps, out_dir)
+        return done
+    logger.info("%s: trained for %s steps, now asked for %d: continuing from the newest checkpoint",
+                log_name, done.get("steps"), steps)
+    return None
+
+
+def _resume(accelerator, out_dir: Path, state: TrainState, log_name: str) -> int | None:
+    """Load the newest loadable complete checkpoint (older ones if it fails); its step, or None on a fresh start."""
+    candidates = complete_checkpoints(out_dir)[::-1]
+    errors = []
+    for ckpt in candidates:
+        try:
+            accelerator.load_state(str(ckpt))
+        except Exception as e:  # a corrupt file or a model that changed: try the previous checkpoint
+            logger.warning("%s: checkpoint %s could not be loaded (%s: %s)", log_name, ckpt, type(e).__name__, str(e)[:300])
+            errors.append(e)
+            continue
+        if state.step != checkpoint_step(ckpt):
+            logger.warning("%s: %s holds step %d", log_name, ckpt, state.step)
+        logger.info("%s: resuming from %s at step %d", log_name, ckpt, state.step)
+        break
+    else:
+        if candidates:
+            from ..errors import WeightsError
+
+            raise WeightsError(f"{log_name}: no checkpoint in {out_dir / 'ckpt'} could be loaded (newest error: "
+                               f"{str(errors[0])[:300]}); if the model changed, delete {out_dir} or use another run dir")
+        return None
+    if accelerator.num_processes > 1:
+        steps = accelerator.gather(torch.tensor([state.step], device=accelerator.device))
+        if steps.min() != steps.max():
+            raise RuntimeError(f"{log_name}: ranks resumed at different steps {steps.tolist()}; check {out_dir / 'ckpt'}")
+    return state.step
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -241,10 +193,222 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            if k == "image" and channels_last:
+            if k == "image" and channels_last and v.dim() == 4:
                 v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
+
+
+def _batch_size(batch: dict) -> int:
+    x = batch.get("image")
+    if x is None:
+        x = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return int(x.shape[0]) if x is not None else 0
+
+
+class _Window:
+    """Losses since the last check; the check is one collective (gather) at log / checkpoint / stop / end steps."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.first_step = 0
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.losses:
+            self.first_step = step
+        self.losses.append(loss)
+
+    def check(self, accelerator, skipped: int, log_name: str) -> tuple[float, int]:
+        """(mean loss over all ranks or nan if the window is empty, skipped samples summed over ranks).
+
+        Raises TrainingDiverged on every rank when any rank saw a non-finite loss.
+        """
+        dev = accelerator.device
+        if self.losses:
+            losses = torch.stack([x.detach().float().reshape(()) for x in self.losses]).double()
+            finite = torch.isfinite(losses)
+            steps = torch.arange(self.first_step, self.first_step + len(losses), device=losses.device, dtype=torch.float64)
+            bad = torch.where(finite, torch.full_like(steps, NO_STEP), steps)
+            i = int(bad.argmin())
+            row = torch.stack([losses.mean(), bad[i], torch.isnan(losses[i]).double(), losses.new_tensor(1.0)])
+        else:
+            row = torch.tensor([0.0, NO_STEP, 0.0, 0.0], dtype=torch.float64)
+        row = torch.cat([row.to(dev), torch.tensor([float(skipped)], dtype=torch.float64, device=dev)])
+        rows = accelerator.gather(row[None]).cpu() if accelerator.num_processes > 1 else row[None].cpu()
+        self.losses = []
+        first_bad = rows[:, 1].min()
+        if first_bad < NO_STEP:
+            r = int(rows[:, 1].argmin())
+            kind = "nan" if rows[r, 2] > 0 else "inf"
+            raise TrainingDiverged(f"loss is {kind} at step {int(first_bad) + 1} of {log_name}; lower the learning rate "
+                                   f"(optim.lr), set optim.grad_clip, or use mixed_precision=no")
+        counted = rows[rows[:, 3] > 0]
+        loss = float(counted[:, 0].mean()) if len(counted) else float("nan")
+        return loss, int(rows[:, 4].sum())
+
+
+def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable[[int, int, int], Iterator[dict]],
+        out_dir: Path, train: TrainCfg, optim: OptimCfg, log_name: str = "train") -> dict:
+    """Train ``model`` for ``train.steps`` optimiser steps into ``out_dir``; resume from its newest checkpoint.
+
+    ``loss_fn(model, batch, step) -> (loss, logs)`` gets the prepared (DDP-wrapped) model and a batch on the device;
+    ``make_loader(rank, world, start_batch)`` returns an infinite deterministic stream starting at batch
+    ``start_batch``. Returns ``{"steps", "loss", "seconds", "images_per_s", "skipped"}``; ``model`` holds the
+    trained weights afterwards. Raises Interrupted after a signal-triggered checkpoint, TrainingDiverged on a
+    non-finite loss.
+    """
+    out_dir = Path(out_dir)
+    done = _finished(out_dir, train.steps, log_name)
+    if done is not None:
+        logger.info("%s: already trained (%s)", log_name, out_dir / WEIGHTS)
+        load_model_weights(model, out_dir / WEIGHTS)
+        return done
+    with StopSignals() as stop:
+        return _train(model, param_groups, loss_fn, make_loader, out_dir, train, optim, log_name, stop)
+
+
+def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable, out_dir: Path,
+           train: TrainCfg, optim: OptimCfg, log_name: str, stop: StopSignals) -> dict:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    accelerator = _make_accelerator(train)
+    main, rank, world, device = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes, accelerator.device
+    if main:
+        remove_partial(out_dir)
+    accelerator.wait_for_everyone()
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(param_groups, optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    resumed_at = _resume(accelerator, out_dir, state, log_name)
+    agree = StopAgreement(world)
+    total, window, skips = train.steps, _Window(), {}
+    log_every = train.log_every if train.log_every > 0 else max(1, total)  # 0: only at the end
+    ckpt_every = train.ckpt_every if train.ckpt_every > 0 else max(1, total)
+    skipped_before = state.skipped
+    base_lrs = [optim.lr * g.get("lr_mult", 1.0) for g in optimizer.param_groups]
+    step_optimizer = _optimizer_step(accelerator, optimizer)
+    batches = make_loader(rank, world, state.step * train.grad_accum)
+    writer = _tensorboard(out_dir / "tb") if main else None
+    tty = sys.stderr.isatty()
+    images, t0 = 0, time.time()
+    with contextlib.ExitStack() as stack:
+        if main:
+            stack.enter_context(logging_redirect_tqdm())
+        bar = stack.enter_context(tqdm(total=total, initial=min(state.step, total), desc=log_name, unit="step",
+                                       disable=not main, dynamic_ncols=True, mininterval=0.5 if tty else 30))
+        stack.callback(_close, batches, writer)
+        model.train()
+        while state.step < total:
+            step = state.step
+            seed_step(train.seed, step, rank)
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = poly_lr(step, total, base, optim.poly_power, optim.warmup_steps)
+            loss_sum = None
+            for _ in range(train.grad_accum):
+                batch = _to_device(next(batches), device, train.channels_last)
+                if "skipped" in batch:
+                    _note_skips(skips, batch)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, logs = loss_fn(model, batch, step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if optim.grad_clip > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                        step_optimizer()
+                loss = loss.detach()
+                loss_sum = loss if loss_sum is None else loss_sum + loss
+                images += _batch_size(batch)
+            window.add(step, loss_sum / train.grad_accum if train.grad_accum > 1 else loss_sum)
+            state.step += 1
+            bar.update(1)
+            if state.step % log_every == 0 or state.step == total:
+                state.loss, skipped = window.check(accelerator, sum(skips.values()), log_name)
+                state.skipped = skipped_before + skipped
+                _log(bar, writer, log_name, state, total, optimizer, logs, images * world / max(time.time() - t0, 1e-9))
+            signum = agree(stop.signum) if state.step < total else 0
+            if signum:
+                _, skipped = window.check(accelerator, sum(skips.values()), log_name)
+                state.skipped = skipped_before + skipped
+                save_checkpoint(accelerator, out_dir, state.step)
+                logger.warning("%s: stopped at step %d by %s; checkpoint written, rerun to resume", log_name, state.step,
+                               signal.Signals(signum).name)
+                raise Interrupted(signum, f"{log_name}: stopped by {signal.Signals(signum).name} at step {state.step} "
+                                          f"of {total}, checkpoint written in {out_dir / 'ckpt'}")
+            if state.step % ckpt_every == 0 and state.step < total:
+                _, skipped = window.check(accelerator, sum(skips.values()), log_name)
+                state.skipped = skipped_before + skipped
+                save_checkpoint(accelerator, out_dir, state.step)
+        agree.wait()
+        seconds = time.time() - t0
+        _, skipped = window.check(accelerator, sum(skips.values()), log_name)
+        state.skipped = skipped_before + skipped
+        if resumed_at != state.step:  # the final state (kept for continuing with more steps later)
+            save_checkpoint(accelerator, out_dir, state.step)
+    metrics = {"steps": state.step, "loss": state.loss, "seconds": round(seconds, 3),
+               "images_per_s": round(images * world / max(seconds, 1e-9), 2), "skipped": state.skipped}
+    if main:
+        runs.write_json(out_dir / METRICS, metrics)
+        save_model_weights(accelerator.unwrap_model(model), out_dir / WEIGHTS)  # last: it marks training as done
+        logger.info("%s: done, %d steps, loss %.4f, %.1f images/s", log_name, state.step, state.loss, metrics["images_per_s"])
+    # not accelerator.end_training(): it destroys the process group that later stages in this process still use
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _optimizer_step(accelerator, optimizer) -> Callable[[], None]:
+    """step + zero_grad. Without a grad scaler the bare optimiser is called: accelerate's wrapper spends ~0.7 ms per
+    step on package look-ups and signature inspection, which is most of the loop's overhead on small models."""
+    from accelerate.utils import DistributedType
+
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if accelerator.scaler is not None or accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                                               DistributedType.MULTI_GPU):
+        def step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        def step() -> None:
+            raw.step()
+            raw.zero_grad(set_to_none=True)
+    return step
+
+
+def _note_skips(skips: dict, batch: dict) -> None:
+    """Broken samples skipped so far, per data worker (``worker`` key if the batch has one): latest, never decreasing."""
+    value = batch["skipped"]
+    value = int(value.max()) if isinstance(value, torch.Tensor) else int(value)
+    key = batch.get("worker", 0)
+    key = int(key) if not isinstance(key, torch.Tensor) else int(key.reshape(-1)[0])
+    skips[key] = max(skips.get(key, 0), value)
+
+
+def _log(bar, writer, log_name: str, state: TrainState, total: int, optimizer, logs: dict, images_per_s: float) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    extra = {k: float(v) for k, v in (logs or {}).items()}
+    bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    logger.info("%s: step %d/%d loss %.4f lr %.3g %s", log_name, state.step, total, state.loss, lr,
+                " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+    if writer is not None:
+        writer.add_scalar(f"{log_name}/loss", state.loss, state.step)
+        for i, g in enumerate(optimizer.param_groups):
+            writer.add_scalar(f"{log_name}/lr{'' if i == 0 else i}", g["lr"], state.step)
+        writer.add_scalar(f"{log_name}/images_per_s", images_per_s, state.step)
+        for k, v in extra.items():
+            writer.add_scalar(f"{log_name}/{k}", v, state.step)
+
+
+def _close(batches: Any, writer: Any) -> None:
+    close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+    if writer is not None:
+        writer.close()
 
 
 def _tensorboard(path: Path):
@@ -258,4 +422,5 @@ def _tensorboard(path: Path):
 
 def read_metrics(out_dir: str | Path) -> dict:
     """A finished trainer's metrics.json."""
-    return json.loads((Path(out_dir) / "metrics.json").read_text())
+    return runs.read_json(Path(out_dir) / METRICS)
+

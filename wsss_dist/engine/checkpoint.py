@@ -1,0 +1,143 @@
+"""Checkpoints (accelerate state, atomic, with a completion marker) and model weights (safetensors)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import runs
+from ..errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"  # written into a checkpoint dir after everything else; a dir without it is never loaded
+PREFIX = "step-"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / DataParallel / torch.compile wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under ``out_dir/ckpt`` (those holding the COMPLETE marker), oldest first."""
+    ckpt = Path(out_dir) / "ckpt"
+    if not ckpt.is_dir():
+        return []
+    return sorted(p for p in ckpt.glob(PREFIX + "*") if p.is_dir() and (p / COMPLETE).is_file())
+
+
+def newest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``out_dir/ckpt``, or None."""
+    done = complete_checkpoints(out_dir)
+    return done[-1] if done else None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step number in a checkpoint dir name ``step-00000042``."""
+    return int(Path(path).name[len(PREFIX):])
+
+
+def remove_partial(out_dir: str | Path) -> None:
+    """Delete temporary dirs left by a checkpoint write that was killed (call on the main process, before training)."""
+    ckpt = Path(out_dir) / "ckpt"
+    for p in ckpt.glob(".tmp-*") if ckpt.is_dir() else []:
+        logger.info("removing the unfinished checkpoint %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2) -> Path:
+    """``accelerator.save_state`` into ``out_dir/ckpt/step-N`` atomically; keep the newest ``keep``. Collective.
+
+    Every rank writes into ``.tmp-step-N``; after a barrier rank 0 fsyncs, writes COMPLETE and renames the dir.
+    A process killed at any point leaves the previous checkpoints loadable.
+    """
+    ckpt = Path(out_dir) / "ckpt"
+    final, tmp = ckpt / f"{PREFIX}{step:08d}", ckpt / f".tmp-{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        runs.write_json(tmp / COMPLETE, {"step": step, "time": time.time(), "world": accelerator.num_processes})
+        if final.exists():  # e.g. an incomplete dir of the same step: move it aside, never delete before the rename
+            old = ckpt / f".tmp-old-{PREFIX}{step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt)
+        for stale in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Atomic safetensors of the unwrapped model's state_dict (tensors sharing memory are stored as copies)."""
+    from safetensors.torch import save_file
+
+    state, seen = {}, set()
+    for k, v in unwrap(model).state_dict().items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    with runs.atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load weights written by :func:`save_model_weights`; WeightsError when the file is missing or does not fit."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; run the stage that writes it first")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type on a truncated/corrupt file
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); delete it and rerun the stage that writes it") from None
+    try:
+        unwrap(model).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise WeightsError(f"{path} does not fit the model: {' '.join(lines[:3])[:500]}") from None
