@@ -335,11 +335,13 @@ def _convert(key: str, text: Any, typ: Any) -> Any:
         raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
     if typ in (int, float):
         try:
-            value = typ(text) if not (typ is int and isinstance(text, str) and not text.lstrip("-").isdigit()) else int(float(text))
-            if typ is int and isinstance(text, str) and float(text) != int(float(text)):
-                raise ValueError
+            value = float(text)
+            if typ is int:
+                if value != int(value):
+                    raise ValueError
+                value = int(value)
             return value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}={text!r}: expected {'an integer' if typ is int else 'a number'}") from None
     if typ is str:
         return str(text)

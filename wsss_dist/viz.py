@@ -4,24 +4,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-
-def voc_palette() -> np.ndarray:
-    """The VOC colour map [256, 3] uint8 (bit-interleaved class index; 255 → (224, 224, 192))."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+from .data.voc import PALETTE
 
 
 def colorize(label: np.ndarray) -> np.ndarray:
     """A label map [H, W] as an RGB image in the VOC palette."""
-    return voc_palette()[label.astype(np.uint8)]
+    return PALETTE[label.astype(np.uint8)]
 
 
 def heatmap(cams: np.ndarray) -> np.ndarray:

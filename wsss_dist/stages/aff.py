@@ -10,16 +10,15 @@ Engine: :func:`wsss_dist.engine.fit`. Outputs: ``aff/model.safetensors``.
 """
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .. import runs
 from ..config import Config
+from ..data.voc import write_mask_png
 from ..engine import fit, load_model_weights
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..models.affinity_net import AffinityNet
@@ -53,13 +52,6 @@ def read_cams(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return cams, torch.as_tensor(meta["classes"], dtype=torch.long)
 
 
-def png_bytes(label: np.ndarray) -> bytes:
-    """A uint8 label map as PNG bytes (mode L: the values are the class ids)."""
-    buf = io.BytesIO()
-    Image.fromarray(label.astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_labels(cfg: Config) -> dict:
     """Affinity label shards from the CAM shards (one per CAM shard, resumable)."""
     a = cfg.aff
@@ -69,7 +61,7 @@ def write_labels(cfg: Config) -> dict:
         cams, classes = read_cams(sample)
         label = affinity_labels(cams, classes, mode=a.label_mode, conf_fg=a.conf_fg, conf_bg=a.conf_bg,
                                 alpha_low=a.alpha_low, alpha_high=a.alpha_high)
-        return {"__key__": sample["__key__"], "png": png_bytes(label.numpy())}
+        return {"__key__": sample["__key__"], "png": write_mask_png(None, label.numpy())}
 
     return shard_map(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", ("cls.npy",), process,
                      paired=[(cam_dir, ("cam.npy", "cam.json"))], desc="aff labels")

@@ -10,7 +10,7 @@ import torch
 
 from .. import runs
 from ..config import Config
-from .aff import png_bytes
+from ..data.voc import write_mask_png
 from .common import check_skips, dist, gt_confusion, image_tensor, miou_metrics, shard_map
 from .seg import load_trained
 
@@ -25,7 +25,7 @@ def run(cfg: Config) -> dict:
     def process(sample: dict) -> dict:
         logits = model.predict(image_tensor(sample, d.device), scales=s.eval_scales, flip=s.eval_flip)
         sample["_pred"] = pred = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
-        return {"__key__": sample["__key__"], "png": png_bytes(pred)}
+        return {"__key__": sample["__key__"], "png": write_mask_png(None, pred)}
 
     result = shard_map(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png?"), process,
                        lambda sample, out: gt_confusion(sample["_pred"], sample), desc="eval")

@@ -15,8 +15,9 @@ import torch
 
 from .. import runs
 from ..config import Config
+from ..data.voc import write_mask_png
 from ..methods.random_walk import propagate_labels
-from .aff import load_trained, png_bytes, read_cams
+from .aff import load_trained, read_cams
 from .common import check_skips, dist, eval_ids, gt_confusion, image_tensor, miou_metrics, shard_map
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def run(cfg: Config) -> dict:
         label = propagate_labels(cams.to(d.device), classes.to(d.device), feats, alpha=p.alpha, beta=p.beta,
                                  logt=p.logt, radius=p.radius, stride=8)
         sample["_label"] = label = label.cpu().numpy().astype(np.uint8)
-        return {"__key__": sample["__key__"], "png": png_bytes(label)}
+        return {"__key__": sample["__key__"], "png": write_mask_png(None, label)}
 
     def evaluate(sample: dict, out: dict) -> np.ndarray | None:
         return gt_confusion(sample["_label"], sample) if sample["__key__"] in ids else None
