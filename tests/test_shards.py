@@ -128,16 +128,20 @@ def test_broken_samples_are_skipped_and_counted(tmp_path, caplog):
     assert [s["__key__"] for s in read_shard(str(tmp_path / "t.tar"), ("cls.npy",))] == ["a", "b", "c", "e"]
 
 
-def test_truncated_tar_skips_its_rest(toy_shards, tmp_path):
+def test_truncated_or_corrupt_tar_is_refused(toy_shards, tmp_path):
+    """Reading up to a cut (or a bad header) would silently lose the rest of the tar: it is an error naming the file."""
     src = Path(split_urls(toy_shards, "train_aug")[0])
     data = src.read_bytes()
     cut = tmp_path / src.name
     cut.write_bytes(data[: len(data) // 2 + 100])
-    counter = SkipCounter()
-    got = list(read_shard(str(cut), ("jpg", "cls.npy"), counter))
-    assert 0 < len(got) < TINY_SHARD_SIZE and counter.skipped >= 1
-    full = [s["__key__"] for s in read_shard(str(src), ("jpg", "cls.npy"))]
-    assert [s["__key__"] for s in got] == full[: len(got)]
+    with pytest.raises(DataError, match=rf"{cut.name}: truncated tar"):
+        list(read_shard(str(cut), ("jpg", "cls.npy")))
+    bad = bytearray(data)
+    second = next(i for i in range(512, len(bad), 512) if bad[i:i + 5] != bytes(5) and bad[i + 257:i + 262] == b"ustar")
+    bad[second + 148:second + 156] = b"0000000\0"  # the second member's header checksum no longer fits
+    cut.write_bytes(bytes(bad))
+    with pytest.raises(DataError, match=rf"{cut.name}.*corrupt or unreadable tar"):
+        list(read_shard(str(cut), ("jpg", "cls.npy")))
 
 
 def test_pickle_member_is_refused(tmp_path):

@@ -87,8 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging(cfg.log_level)
         run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except Interrupted as e:
-        print(f"interrupted: {e}; run the same command again to resume", file=sys.stderr)
+        print(f"interrupted: {_one_line(e)}; run the same command again to resume", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (the CLI's contract for user errors)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())

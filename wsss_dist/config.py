@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Callable, Literal, Optional, get_args, get_origin
 
 from .errors import ConfigError
 
@@ -335,14 +336,18 @@ def _convert(key: str, text: Any, typ: Any) -> Any:
         raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
     if typ in (int, float):
         try:
+            if isinstance(text, bool):
+                raise ValueError
             value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
             if typ is int:
                 if value != int(value):
                     raise ValueError
                 value = int(value)
             return value
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}={text!r}: expected {'an integer' if typ is int else 'a number'}") from None
+            raise ConfigError(f"{key}={text!r}: expected {'an integer' if typ is int else 'a finite number'}") from None
     if typ is str:
         return str(text)
     raise ConfigError(f"{key}: unsupported type {typ}")
@@ -412,19 +417,58 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None) -> Config:
     return cfg
 
 
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
+    """(key, check, what is allowed) for every value whose type alone does not make it valid."""
+    at_least = lambda n: (lambda v: v >= n, f"≥ {n}")  # noqa: E731
+    positive = (lambda v: v > 0, "> 0")
+    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    out: list[tuple[str, Callable[[Any], bool], str]] = []
+
+    def add(key: str, rule: tuple[Callable[[Any], bool], str]) -> None:
+        out.append((key, rule[0], rule[1]))
+
+    for k in ("cls", "aff", "seg", "teacher"):
+        for name, rule in (("steps", at_least(1)), ("batch_size", at_least(1)), ("crop", at_least(8)),
+                           ("grad_accum", at_least(1)), ("ckpt_every", at_least(0)), ("log_every", at_least(0))):
+            add(f"{k}.train.{name}", rule)
+        out.append((f"{k}.train.resize_long", lambda v: v == (0, 0) or 0 < v[0] <= v[1], "[lo,hi] with 0 < lo ≤ hi, or [0,0] (off)"))
+        add(f"{k}.optim.lr", positive)
+        for name in ("weight_decay", "poly_power", "warmup_steps", "grad_clip"):
+            add(f"{k}.optim.{name}", at_least(0))
+        out.append((f"{k}.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"))
+    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "data.toy.size", "model.output_stride",
+                "cam.out_stride", "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images"):
+        add(key, at_least(1))
+    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "cls.sc_rounds"):
+        add(key, at_least(0))
+    for key in ("data.max_skip_fraction", "cam.bg_threshold", "aff.conf_fg", "aff.conf_bg"):
+        add(key, unit)
+    for key in ("cam.scales", "seg.eval_scales"):
+        out.append((key, lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0"))
+    out.append(("cam.sweep", lambda v: all(0 <= x <= 1 for x in v), "numbers in [0, 1]"))
+    out.append(("seg.scale_range", lambda v: 0 < v[0] <= v[1], "[lo,hi] with 0 < lo ≤ hi"))
+    for key in ("pseudo.alpha", "pseudo.beta", "aff.alpha_low", "aff.alpha_high", "cls.kmeans_k"):
+        add(key, positive)
+    return out
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
+    """Value ranges and cross-field checks that a single key's type cannot express (ConfigError naming the key)."""
     cfg.stages()
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in cfg.stages():
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
-    for k in ("cls", "aff", "seg", "teacher"):
-        t: TrainCfg = getattr(cfg, k).train
-        if t.steps < 1 or t.batch_size < 1 or t.crop < 8:
-            raise ConfigError(f"{k}.train: steps and batch_size must be ≥ 1 and crop ≥ 8")
-    if cfg.data.shard_size < 1:
-        raise ConfigError("data.shard_size must be ≥ 1")
-    if not 0 <= cfg.data.max_skip_fraction <= 1:
-        raise ConfigError("data.max_skip_fraction must be in [0, 1]")
+    for key, ok, allowed in _ranges():
+        value = _get(cfg, key)
+        if not ok(value):
+            shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
+            raise ConfigError(f"{key}={shown}: must be {allowed}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -18,6 +18,10 @@ class WeightsError(UserError):
     """A weights file that is missing or does not fit the model."""
 
 
+class StageNotDone(UserError, FileNotFoundError):
+    """A stage needs the output of an earlier stage of the run that has not finished (no DONE marker)."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or inf."""
 

@@ -74,8 +74,29 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text())
+    """Read a JSON file (ValueError naming the file when it is not valid JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def remove_stale_tmp(directory: str | os.PathLike) -> int:
+    """Delete temporary files/dirs left in ``directory`` by :func:`atomic_path` writers that were killed; their count.
+
+    Call it only when no other process writes into ``directory`` (e.g. on rank 0 before a stage's barrier).
+    """
+    n = 0
+    d = Path(directory)
+    for p in d.glob(".*.tmp-*") if d.is_dir() else []:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        n += 1
+    return n
 
 
 def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
@@ -101,9 +122,11 @@ def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | 
 
 
 def require_done(run_dir: str | os.PathLike, stage: str, needed_by: str) -> None:
-    """Fail with a clear message if an upstream stage has not finished."""
+    """Fail with a clear message (:class:`StageNotDone`, a user error) if an upstream stage has not finished."""
+    from .errors import StageNotDone
+
     if not is_done(run_dir, stage):
-        raise FileNotFoundError(
+        raise StageNotDone(
             f"stage {needed_by!r} needs stage {stage!r} of run {run_dir} to be finished "
             f"(no {Path(run_dir) / stage / 'DONE'}); run stage={stage} first"
         )

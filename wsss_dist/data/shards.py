@@ -5,7 +5,8 @@ ground-truth mask (palette PNG) where one exists. Shards are ``{split}-{index:06
 (written under a temporary name, then renamed). ``manifest.json`` lists, per split, the shards, sample counts, class
 histogram, ids and sha256 of each tar, plus a fingerprint of the inputs so an unchanged rebuild does nothing.
 Readers decode only the keys asked for with explicit decoders, never unpickle, and skip broken samples with a
-counted warning (:class:`SkipCounter`).
+counted warning (:class:`SkipCounter`); a truncated or corrupt tar, a tar whose sha256 differs from the manifest next
+to it, or a pickle member is a :class:`DataError` naming the file.
 """
 from __future__ import annotations
 
@@ -29,9 +30,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+SEG_SPLITS = ("train", "val")  # VOC segmentation lists: every image has a ground-truth mask
 PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # no '.', '/', '..', NUL, absolute paths: one plain file-name stem
 _EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_SHARD_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")  # a shard file name: no '/', never '..' or hidden
+LABEL_VALUES = np.zeros(256, bool)
+LABEL_VALUES[: NUM_CLASSES + 1] = LABEL_VALUES[255] = True  # a label PNG holds 0 (bg), 1..20 and 255 (ignore)
 
 
 class SkipCounter:
@@ -48,6 +53,17 @@ class SkipCounter:
         self.skipped += 1
         logger.warning("skipped broken data (%d so far): %s", self.skipped, _short(exn))
         return True
+
+    def tar_handler(self, exn: BaseException) -> bool:
+        """A tar that cannot be read (corrupt header, duplicate members, unreadable file) is an error, never a skip.
+
+        Skipping would silently lose the rest of the tar; the error names the file so it can be rebuilt.
+        """
+        if isinstance(exn, DataError):
+            raise exn
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), None)
+        raise DataError(f"{url or 'shard'}: corrupt or unreadable tar ({_short(exn)}); rebuild it "
+                        "(stage=shards, or rerun the stage that wrote it)") from None
 
     def fraction(self) -> float:
         """Skipped / (read + skipped); 0 when nothing was read."""
@@ -133,14 +149,30 @@ def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) 
     return h.hexdigest()
 
 
-def _sample(source: VOCSource, image_id: str) -> dict:
+def check_jpeg(data: bytes, where: str | os.PathLike) -> None:
+    """DataError naming ``where`` unless ``data`` is a JPEG that decodes completely (not truncated, not other bytes)."""
+    if not data.startswith(b"\xff\xd8"):
+        raise DataError(f"{where}: not a JPEG file (expected JPEG bytes starting with FF D8, got {data[:8]!r})")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                raise ValueError(f"decoded as {img.format}")
+            img.load()  # a truncated file fails here ("image file is truncated")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise DataError(f"{where}: broken JPEG ({type(e).__name__}: {e}); replace the file or remove its id "
+                        "from the split list") from None
+
+
+def _sample(source: VOCSource, image_id: str, need_mask: bool = False) -> dict:
     jpg = source.jpeg_bytes(image_id)
-    if not jpg.startswith(b"\xff\xd8"):
-        raise DataError(f"{source.jpeg_path(image_id)}: not a JPEG file")
+    check_jpeg(jpg, source.jpeg_path(image_id))
     sample = {"__key__": image_id, "jpg": jpg, "cls.npy": source.labels(image_id).astype(np.float32)}
     mask = source.mask(image_id)
     if mask is not None:
         sample["seg.png"] = write_mask_png(None, mask)
+    elif need_mask:
+        raise DataError(f"{source.voc_root / 'SegmentationClass' / (image_id + '.png')}: mask not found "
+                        f"(image {image_id} is in a segmentation list, whose images all need ground truth)")
     return sample
 
 
@@ -178,7 +210,7 @@ def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tra
             chunk = split_ids_[start:start + shard_size]
             samples = []
             for image_id in chunk:
-                s = _sample(source, image_id)
+                s = _sample(source, image_id, need_mask=split in SEG_SPLITS)
                 hist += s["cls.npy"] > 0.5
                 with_mask += "seg.png" in s
                 samples.append(s)
@@ -217,6 +249,13 @@ def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
         splits = manifest["splits"]
     except (ValueError, KeyError) as e:
         raise DataError(f"{path}: not a valid shard manifest ({e}); run stage=shards again") from None
+    try:
+        bad = [n for info in splits.values() for n in info["shards"] if not isinstance(n, str) or not _SHARD_RE.match(n)
+               or ".." in n]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); run stage=shards again") from None
+    if bad:
+        raise DataError(f"{path}: shard name {bad[0]!r} refused (a manifest lists plain .tar file names in its own folder)")
     if verify:
         for info in splits.values():
             for name in info["shards"]:
@@ -260,7 +299,11 @@ def decode_value(name: str, data: bytes) -> Any:
         with Image.open(io.BytesIO(data)) as img:
             if img.mode not in ("P", "L"):
                 raise ValueError(f"{name}: label PNG has mode {img.mode}, expected P or L")
-            return np.array(img, dtype=np.uint8)
+            m = np.array(img, dtype=np.uint8)
+        if not LABEL_VALUES[m].all():
+            bad = np.setdiff1d(np.unique(m), np.flatnonzero(LABEL_VALUES))
+            raise ValueError(f"{name}: label values must be 0..20 or 255, found {bad.tolist()[:5]}")
+        return m
     if ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
     if ext == "json":
@@ -306,51 +349,95 @@ def selector(keys: Iterable[str]) -> Callable[[str], bool]:
     return select
 
 
-def tar_intact(url: str) -> bool:
-    """Whether a local tar ends with the end-of-archive marker (a cut tar can otherwise end silently)."""
+def tar_problem(url: str) -> str | None:
+    """What is wrong with a local tar (truncated, or a corrupt header that would end reading early), or None.
+
+    Python's tarfile stops silently at a cut or at the first invalid header after the first member, so the headers
+    are walked and everything after the last member must be the end-of-archive zero blocks.
+    """
+    import tarfile
+
     try:
         size = os.path.getsize(url)
     except OSError:
-        return True  # not a local file (or missing): opening it reports the problem
+        return None  # not a local file (or missing): opening it reports the problem
     if size < 1024 or size % 512:
-        return False
+        return "truncated tar (its size is not a whole number of 512-byte blocks)"
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for _ in tf:
+                pass
+            end = tf.offset  # where reading stopped: the end-of-archive marker of an intact tar
+    except (tarfile.TarError, OSError) as e:
+        return f"corrupt or unreadable tar ({_short(e)})"
     with open(url, "rb") as f:
-        f.seek(-1024, os.SEEK_END)
-        return not any(f.read(1024))
+        f.seek(min(end, size))
+        rest = f.read()
+    if len(rest) < 1024:
+        return "truncated tar (no end-of-archive marker)"
+    if any(rest):
+        return f"corrupt or unreadable tar (invalid header at byte {end}: reading would stop there)"
+    return None
 
 
-def check_tars(counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Stage over shard dicts: a truncated tar counts as broken data (warning) and is still read up to the cut."""
+def tar_intact(url: str) -> bool:
+    """Whether a local tar is whole and every header is readable (see :func:`tar_problem`)."""
+    return tar_problem(url) is None
+
+
+def check_tars(counter: SkipCounter | None = None) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Stage over shard dicts: a truncated or corrupt tar is a DataError naming it (reading it would lose samples)."""
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         for d in src:
-            if not tar_intact(d["url"]):
-                counter.handler(ValueError(f"{d['url']}: truncated tar (no end-of-archive marker); reading up to the cut"))
+            problem = tar_problem(d["url"])
+            if problem is not None:
+                raise DataError(f"{d['url']}: {problem}; rebuild it (stage=shards, or rerun the stage that wrote it)")
             yield d
 
     return stage
 
 
+def verify_against_manifest(url: str) -> None:
+    """If a ``manifest.json`` next to ``url`` lists it, its sha256 must match (else DataError: changed after writing)."""
+    path = Path(url)
+    mpath = path.parent / MANIFEST
+    if "://" in str(url) or not mpath.is_file():
+        return
+    try:
+        manifest = runs.read_json(mpath)
+        want = next((info["sha256"][path.name] for info in manifest["splits"].values()
+                     if path.name in info.get("sha256", {})), None)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{mpath}: not a valid shard manifest ({e}); run stage=shards again") from None
+    if want is not None and _sha256(path) != want:
+        raise DataError(f"{path}: sha256 differs from {mpath} (corrupt or modified shard); run stage=shards again")
+
+
 def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) -> Iterator[dict]:
-    """Undecoded samples (members ``keys`` only) of tars, in order; a corrupt tar's rest is skipped and counted."""
+    """Undecoded samples (members ``keys`` only) of tars, in order; a truncated or corrupt tar is a DataError."""
     import webdataset as wds
 
     pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), check_tars(counter),
-                                wds.tarfile_to_samples(handler=counter.handler, select_files=selector(keys)))
+                                wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)))
     return iter(pipeline)
 
 
 def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None) -> Iterator[dict]:
-    """Decoded samples of one tar (``__key__`` + ``keys``); broken samples are skipped and counted in ``counter``."""
+    """Decoded samples of one tar (``__key__`` + ``keys``); broken samples are skipped and counted in ``counter``.
+
+    A tar listed in a ``manifest.json`` next to it must match its sha256; a truncated or corrupt tar is a DataError.
+    """
     import webdataset as wds
 
     counter = counter if counter is not None else SkipCounter()
     if "://" not in str(url) and not str(url).startswith("pipe:") and not os.path.exists(url):
         raise DataError(f"{url}: shard not found")
+    verify_against_manifest(str(url))
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([str(url)]),
         check_tars(counter),
-        wds.tarfile_to_samples(handler=counter.handler, select_files=selector(keys)),
+        wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)),
         wds.map(lambda s: decode_sample(s, keys), handler=counter.handler),
     )
     for sample in pipeline:

@@ -198,8 +198,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None,
                  seed: int, rank: int, world: int, start_batch: int, mask_dir: str | Path | None, mask_key: str,
-                 jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int) -> None:
+                 jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int,
+                 max_skip_fraction: float = 0.01) -> None:
         super().__init__()
+        self.max_skip_fraction = max_skip_fraction
         self.urls, self.batch_size, self.crop = [str(u) for u in urls], batch_size, crop
         self.resize_long, self.scale_range, self.jitter = resize_long, scale_range, jitter
         self.seed, self.rank, self.world, self.start_batch = seed, rank, world, start_batch
@@ -247,15 +249,14 @@ class TrainStream(torch.utils.data.IterableDataset):
 
         for epoch in itertools.count():
             urls = self.worker_urls(epoch, worker, workers)
-            if left[0] > 0:
-                counts = [sizes.setdefault(u, count_samples(u)) for u in urls]
-                total = None if None in counts else sum(counts)
-                if total is not None and left[0] >= total:  # a whole epoch skipped from tar headers: nothing read or decoded
-                    left[0] -= total
-                    continue
+            counts = [sizes[u] if u in sizes else sizes.setdefault(u, count_samples(u)) for u in urls]
+            total = None if None in counts else sum(counts)  # this worker's samples per epoch, from the tar headers
+            if left[0] > 0 and total is not None and left[0] >= total:  # a whole epoch skipped: nothing read or decoded
+                left[0] -= total
+                continue
             skipping = left[0] > 0
             stages = [wds.SimpleShardList(urls), check_tars(counter),
-                      wds.tarfile_to_samples(handler=counter.handler, select_files=selector(("jpg", "cls.npy")))]
+                      wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(("jpg", "cls.npy")))]
             if self.mask_dir is not None:
                 stages.append(merge_masks(Path(self.mask_dir), self.mask_key, counter))
             buf = self.shuffle_buffer
@@ -263,13 +264,24 @@ class TrainStream(torch.utils.data.IterableDataset):
                 stages.append(wds.shuffle(buf, initial=min(100, buf), rng=random.Random(
                     _seed(self.seed, epoch, self.rank, worker, "buffer"))))
             stages += [drop, wds.map(lambda s, e=epoch: self.prepare(s, e), handler=counter.handler)]
-            n = 0
+            n, skipped_before = 0, counter.skipped
+            limit = self.max_skip_fraction * total if total else None
             for sample in wds.DataPipeline(*stages):
                 counter.seen += 1
                 n += 1
+                if limit is not None and counter.skipped - skipped_before > limit:
+                    self._too_many(counter.skipped - skipped_before, total, urls)
                 yield sample
+            skipped = counter.skipped - skipped_before
+            if skipped and not skipping and skipped > self.max_skip_fraction * (n + skipped):
+                self._too_many(skipped, n + skipped, urls)
             if n == 0 and not skipping:
                 raise DataError(f"no readable samples in {', '.join(urls)} (epoch {epoch}); rebuild the shards")
+
+    def _too_many(self, skipped: int, total: int, urls: list[str]) -> None:
+        raise DataError(f"{skipped} of {total} samples in {', '.join(Path(u).name for u in urls[:4])}"
+                        f"{', ...' if len(urls) > 4 else ''} were broken and skipped, more than "
+                        f"data.max_skip_fraction={self.max_skip_fraction}; rebuild the shards (stage=shards) or raise the limit")
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -299,11 +311,14 @@ def collate(samples: list[dict], skipped: int) -> dict:
 def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None = (256, 512),
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, start_batch: int = 0,
                  mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
-                 scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500) -> Iterator[dict]:
+                 scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500,
+                 max_skip_fraction: float = 0.01) -> Iterator[dict]:
     """Infinite deterministic batches for rank ``rank`` of ``world``: {key, image, labels, [mask], skipped}.
 
     The ground-truth ``seg`` member is never read. ``mask`` (int64, 255 = ignore) comes from the same-named tars in
-    ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank.
+    ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank. Broken
+    samples are skipped and counted (``skipped``); a worker whose epoch skips more than ``max_skip_fraction`` of its
+    samples raises DataError.
     """
     urls = [str(u) for u in urls]
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
@@ -318,7 +333,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
         logger.info("train stream: %d shards for this rank, using %d DataLoader workers instead of %d", mine, workers, num_workers)
     ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
                      seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
-                     jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer)
+                     jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer,
+                     max_skip_fraction=max_skip_fraction)
     if workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ CLASSES: tuple[str, ...] = (
 CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}  # index into the 20 labels (no bg)
 NUM_CLASSES = len(CLASSES)
 IGNORE = 255
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # an image id is a plain file-name stem: it never leaves its folder
 
 
 def _voc_palette() -> np.ndarray:
@@ -74,11 +77,15 @@ def _read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     ids = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text().splitlines(), 1):
         tok = line.split()
         if not tok:
             continue
-        ids.append(Path(tok[0]).stem if ("/" in tok[0] or tok[0].endswith(".jpg")) else tok[0])
+        image_id = Path(tok[0]).stem if ("/" in tok[0] or tok[0].endswith(".jpg")) else tok[0]
+        if not _ID_RE.match(image_id) or (tok[0].startswith("/") and not tok[0].startswith("/JPEGImages/")):
+            raise DataError(f"{path}: line {n}: {tok[0]!r} is not an image id (letters, digits, '_', '-'; "
+                            "or a psa line /JPEGImages/<id>.jpg ...)")
+        ids.append(image_id)
     return ids
 
 
@@ -207,13 +214,12 @@ def load_cls_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: cls_labels.npy not found")
-    # The file is a pickled Python dict: np.load needs allow_pickle=True. It is the user's own list file (given by
-    # data.lists_dir), never something read from shards; shards themselves are never unpickled.
+    # The file is a pickled Python dict inside a .npy. It is unpickled by _LabelsUnpickler, which can only rebuild
+    # numpy arrays, dtypes and scalars (and builtin containers): a crafted file cannot run code.
     try:
-        obj = np.load(path, allow_pickle=True)
-        table: Any = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object else obj
+        table: Any = _load_object_npy(path)
     except Exception as e:  # noqa: BLE001 - any failure means the file is not what we expect
-        raise DataError(f"{path}: cannot read as a dict of image-level labels ({e})") from None
+        raise DataError(f"{path}: cannot read as a dict of image-level labels ({type(e).__name__}: {e})") from None
     if not isinstance(table, dict):
         raise DataError(f"{path}: expected a dict id -> float32[20], got {type(table).__name__}")
     out = {}
@@ -224,6 +230,43 @@ def load_cls_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: labels of {key} have shape {vec.shape}, expected (20,)")
         out[key] = vec
     return out
+
+
+class _LabelsUnpickler(pickle.Unpickler):
+    """Unpickles only what a psa/irn ``cls_labels.npy`` holds: numpy arrays, dtypes and scalars in builtin containers."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve only the allowed globals; anything else is refused (never imported or called)."""
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load global {module}.{name} (only numpy arrays are allowed)")
+        if module.startswith("numpy.") and module.endswith("multiarray"):
+            try:
+                from numpy._core import multiarray
+            except ImportError:  # numpy < 2
+                from numpy.core import multiarray  # type: ignore[no-redef]
+            return getattr(multiarray, name)
+        return super().find_class(module, name)
+
+
+def _load_object_npy(path: Path) -> Any:
+    """A .npy file's content; object arrays are unpickled with :class:`_LabelsUnpickler` (a 0-d one gives its item)."""
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as f:
+        version = npy_format.read_magic(f)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if not dtype.hasobject:
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+        obj = _LabelsUnpickler(f).load()
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        return obj.item()
+    return obj
 
 
 def _decode_int_id(n: int) -> str:

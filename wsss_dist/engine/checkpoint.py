@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"  # written into a checkpoint dir after everything else; a dir without it is never loaded
 PREFIX = "step-"
+TRAIN_STATE = "train_state.json"  # the loop's own state (step, loss, skipped): JSON, never a pickle
+LEGACY_STATE = "custom_checkpoint_0.pkl"  # older checkpoints: accelerate's pickle of the same dict
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,11 +80,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2) -> Path:
-    """``accelerator.save_state`` into ``out_dir/ckpt/step-N`` atomically; keep the newest ``keep``. Collective.
+def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, state: dict | None = None) -> Path:
+    """``accelerator.save_state`` (+ ``state`` as JSON) into ``out_dir/ckpt/step-N`` atomically; keep the newest ``keep``.
 
-    Every rank writes into ``.tmp-step-N``; after a barrier rank 0 fsyncs, writes COMPLETE and renames the dir.
-    A process killed at any point leaves the previous checkpoints loadable.
+    Collective. Every rank writes into ``.tmp-step-N``; after a barrier rank 0 writes ``train_state.json``, fsyncs,
+    writes COMPLETE and renames the dir. A process killed at any point leaves the previous checkpoints loadable.
     """
     ckpt = Path(out_dir) / "ckpt"
     final, tmp = ckpt / f"{PREFIX}{step:08d}", ckpt / f".tmp-{PREFIX}{step:08d}"
@@ -93,6 +95,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2) 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        runs.write_json(tmp / TRAIN_STATE, state if state is not None else {"step": step})
         _fsync_tree(tmp)
         runs.write_json(tmp / COMPLETE, {"step": step, "time": time.time(), "world": accelerator.num_processes})
         if final.exists():  # e.g. an incomplete dir of the same step: move it aside, never delete before the rename
@@ -108,6 +111,23 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2) 
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_train_state(ckpt: str | Path) -> dict:
+    """The loop state saved with a checkpoint: ``train_state.json``, or an older checkpoint's pickle read weights_only.
+
+    Nothing in a checkpoint is unpickled with arbitrary globals (accelerate loads its own files weights_only too).
+    """
+    ckpt = Path(ckpt)
+    if (ckpt / TRAIN_STATE).is_file():
+        state = runs.read_json(ckpt / TRAIN_STATE)
+    elif (ckpt / LEGACY_STATE).is_file():
+        state = torch.load(ckpt / LEGACY_STATE, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{ckpt}: no {TRAIN_STATE}")
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{ckpt}: {TRAIN_STATE} holds no step")
+    return state
 
 
 def save_model_weights(model: torch.nn.Module, path: str | Path) -> None:

@@ -20,8 +20,8 @@ import torch
 from .. import runs
 from ..config import OptimCfg, TrainCfg
 from ..errors import Interrupted, TrainingDiverged
-from .checkpoint import (checkpoint_step, complete_checkpoints, load_model_weights, newest_checkpoint, remove_partial,
-                         save_checkpoint, save_model_weights)
+from .checkpoint import (checkpoint_step, complete_checkpoints, load_model_weights, newest_checkpoint, read_train_state,
+                         remove_partial, save_checkpoint, save_model_weights)
 from .optim import build_optimizer, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 
 
 class TrainState:
-    """What the loop itself checkpoints (registered with accelerate): step, last logged loss, skipped samples."""
+    """What the loop itself checkpoints (as JSON next to accelerate's state): step, last logged loss, skipped samples."""
 
     def __init__(self) -> None:
         self.step, self.loss, self.skipped = 0, float("nan"), 0
@@ -165,7 +165,8 @@ def _resume(accelerator, out_dir: Path, state: TrainState, log_name: str) -> int
     errors = []
     for ckpt in candidates:
         try:
-            accelerator.load_state(str(ckpt))
+            accelerator.load_state(str(ckpt))  # model (safetensors), optimiser and RNG states: all read weights_only
+            state.load_state_dict(read_train_state(ckpt))
         except Exception as e:  # a corrupt file or a model that changed: try the previous checkpoint
             logger.warning("%s: checkpoint %s could not be loaded (%s: %s)", log_name, ckpt, type(e).__name__, str(e)[:300])
             errors.append(e)
@@ -282,7 +283,6 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     optimizer = build_optimizer(param_groups, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     resumed_at = _resume(accelerator, out_dir, state, log_name)
     agree = StopAgreement(world)
     total, window, skips = train.steps, _Window(), {}
@@ -334,7 +334,7 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
             if signum:
                 _, skipped = window.check(accelerator, sum(skips.values()), log_name)
                 state.skipped = skipped_before + skipped
-                save_checkpoint(accelerator, out_dir, state.step)
+                save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
                 logger.warning("%s: stopped at step %d by %s; checkpoint written, rerun to resume", log_name, state.step,
                                signal.Signals(signum).name)
                 raise Interrupted(signum, f"{log_name}: stopped by {signal.Signals(signum).name} at step {state.step} "
@@ -342,13 +342,13 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
             if state.step % ckpt_every == 0 and state.step < total:
                 _, skipped = window.check(accelerator, sum(skips.values()), log_name)
                 state.skipped = skipped_before + skipped
-                save_checkpoint(accelerator, out_dir, state.step)
+                save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
         agree.wait()
         seconds = time.time() - t0
         _, skipped = window.check(accelerator, sum(skips.values()), log_name)
         state.skipped = skipped_before + skipped
         if resumed_at != state.step:  # the final state (kept for continuing with more steps later)
-            save_checkpoint(accelerator, out_dir, state.step)
+            save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
     metrics = {"steps": state.step, "loss": state.loss, "seconds": round(seconds, 3),
                "images_per_s": round(images * world / max(seconds, 1e-9), 2), "skipped": state.skipped}
     if main:
