@@ -1,6 +1,7 @@
 """Command line: ``python -m wsss_dist stage=cls method=fmix data=toy key=value ...``."""
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -86,12 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = make_config(argv)
         setup_logging(cfg.log_level)
         run(cfg)
+        return
     except UserError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        code, message = EXIT_USER_ERROR, f"error: {_one_line(e)}"
     except Interrupted as e:
-        print(f"interrupted: {_one_line(e)}; run the same command again to resume", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        code, message = EXIT_INTERRUPTED, f"interrupted: {_one_line(e)}; run the same command again to resume"
+    # free the failed stage's frames first: progress bars they held close now, so the message is stderr's last line
+    gc.collect()
+    sys.stderr.flush()
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def _one_line(e: BaseException) -> str:

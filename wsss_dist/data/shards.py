@@ -200,35 +200,39 @@ def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tra
                                 "source": {"voc_root": str(source.voc_root), "sbd_root": str(source.sbd_root or ""),
                                            "lists_dir": str(source.lists_dir or "")},
                                 "splits": {}}
-    bar = tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress)
-    for split in splits:
-        names, counts, shas, sizes = [], [], {}, {}
-        hist = np.zeros(NUM_CLASSES, np.int64)
-        with_mask = 0
-        split_ids_ = ids[split]
-        for index, start in enumerate(range(0, len(split_ids_), shard_size)):
-            chunk = split_ids_[start:start + shard_size]
-            samples = []
-            for image_id in chunk:
-                s = _sample(source, image_id, need_mask=split in SEG_SPLITS)
-                hist += s["cls.npy"] > 0.5
-                with_mask += "seg.png" in s
-                samples.append(s)
-                bar.update(1)
-            name = f"{split}-{index:06d}.tar"
-            counts.append(write_shard(out_dir / name, samples))
-            names.append(name)
-            shas[name] = _sha256(out_dir / name)
-            sizes[name] = (out_dir / name).stat().st_size
-        for stale in out_dir.glob(f"{split}-*.tar"):
-            if stale.name not in shas:
-                stale.unlink()
-        manifest["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts), "ids": split_ids_,
-                                     "class_hist": hist.tolist(), "with_mask": with_mask, "sha256": shas, "bytes": sizes}
-        logger.info("split %s: %d samples in %d shards (%d with masks)", split, sum(counts), len(names), with_mask)
-    bar.close()
+    with tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress) as bar:
+        for split in splits:
+            _build_split(source, out_dir, split, ids[split], shard_size, manifest, bar)
     runs.write_json(mpath, manifest)
     return manifest
+
+
+def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[str], shard_size: int, manifest: dict,
+                 bar: Any) -> None:
+    """Write one split's shards and record them in ``manifest``."""
+    names, counts, shas, sizes = [], [], {}, {}
+    hist = np.zeros(NUM_CLASSES, np.int64)
+    with_mask = 0
+    for index, start in enumerate(range(0, len(split_ids_), shard_size)):
+        chunk = split_ids_[start:start + shard_size]
+        samples = []
+        for image_id in chunk:
+            s = _sample(source, image_id, need_mask=split in SEG_SPLITS)
+            hist += s["cls.npy"] > 0.5
+            with_mask += "seg.png" in s
+            samples.append(s)
+            bar.update(1)
+        name = f"{split}-{index:06d}.tar"
+        counts.append(write_shard(out_dir / name, samples))
+        names.append(name)
+        shas[name] = _sha256(out_dir / name)
+        sizes[name] = (out_dir / name).stat().st_size
+    for stale in out_dir.glob(f"{split}-*.tar"):
+        if stale.name not in shas:
+            stale.unlink()
+    manifest["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts), "ids": split_ids_,
+                                 "class_hist": hist.tolist(), "with_mask": with_mask, "sha256": shas, "bytes": sizes}
+    logger.info("split %s: %d samples in %d shards (%d with masks)", split, sum(counts), len(names), with_mask)
 
 
 def _tars_present(out_dir: Path, manifest: dict) -> bool:
@@ -325,6 +329,9 @@ def refuse_pickles(sample: dict) -> dict:
 def decode_sample(sample: dict, keys: Sequence[str]) -> dict:
     """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample; ``"seg.png?"`` is optional)."""
     refuse_pickles(sample)
+    if not isinstance(sample.get("__key__"), str) or not _KEY_RE.match(sample["__key__"]):
+        raise ValueError(f"{sample.get('__url__', '?')}: sample key {sample.get('__key__')!r} is not a plain name "
+                         "(letters, digits, '_', '-'); a file named after it could leave its folder")
     out = {"__key__": sample["__key__"]}
     for k in keys:
         optional, k = k.endswith("?"), k.rstrip("?")
@@ -369,6 +376,8 @@ def tar_problem(url: str) -> str | None:
                 pass
             end = tf.offset  # where reading stopped: the end-of-archive marker of an intact tar
     except (tarfile.TarError, OSError) as e:
+        if "unexpected end of data" in str(e):
+            return "truncated tar (the file ends inside a member)"
         return f"corrupt or unreadable tar ({_short(e)})"
     with open(url, "rb") as f:
         f.seek(min(end, size))

@@ -25,6 +25,7 @@ CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}  # 
 NUM_CLASSES = len(CLASSES)
 IGNORE = 255
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # an image id is a plain file-name stem: it never leaves its folder
+_LIST_RE = re.compile(r"^(?:/?JPEGImages/)?([A-Za-z0-9_-]+)(?:\.jpg)?$")  # <id>, <id>.jpg or psa's /JPEGImages/<id>.jpg
 
 
 def _voc_palette() -> np.ndarray:
@@ -81,8 +82,9 @@ def _read_list(path: Path) -> list[str]:
         tok = line.split()
         if not tok:
             continue
-        image_id = Path(tok[0]).stem if ("/" in tok[0] or tok[0].endswith(".jpg")) else tok[0]
-        if not _ID_RE.match(image_id) or (tok[0].startswith("/") and not tok[0].startswith("/JPEGImages/")):
+        m = _LIST_RE.match(tok[0])
+        image_id = m.group(1) if m else ""
+        if not image_id:
             raise DataError(f"{path}: line {n}: {tok[0]!r} is not an image id (letters, digits, '_', '-'; "
                             "or a psa line /JPEGImages/<id>.jpg ...)")
         ids.append(image_id)
