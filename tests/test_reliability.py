@@ -234,7 +234,7 @@ def test_stage_without_its_upstream_is_a_one_line_error(shards, tmp_path):  # no
 def test_nan_loss_is_a_one_line_error(shards, tmp_path):  # noqa: F811
     """A learning rate of 1e30 makes the loss NaN at step 2: the run stops, naming the step and what to change.
     (In-process, both nan and inf, no diverged checkpoint: tests/test_engine.py::test_non_finite_loss_raises_training_diverged.)"""
-    r = _cli(shards + ["stage=cls", f"run={tmp_path / 'run'}", "cls.optim.lr=1e30", "cls.train.steps=4",
+    r = _cli(shards + ["stage=cls", f"run={tmp_path / 'run'}", "cls.optim.lr=1e30", "cls.train.steps=3", "cls.train.log_every=3",
                        "cls.train.batch_size=2", "cls.train.crop=32"], tmp_path)
     _user_error(r, r"loss is (nan|inf) at step \d of cls/cam; lower the learning rate")
     assert newest_checkpoint(tmp_path / "run" / "cls") is None and not (tmp_path / "run" / "cls" / "model.safetensors").exists()
@@ -257,7 +257,8 @@ def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:  
 def test_broken_samples_are_counted_in_done_and_fail_past_the_limit(shards, trained_cls, tmp_path):  # noqa: F811
     """stage=cam over shards with 2 broken samples: skipped and counted in cam/DONE; past max_skip_fraction: exit 2."""
     sdir, total = _broken_val_shards(shards, tmp_path / "shards")
-    args = shards + [f"data.shards_dir={sdir}", "stage=cam", "cam.split=val", "cam.eval_split=val"]
+    args = shards + [f"data.shards_dir={sdir}", "stage=cam", "cam.split=val", "cam.eval_split=val", "cam.scales=[1]",
+                     "cam.flip=false"]
     run = _run_copy(trained_cls, tmp_path / "ok")
     r = _cli(args + [f"run={run}", "data.max_skip_fraction=0.2"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -554,3 +555,23 @@ def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):  # noqa: F8
     for verify in (False, True):
         with pytest.raises(DataError, match=r"shard name '\.\./\.\./elsewhere/val-000000\.tar' refused"):
             load_manifest(sdir, verify=verify)
+
+
+@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
+                   reason="stages/common.py shard_map writes <shard>.json after the shard tar, but treats the tar as the "
+                          "done marker: a kill between the two makes every rerun fail. Fix there: write the .json (and "
+                          ".cm.npy) before the tar, or skip a shard only when its .json exists.")
+def test_shard_done_marker_is_written_last(shards, tmp_path):  # noqa: F811
+    """A process killed after an output shard's tar but before its per-shard record: the rerun must redo or finish it."""
+    from wsss_dist.stages.common import shard_map
+
+    cfg = make_config(shards + [f"run={tmp_path / 'run'}"])
+    out = tmp_path / "run" / "x"
+
+    def process(sample: dict) -> dict:
+        return {"__key__": sample["__key__"], "n.json": {"classes": int(sample["cls.npy"].sum())}}
+
+    first = shard_map(cfg, "val", out, ("cls.npy",), process)
+    name = Path(split_urls(cfg.shards_dir, "val")[0]).name
+    (out / f"{name}.json").unlink()  # the state a kill -9 between the two writes leaves
+    assert shard_map(cfg, "val", out, ("cls.npy",), process) == first
