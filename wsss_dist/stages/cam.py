@@ -21,14 +21,13 @@ import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
-from ..metrics import confusion_matrix
 from .cls import load_trained
 from .common import autocast, check_skips, dist, eval_ids, image_tensor, miou_metrics, shard_map
 
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def multiscale_cam(model: torch.nn.Module, image: torch.Tensor, labels: torch.Tensor,
                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True) -> torch.Tensor:
     """Normalised CAMs [K, H, W] of the image's K classes (``labels``: 20 multi-hot), summed over scales and flips."""
@@ -38,10 +37,11 @@ def multiscale_cam(model: torch.nn.Module, image: torch.Tensor, labels: torch.Te
     total = x.new_zeros((len(classes), H, W), dtype=torch.float32)
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
-        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
+        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs  # image and mirror in one forward
         cams = model.cam(batch.contiguous(memory_format=torch.channels_last))[:, classes].float()
-        cams = F.interpolate(cams, size=(H, W), mode="bilinear", align_corners=False)
-        total += cams[0] + (cams[1].flip(-1) if flip else 0)
+        # bilinear resizing commutes with the mirror: fold the flipped map back before upsampling (one resize, not two)
+        small = cams[0] + cams[1].flip(-1) if flip else cams[0]
+        total += F.interpolate(small[None], size=(H, W), mode="bilinear", align_corners=False)[0]
     return total / (total.amax(dim=(1, 2), keepdim=True) + 1e-5)
 
 
@@ -56,6 +56,43 @@ def cam_labels(cams: torch.Tensor, classes: torch.Tensor, threshold: float) -> t
 def thresholds(cfg: Config) -> list[float]:
     """The reported threshold first, then the sweep."""
     return [cfg.cam.bg_threshold] + [t for t in cfg.cam.sweep if t != cfg.cam.bg_threshold]
+
+
+def sweep_confusion(cams: torch.Tensor, classes: torch.Tensor, gt: np.ndarray | torch.Tensor,
+                    ths: Sequence[float], num_classes: int = 21) -> np.ndarray:
+    """Confusion matrices [T, C, C] of ``cam_labels(cams, classes, t)`` against ``gt`` for every t, in one count.
+
+    Equal to stacking ``confusion_matrix(cam_labels(cams, classes, t), gt)`` (ground truth ≥ C, e.g. 255, ignored),
+    but the channel maximum is taken once and all thresholds share one ``np.bincount``: a pixel with maximum v
+    and arg-max class f is foreground for exactly the thresholds t < v (compared in float32, as ``cam_labels``).
+    """
+    C, T = num_classes, len(ths)
+    if tuple(gt.shape) != tuple(cams.shape[-2:]):
+        raise ValueError(f"ground truth is {tuple(gt.shape)}, CAMs are {tuple(cams.shape[-2:])}")
+    gt = np.asarray(gt.cpu() if isinstance(gt, torch.Tensor) else gt).reshape(-1)
+    if len(classes) == 0:
+        value = np.full(gt.shape, -np.inf, np.float32)
+        fg = np.zeros(gt.shape, np.int64)
+    else:
+        v, idx = cams.max(0)
+        value = v.float().cpu().numpy().reshape(-1)
+        fg = classes.to(idx.device)[idx].cpu().numpy().reshape(-1).astype(np.int64)
+    if fg.size and (fg.min() < 0 or fg.max() >= C):
+        raise ValueError(f"class ids must lie in [0, {C}); got {fg.min()}..{fg.max()}")
+    keep = (gt < C) & (gt >= 0) if np.issubdtype(gt.dtype, np.signedinteger) else gt < C  # drops the ignore label 255
+    th = np.asarray(ths, np.float32)
+    order = np.argsort(th, kind="stable")
+    k = np.searchsorted(th[order], value[keep], side="left")  # how many (sorted) thresholds lie below the pixel's value
+    index = (k * C + gt[keep].astype(np.int64)) * C + fg[keep]
+    hist = np.bincount(index, minlength=(T + 1) * C * C)[:(T + 1) * C * C].reshape(T + 1, C, C)  # [k, gt, class]
+    above = np.cumsum(hist[::-1], axis=0)[::-1]  # above[j] = pixels with k >= j
+    below = np.cumsum(hist.sum(-1), axis=0)  # below[j, g] = pixels of row g with k <= j (background at threshold j)
+    out = np.empty((T, C, C), np.int64)
+    for j in range(T):
+        cm = above[j + 1].copy()
+        cm[:, 0] += below[j]
+        out[order[j]] = cm
+    return out
 
 
 def run(cfg: Config) -> dict:
@@ -86,7 +123,7 @@ def run(cfg: Config) -> dict:
         gt = sample.get("seg.png")
         if gt is None or sample["__key__"] not in ids:
             return None
-        return np.stack([np.asarray(confusion_matrix(cam_labels(sample["_cams"], sample["_classes"], t).cpu(), gt)) for t in ths])
+        return sweep_confusion(sample["_cams"], sample["_classes"], gt, ths)
 
     result = shard_map(cfg, c.split, out_dir, ("jpg", "cls.npy", "seg.png?"), process, evaluate, desc="cam")
     check_skips(result, cfg, "cam")
