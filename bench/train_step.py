@@ -1,0 +1,140 @@
+"""Benchmark: one full training step of the engine vs the bare forward/backward/step of the same model and batch.
+
+    python bench/train_step.py                       # toy preset (resnet18, batch 16, crop 56), ~3 min on 2 cores
+    python bench/train_step.py --methods=cam,fmix --steps=40 --repeats=5
+
+Full step (ours): ``wsss_dist.stages.cls.train_classifier`` → ``engine.fit``: next batch of the WebDataset stream
+(``data.num_workers`` DataLoader workers decoding and augmenting in the background), to device + channels_last,
+per-step RNG seeding, poly lr, autocast context, the method's loss (cam: multi-label soft margin; fmix: FMix mask +
+mixed loss + entropy + concentration terms), backward, optimiser step + zero_grad, loss bookkeeping, progress bar.
+Its step time is the interval between consecutive calls of the loss function (stamped by a wrapper).
+
+Bare step: the same model (``build_model``, channels_last, train mode), the same optimiser (AdamW, same groups) and
+one batch of the same stream preloaded as a tensor: ``model(x)`` → multi-label soft margin → ``backward`` →
+``step`` → ``zero_grad(set_to_none=True)``, in a plain loop.
+
+Both sides run ``--steps`` steps per round, rounds interleaved (ours, bare, ours, bare, ...); the figure is the
+median step time over steps ``--warmup``.. of all rounds. Prints the load average (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cls_train import make_cfg  # noqa: E402  (bench/cls_train.py: the same toy-preset config)
+
+
+def full_steps(cfg, warmup: int) -> list[float]:
+    """Step times (s) of ``engine.fit`` through the cls stage's own code, after ``warmup`` steps."""
+    from wsss_dist.stages import cls as cls_stage
+
+    stamps: list[float] = []
+    real = cls_stage.make_loss
+
+    def timed_make_loss(cfg, sub_labels=None):
+        fn = real(cfg, sub_labels)
+
+        def loss_fn(model, batch, step):
+            stamps.append(time.perf_counter())
+            return fn(model, batch, step)
+
+        return loss_fn
+
+    out = cfg.run_dir / "cls"
+    shutil.rmtree(out, ignore_errors=True)
+    cls_stage.make_loss = timed_make_loss
+    try:
+        cls_stage.train_classifier(cfg, out)
+    finally:
+        cls_stage.make_loss = real
+    return list(np.diff(stamps[warmup:]))
+
+
+def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:
+    """Step times (s) of forward / loss / backward / step / zero_grad on a preloaded batch, after ``warmup`` steps."""
+    from wsss_dist.engine.optim import build_optimizer
+    from wsss_dist.methods.losses import multilabel_loss
+    from wsss_dist.stages.cls import build_model
+
+    t, o = cfg.cls.train, cfg.cls.optim
+    torch.manual_seed(t.seed)
+    model = build_model(cfg)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = build_optimizer(model.param_groups(o.lr, o.weight_decay), o)
+    x, y = batch["image"], batch["labels"]
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    stamps = []
+    for _ in range(t.steps):
+        stamps.append(time.perf_counter())
+        loss = multilabel_loss(model(x)["logits"], y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    stamps.append(time.perf_counter())
+    return list(np.diff(stamps[warmup:]))
+
+
+def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2,
+         size: int = 80, n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
+    """Build the data, time full and bare steps interleaved, print a table."""
+    from wsss_dist import cli
+    from wsss_dist.data.shards import load_manifest, split_urls
+    from wsss_dist.data.stream import train_loader
+
+    torch.set_num_threads(2)
+    cli.setup_logging("WARNING")
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="step-bench-")
+        workdir = tmp.name
+    work = Path(workdir)
+    base = make_cfg(work, methods[0], steps, workers, size, n_train, n_sbd, shard_size)
+    base.stage = "shards"
+    cli.run(base)
+    t = base.cls.train
+    urls = split_urls(base.shards_dir, base.cls.split, load_manifest(base.shards_dir, verify=False))
+    batch = next(train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed))
+    times: dict[str, list[float]] = {"bare": [], **{m: [] for m in methods}}
+    loads = []
+    for r in range(repeats):
+        for m in methods:
+            times[m] += full_steps(make_cfg(work, m, steps, workers, size, n_train, n_sbd, shard_size, run=f"run-{m}"), warmup)
+            loads.append(os.getloadavg()[0])
+            times["bare"] += bare_steps(base, batch, warmup)
+            loads.append(os.getloadavg()[0])
+        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{k} {1000 * statistics.median(v):.0f} ms" for k, v in times.items()),
+              flush=True)
+    bare = statistics.median(times["bare"])
+    print(f"\ntraining step, {base.model.backbone}, batch {t.batch_size}, crop {t.crop}, channels_last={t.channels_last}, "
+          f"{workers} DataLoader workers, steps {warmup}..{steps} of {repeats} rounds, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {os.getloadavg()}")
+    print("| step | median time | vs bare | quartiles |\n|---|---|---|---|")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        q = np.percentile(ts, [25, 75]) * 1000
+        label = "bare forward/backward/step, preloaded batch" if name == "bare" else f"full step, method={name} (engine.fit)"
+        print(f"| {label} | {1000 * m:.1f} ms | {m / bare:.2f}x | {q[0]:.1f}-{q[1]:.1f} ms |")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
