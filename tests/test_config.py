@@ -11,6 +11,9 @@ def test_overrides_are_typed_and_dotted():
     cfg = make_config(["stage=cls", "method=fmix", "cls.train.steps=7", "cam.scales=[1,0.5]", "cls.entropy_on_labels=true"])
     assert cfg.cls.train.steps == 7 and cfg.cam.scales == (1.0, 0.5) and cfg.cls.entropy_on_labels is True
     assert cfg.stages() == ["cls"] and str(cfg.run_dir) == "runs/fmix-toy"
+    assert make_config(["aff.stride=8"]).aff.stride == 8 and isinstance(make_config(["aff.stride=4"]).aff.stride, int)
+    with pytest.raises(ConfigError, match="aff.stride"):
+        make_config(["aff.stride=5"])
 
 
 def test_presets_then_user_overrides():

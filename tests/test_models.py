@@ -128,6 +128,24 @@ def test_affinity_net_shape(r18):
     assert y.shape == (1, 448, 8, 6)
 
 
+def test_affinity_net_stride4_uses_the_stride4_level(r18, r38):
+    """``stride=4``: features on the stride-4 grid, and they depend on the stride-4 level's own head."""
+    aff = AffinityNet(r18, stride=4).eval()
+    assert aff.f4.in_channels == r18.low_channels == 64 and aff.f9.in_channels == 448 + 64
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        y = aff(x)
+        assert y.shape == (1, 448, 16, 12)
+        aff.f4.weight.zero_()
+        assert not torch.allclose(aff(x), y)
+    assert aff.f4 in aff.new_modules()
+    with torch.no_grad():
+        low, *levels = r38.eval().forward_levels(torch.randn(1, 3, 32, 32), low=True)
+    assert low.shape == (1, r38.low_channels, 8, 8) and [l.shape[1] for l in levels] == list(r38.level_channels)
+    with pytest.raises(ValueError, match="stride"):
+        AffinityNet(r18, stride=2)
+
+
 def test_deeplab_stride_predict_and_groups(r18):
     model = DeepLabV2(r18, num_classes=21).eval()
     with torch.no_grad():

@@ -50,6 +50,20 @@ def test_whole_chain_baseline(shards, tmp_path):
     # a rerun does nothing: every stage is skipped and returns its stored metrics
     again = cli.run(copy.deepcopy(cfg))
     assert again["cam"]["miou"] == cam["miou"] and again["eval"]["seconds"] == ev["seconds"]
+    # the toy preset starts AffinityNet (at stride 4) and DeepLab from the trained classifier's backbone
+    from wsss_dist.errors import ConfigError
+    from wsss_dist.stages import aff, cls, seg
+
+    assert cfg.aff.init == cfg.seg.init == "cls" and cfg.aff.stride == 4
+    trained = cls.load_trained(cfg).backbone.state_dict()
+    for model in (aff.build_model(cfg), seg.build_model(cfg)):
+        state = model.backbone.state_dict()
+        assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
+    assert aff.load_trained(cfg).stride == 4
+    bad = copy.deepcopy(cfg)
+    bad.seg.backbone = "resnet34"
+    with pytest.raises(ConfigError, match="seg.init=cls"):
+        seg.build_model(bad)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS])

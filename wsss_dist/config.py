@@ -146,6 +146,8 @@ class AffCfg:
     alpha_low: float = 4.0
     alpha_high: float = 32.0
     radius: int = 5
+    stride: Literal[8, 4] = 8  # feature grid of the affinities and the random walk (4: small images)
+    init: Literal["imagenet", "cls"] = "imagenet"  # backbone init: model.weights (psa) or the trained classifier
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=3000, batch_size=8))
     optim: OptimCfg = field(default_factory=OptimCfg)
 
@@ -166,6 +168,7 @@ class SegCfg:
 
     backbone: str = "resnet101"
     weights: Optional[str] = None
+    init: Literal["imagenet", "cls"] = "imagenet"  # seg.weights, or the trained classifier (same backbone name)
     frozen_bn: bool = True
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=20000, batch_size=10, crop=321, resize_long=(0, 0)))
     optim: OptimCfg = field(default_factory=lambda: OptimCfg(lr=2.5e-4))
@@ -259,6 +262,10 @@ TOY_PRESET: dict[str, Any] = {
     "teacher.optim.warmup_steps": 20,
     "cam.scales": (1.0, 0.5),
     "cam.out_stride": 1,
+    # No ImageNet weights on a CPU box: AffinityNet and DeepLab start from the trained classifier's backbone.
+    # Toy objects span 3-5 cells of a stride-8 grid, too coarse for the walk: affinities at stride 4.
+    "aff.stride": 4,
+    "aff.init": "cls",
     "aff.train.steps": 120,
     "aff.train.batch_size": 8,
     "aff.train.crop": 80,  # AffinityNet pairs (radius 5 at stride 8) need a map ≥ 5×9
@@ -266,8 +273,12 @@ TOY_PRESET: dict[str, Any] = {
     "aff.optim.name": "adamw",
     "aff.optim.lr": 2e-3,
     "aff.optim.weight_decay": 1e-4,
-    "pseudo.logt": 6,
+    # A short-trained AffinityNet has soft affinities: a sharper power, fewer steps; toy CAMs peak at bg ≈ 0.05-0.1.
+    "pseudo.beta": 32.0,
+    "pseudo.logt": 4,
+    "pseudo.alpha": 32.0,
     "seg.backbone": "resnet18",
+    "seg.init": "cls",
     "seg.frozen_bn": False,
     "seg.train.steps": 200,
     "seg.train.batch_size": 16,
@@ -308,10 +319,10 @@ def _convert(key: str, text: Any, typ: Any) -> Any:
             return None
         return _convert(key, text, inner[0])
     if origin is Literal:
-        value = str(text)
-        if value not in args:
-            raise ConfigError(f"{key}={text!r}: allowed values are {', '.join(map(str, args))}")
-        return value
+        for allowed in args:
+            if str(text) == str(allowed):
+                return allowed
+        raise ConfigError(f"{key}={text!r}: allowed values are {', '.join(map(str, args))}")
     if origin is tuple:
         items = text
         if isinstance(text, str):

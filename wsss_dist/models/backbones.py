@@ -108,12 +108,13 @@ class Backbone(nn.Module):
     """A feature extractor run as ``num_stages`` stages (see the module docstring for ``mix_at``).
 
     Attributes: ``out_channels`` (final map), ``level_channels`` (the three levels AffinityNet
-    uses), ``num_stages``, ``output_stride``, ``frozen_bn``; the network itself is ``self.body``
+    uses), ``low_channels`` (the stride-4 level), ``num_stages``, ``output_stride``, ``frozen_bn``; the network itself is ``self.body``
     (weights files load into it, so their keys carry no prefix).
     """
 
     out_channels: int
     level_channels: tuple[int, int, int]
+    low_channels: int
     num_stages: int
     output_stride: int
 
@@ -159,8 +160,9 @@ class Backbone(nn.Module):
                 x = mix_fn(x)  # type: ignore[misc]
         return x
 
-    def forward_levels(self, x: Tensor) -> list[Tensor]:
-        """The three levels of ``level_channels``, all resized to the last one's size."""
+    def forward_levels(self, x: Tensor, low: bool = False) -> list[Tensor]:
+        """The three levels of ``level_channels``, all resized to the last one's size; with ``low``, preceded
+        by the stride-4 level (``low_channels``, not resized)."""
         raise NotImplementedError
 
     def load_weights(self, path: str | Path) -> dict[str, int]:
@@ -208,6 +210,7 @@ class ResNet38dBackbone(Backbone):
         super().__init__(ResNet38d(), frozen_bn, frozen_modules=NOT_TRAINING)
         self.out_channels = ResNet38d.out_channels
         self.level_channels = ResNet38d.level_channels
+        self.low_channels = ResNet38d.low_channels
         self.num_stages = len(STAGES)
         self.output_stride = 8
 
@@ -215,9 +218,9 @@ class ResNet38dBackbone(Backbone):
         """Run stage ``k`` of ResNet-38d."""
         return self.body.forward_stage(k, x)
 
-    def forward_levels(self, x: Tensor) -> list[Tensor]:
-        """[conv4, conv5, conv6] (512, 1024, 4096 channels, stride 8)."""
-        return self.body.forward_levels(x)
+    def forward_levels(self, x: Tensor, low: bool = False) -> list[Tensor]:
+        """[conv4, conv5, conv6] (512, 1024, 4096 channels, stride 8); with ``low``, preceded by conv3 (256, stride 4)."""
+        return self.body.forward_levels(x, low=low)
 
 
 class TimmBackbone(Backbone):
@@ -236,6 +239,7 @@ class TimmBackbone(Backbone):
         channels = body.feature_info.channels()
         self.out_channels = channels[-1]
         self.level_channels = tuple(channels[-3:])  # type: ignore[assignment]
+        self.low_channels = channels[0]  # stem + layer1, stride 4
         self.num_stages = len(self._stage_names)
         self.output_stride = output_stride
 
@@ -245,16 +249,18 @@ class TimmBackbone(Backbone):
             x = self.body[name](x)
         return x
 
-    def forward_levels(self, x: Tensor) -> list[Tensor]:
-        """Outputs of the last three stages, resized (bilinear) to the last one's size."""
+    def forward_levels(self, x: Tensor, low: bool = False) -> list[Tensor]:
+        """Outputs of the last three stages, resized (bilinear) to the last one's size; with ``low``, preceded by
+        the first stage's output (stride 4)."""
         outs = []
         for k in range(self.num_stages):
             x = self.forward_stage(k, x)
             outs.append(x)
         levels = outs[-3:]
         size = levels[-1].shape[-2:]
-        return [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                for f in levels]
+        levels = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                  for f in levels]
+        return [outs[0]] + levels if low else levels
 
 
 def create_backbone(name: str, weights: str | None = None, output_stride: int = 8,

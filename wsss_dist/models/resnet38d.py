@@ -92,6 +92,7 @@ class ResNet38d(nn.Module):
 
     out_channels = 4096
     level_channels = (512, 1024, 4096)
+    low_channels = 256  # conv3, stride 4
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,15 +131,17 @@ class ResNet38d(nn.Module):
             x = self.forward_stage(k, x)
         return x
 
-    def forward_levels(self, x: Tensor) -> list[Tensor]:
-        """[conv4 (512), conv5 (1024), conv6 (4096)], all at stride 8 (psa's ``forward_as_dict``)."""
-        for k in range(3):
-            x = self.forward_stage(k, x)
+    def forward_levels(self, x: Tensor, low: bool = False) -> list[Tensor]:
+        """[conv4 (512), conv5 (1024), conv6 (4096)], all at stride 8 (psa's ``forward_as_dict``); with ``low``,
+        preceded by conv3 (256, stride 4)."""
+        x = self.forward_stage(1, self.forward_stage(0, x))
+        conv3 = x
+        x = self.forward_stage(2, x)
         x, conv4 = self.b5.forward_with_preact(x)
         x = self.b5_2(self.b5_1(x))
         x, conv5 = self.b6.forward_with_preact(x)
         conv6 = F.relu(self.bn7(self.b7(x)))
-        return [conv4, conv5, conv6]
+        return [conv3, conv4, conv5, conv6] if low else [conv4, conv5, conv6]
 
 
 __all__ = ["ResNet38d", "ResBlock", "ResBlockBot", "STAGES", "NOT_TRAINING"]

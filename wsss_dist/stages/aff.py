@@ -4,7 +4,8 @@ Inputs: CAM shards (stage cam) and the images. Labels: per pixel, confident fore
 confident background (0) or unsure (255) — irn's thresholds (``aff.label_mode=threshold``: max CAM > conf_fg /
 < conf_bg) or psa's background powers (``psa``: (1 − max CAM)^α with α = alpha_low / alpha_high). They are written
 as label shards (``aff/labels/*.tar``, png) next to the images, so the standard joint-augmentation stream serves them.
-Model: three backbone levels → 1×1 convs → 448-d features f at stride 8. Objective: for pixel pairs i, j within
+Model: three backbone levels → 1×1 convs → 448-d features f at stride 8 (``aff.stride=4``: plus the stride-4
+level, for small images), backbone from ImageNet weights or, ``aff.init=cls``, the trained classifier. Objective: for pixel pairs i, j within
 ``aff.radius``, a_ij = exp(−mean |f_i − f_j|), L = L_bg+/4 + L_fg+/4 + L_neg/2 with L+ = −log a, L− = −log(1 − a).
 Engine: :func:`wsss_dist.engine.fit`. Outputs: ``aff/model.safetensors``.
 """
@@ -23,15 +24,22 @@ from ..engine import fit, load_model_weights
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..models.affinity_net import AffinityNet
 from ..models.backbones import create_backbone
+from .cls import init_from_classifier
 from .common import check_skips, loader_factory, shard_map
 
 logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, weights: bool = True) -> AffinityNet:
-    """AffinityNet on ``cfg.model``'s backbone (ImageNet weights from ``model.weights`` when given)."""
+    """AffinityNet on ``cfg.model``'s backbone, initialised per ``aff.init`` (ImageNet ``model.weights`` or the
+    trained classifier's backbone) when ``weights``."""
     m = cfg.model
-    return AffinityNet(create_backbone(m.backbone, weights=m.weights if weights else None, output_stride=8, frozen_bn=m.frozen_bn))
+    imagenet = m.weights if weights and cfg.aff.init == "imagenet" else None
+    model = AffinityNet(create_backbone(m.backbone, weights=imagenet, output_stride=8, frozen_bn=m.frozen_bn),
+                        stride=cfg.aff.stride)
+    if weights and cfg.aff.init == "cls":
+        init_from_classifier(cfg, model.backbone, m.backbone, "aff")
+    return model
 
 
 def load_trained(cfg: Config) -> AffinityNet:

@@ -25,6 +25,7 @@ import torch
 
 from .. import runs
 from ..config import Config
+from ..errors import ConfigError
 from ..data.shards import load_manifest, split_urls
 from ..data.stream import infer_samples
 from ..engine import fit, load_model_weights
@@ -51,6 +52,15 @@ def load_trained(cfg: Config) -> CAMNet:
     model = build_model(cfg, num_sub=meta["num_sub"], weights=False)
     load_model_weights(model, cfg.run_dir / "cls" / "model.safetensors")
     return model.eval()
+
+
+def init_from_classifier(cfg: Config, backbone: torch.nn.Module, backbone_name: str, who: str) -> None:
+    """Load the trained classifier's backbone weights into ``backbone`` (``aff.init=cls`` / ``seg.init=cls``)."""
+    if backbone_name != cfg.model.backbone:
+        raise ConfigError(f"{who}.init=cls needs {who}'s backbone to be the classifier's ({cfg.model.backbone}), "
+                          f"got {backbone_name}; use {who}.init=imagenet")
+    backbone.load_state_dict(load_trained(cfg).backbone.state_dict())
+    logger.info("%s: backbone initialised from the trained classifier (%s.init=cls)", who, who)
 
 
 def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):

@@ -1,7 +1,7 @@
 """Stage pseudo: random walk with AffinityNet's affinities refines the CAMs into pseudo labels (psa).
 
 Inputs: images, CAM shards (stage cam), the trained AffinityNet (stage aff). Per image: scores =
-[(1 − max_c CAM)^α ; CAMs], average-pooled to the stride-8 grid; transition T = D⁻¹ A^β over pixel pairs within
+[(1 − max_c CAM)^α ; CAMs], average-pooled to AffinityNet's grid (stride 8, or 4 with ``aff.stride=4``); transition T = D⁻¹ A^β over pixel pairs within
 ``pseudo.radius`` (a_ij = exp(−mean |f_i − f_j|), self-affinity 1); scores · T^(2^logt) by sparse neighbourhood
 propagation; upsampled, argmax → label. Outputs: pseudo-label shards (``png``, same keys) and ``pseudo/DONE``
 with the pseudo-label mIoU on ``cam.eval_split``.
@@ -36,10 +36,11 @@ def run(cfg: Config) -> dict:
         x = image_tensor(sample, d.device)
         H, W = x.shape[-2:]
         ph, pw = -H % 8, -W % 8
-        feats = model(torch.nn.functional.pad(x, (0, pw, 0, ph)))[0].float()
+        s = model.stride
+        feats = model(torch.nn.functional.pad(x, (0, pw, 0, ph)))[0, :, : -(-H // s), : -(-W // s)].float()
         cams, classes = read_cams(sample)
         label = propagate_labels(cams.to(d.device), classes.to(d.device), feats, alpha=p.alpha, beta=p.beta,
-                                 logt=p.logt, radius=p.radius, stride=8)
+                                 logt=p.logt, radius=p.radius, stride=s)
         sample["_label"] = label = label.cpu().numpy().astype(np.uint8)
         return {"__key__": sample["__key__"], "png": write_mask_png(None, label)}
 

@@ -2,7 +2,8 @@
 
 Inputs: images and pseudo-label shards (stage pseudo). Augmentation: random scale in ``seg.scale_range``, flip,
 crop ``seg.train.crop`` (labels padded with 255). Objective: per-pixel cross-entropy of the logits, upsampled to
-the crop, ignoring 255. Optimiser: poly SGD, backbone 1×, ASPP weights 10×, ASPP biases 20× (deeplab-pytorch).
+the crop, ignoring 255. Init: ImageNet ``seg.weights`` (reference) or, ``seg.init=cls`` (toy: no ImageNet weights on a
+CPU box), the trained classifier's backbone. Optimiser: poly SGD, backbone 1×, ASPP weights 10×, ASPP biases 20× (deeplab-pytorch).
 Engine: :func:`wsss_dist.engine.fit`. Outputs: ``seg/model.safetensors``.
 """
 from __future__ import annotations
@@ -15,13 +16,19 @@ from ..config import Config
 from ..engine import fit, load_model_weights
 from ..models.backbones import create_backbone
 from ..models.deeplab import DeepLabV2
+from .cls import init_from_classifier
 from .common import loader_factory
 
 
 def build_model(cfg: Config, weights: bool = True) -> DeepLabV2:
-    """DeepLab-v2 on ``seg.backbone`` (ImageNet weights from ``seg.weights`` when given)."""
+    """DeepLab-v2 on ``seg.backbone``, initialised per ``seg.init`` (ImageNet ``seg.weights``, or the trained
+    classifier's backbone) when ``weights``."""
     s = cfg.seg
-    return DeepLabV2(create_backbone(s.backbone, weights=s.weights if weights else None, output_stride=8, frozen_bn=s.frozen_bn), num_classes=21)
+    imagenet = s.weights if weights and s.init == "imagenet" else None
+    model = DeepLabV2(create_backbone(s.backbone, weights=imagenet, output_stride=8, frozen_bn=s.frozen_bn), num_classes=21)
+    if weights and s.init == "cls":
+        init_from_classifier(cfg, model.backbone, s.backbone, "seg")
+    return model
 
 
 def load_trained(cfg: Config) -> DeepLabV2:
