@@ -129,3 +129,27 @@ def test_loss_backpropagates_to_features():
     total, _ = affinity_loss(aff, *pair_labels(labels, radius=3))
     total.backward()
     assert f.grad is not None and torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
+def test_dense_crf_snaps_labels_to_the_colour_edge():
+    """psa's dense CRF (pydensecrf2): a score boundary 4 px off a colour edge moves onto the edge."""
+    import numpy as np
+
+    from wsss_dist.methods.crf import crf_for, dense_crf
+
+    h, w = 32, 32
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, :16] = (220, 30, 30)
+    image[:, 16:] = (30, 30, 220)
+    scores = np.full((2, h, w), 0.4, np.float32)
+    scores[0, :, :20], scores[1, :, 20:] = 0.6, 0.6  # plain argmax puts the edge at x = 20
+    q = dense_crf(image, scores)
+    assert q.shape == (2, h, w) and np.allclose(q.sum(0), 1, atol=1e-4)
+    labels = q.argmax(0)
+    assert (labels[:, :16] == 0).all() and (labels[:, 16:] == 1).all()
+    # as affinity_labels' crf hook: psa-mode labels follow the image, not the CAM blur
+    cams = torch.zeros(1, h, w)
+    cams[0, :, :20] = 0.5
+    plain = affinity_labels(cams, torch.tensor([3]), mode="psa")
+    refined = affinity_labels(cams, torch.tensor([3]), mode="psa", crf=crf_for(image))
+    assert (plain[:, 16:20] == 3).all() and (refined[:, 17:20] != 3).all() and (refined[:, :15] == 3).all()

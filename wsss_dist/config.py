@@ -145,6 +145,7 @@ class AffCfg:
     conf_bg: float = 0.05
     alpha_low: float = 4.0
     alpha_high: float = 32.0
+    crf: bool = False  # psa: dense CRF on the label score stacks (needs the [crf] extra, pydensecrf2)
     radius: int = 5
     stride: Literal[8, 4] = 8  # feature grid of the affinities and the random walk (4: small images)
     init: Literal["imagenet", "cls"] = "imagenet"  # backbone init: model.weights (psa) or the trained classifier

@@ -96,8 +96,8 @@ def affinity_labels(
 
     ``crf``, if given, maps each [1 + K, h, w] score stack (background first) to a
     refined stack of the same shape before its argmax; bind the image in a closure.
-    psa and irn use a dense CRF there (pydensecrf2, which the user must install; it is
-    not a dependency of this package). Without it the labels are the plain argmax.
+    psa and irn use a dense CRF there: :func:`wsss_dist.methods.crf.crf_for` (the optional
+    ``[crf]`` extra). Without it the labels are the plain argmax.
     """
     if cams.dim() != 3 or classes.dim() != 1 or classes.numel() != cams.shape[0]:
         raise ValueError(

@@ -2,7 +2,8 @@
 
 Inputs: CAM shards (stage cam) and the images. Labels: per pixel, confident foreground (its class),
 confident background (0) or unsure (255) — irn's thresholds (``aff.label_mode=threshold``: max CAM > conf_fg /
-< conf_bg) or psa's background powers (``psa``: (1 − max CAM)^α with α = alpha_low / alpha_high). They are written
+< conf_bg) or psa's background powers (``psa``: (1 − max CAM)^α with α = alpha_low / alpha_high), optionally through psa's
+dense CRF (``aff.crf=true``, the ``[crf]`` extra). They are written
 as label shards (``aff/labels/*.tar``, png) next to the images, so the standard joint-augmentation stream serves them.
 Model: three backbone levels → 1×1 convs → 448-d features f at stride 8 (``aff.stride=4``: plus the stride-4
 level, for small images), backbone from ImageNet weights or, ``aff.init=cls``, the trained classifier. Objective: for pixel pairs i, j within
@@ -21,6 +22,7 @@ from .. import runs
 from ..config import Config
 from ..data.voc import write_mask_png
 from ..engine import fit, load_model_weights
+from ..methods.crf import crf_for
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..models.affinity_net import AffinityNet
 from ..models.backbones import create_backbone
@@ -68,10 +70,12 @@ def write_labels(cfg: Config) -> dict:
     def process(sample: dict) -> dict:
         cams, classes = read_cams(sample)
         label = affinity_labels(cams, classes, mode=a.label_mode, conf_fg=a.conf_fg, conf_bg=a.conf_bg,
-                                alpha_low=a.alpha_low, alpha_high=a.alpha_high)
+                                alpha_low=a.alpha_low, alpha_high=a.alpha_high,
+                                crf=crf_for(sample["jpg"]) if a.crf else None)
         return {"__key__": sample["__key__"], "png": write_mask_png(None, label.numpy())}
 
-    return shard_map(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", ("cls.npy",), process,
+    keys = ("cls.npy", "jpg") if a.crf else ("cls.npy",)
+    return shard_map(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", keys, process,
                      paired=[(cam_dir, ("cam.npy", "cam.json"))], desc="aff labels")
 
 
