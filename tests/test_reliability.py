@@ -557,10 +557,6 @@ def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):  # noqa: F8
             load_manifest(sdir, verify=verify)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="stages/common.py shard_map writes <shard>.json after the shard tar, but treats the tar as the "
-                          "done marker: a kill between the two makes every rerun fail. Fix there: write the .json (and "
-                          ".cm.npy) before the tar, or skip a shard only when its .json exists.")
 def test_shard_done_marker_is_written_last(shards, tmp_path):  # noqa: F811
     """A process killed after an output shard's tar but before its per-shard record: the rerun must redo or finish it."""
     from wsss_dist.stages.common import shard_map

@@ -66,8 +66,8 @@ def shard_map(
     """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
 
     Rank r takes shards i with i % world == r. An output shard (and its per-shard confusion matrices when
-    ``evaluate`` is given) appears only whole, by rename; shards already written are skipped, so a rerun
-    does only the rest. ``paired`` adds the samples of same-named shards of earlier stages (merged by key).
+    ``evaluate`` is given) appears only whole, by rename, after its records; shards already written are skipped,
+    so a rerun does only the rest. ``paired`` adds the samples of same-named shards of earlier stages (merged by key).
     Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on every rank).
     """
     from tqdm import tqdm
@@ -77,7 +77,10 @@ def shard_map(
     urls = split_urls(cfg.shards_dir, split, manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = [u for i, u in enumerate(urls) if i % d.world == d.rank]
-    todo = [u for u in mine if not (out_dir / Path(u).name).exists()]
+    if d.main:
+        runs.remove_stale_tmp(out_dir)  # temp files of a killed writer (no rank writes yet)
+    d.barrier()
+    todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
     bar = tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img")
@@ -100,16 +103,22 @@ def shard_map(
                     cms.append(cm)
             n += 1
             bar.update(1)
+        # the per-shard records first, the shard itself last: a shard on disk is a finished shard
         if evaluate is not None:
             total = np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64)
             with runs.atomic_path(out_dir / f"{name}.cm.npy") as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, total, allow_pickle=False)
-        write_shard(out_dir / name, outputs)
         runs.write_json(out_dir / f"{name}.json", {"samples": n, "skipped": counter.skipped})
+        write_shard(out_dir / name, outputs)
     bar.close()
     d.barrier()
     return _gather(out_dir, urls)
+
+
+def _shard_done(out_dir: Path, name: str, with_cm: bool) -> bool:
+    """An output shard is finished when it and its records exist (they are written before it)."""
+    return all((out_dir / f).exists() for f in (name, f"{name}.json") + ((f"{name}.cm.npy",) if with_cm else ()))
 
 
 def _count(manifest: dict, split: str, url: str) -> int:
@@ -196,6 +205,7 @@ def loader_factory(cfg: Config, train, split: str, **extra):
     def make_loader(rank: int, world: int, start_batch: int):
         return train_loader(urls, batch_size=train.batch_size, crop=train.crop, resize_long=train.resize_long,
                             seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
-                            start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, **extra)
+                            start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer,
+                            max_skip_fraction=cfg.data.max_skip_fraction, **extra)
 
     return make_loader
