@@ -1,6 +1,7 @@
 """The launcher (launch/submit.py, wsss_dist.launcher), CI wiring and set-up; no SLURM needed."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -224,3 +225,37 @@ def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
     log = next((tmp_path / "run" / "logs").glob("*_0_log.err")).read_text()
     assert "requeueing through submitit" in log and "Requeued job" in log
     assert (tmp_path / "run" / "eval" / "DONE").is_file()
+
+
+@pytest.mark.slow
+def test_chain_killed_mid_stage_reruns_only_the_rest(tmp_path):
+    """kill -9 of the whole local chain (launcher and job) once a CAM shard is written; the rerun keeps every
+    finished stage and shard, completes the chain, and a third run does nothing."""
+    from test_pipeline import TINY
+
+    run = tmp_path / "run"
+    args = ["stage=all", "method=cam", f"run={run}", f"data.shards_dir={tmp_path}/shards",
+            f"data.toy.root={tmp_path}/toy-src", *TINY]
+    p = subprocess.Popen([sys.executable, str(SUBMIT), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not list((run / "cam").glob("*.tar")) and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None, "the chain ended before it could be killed"
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not (run / "cam" / "DONE").exists()
+    kept = {f: f.stat().st_mtime_ns for f in [run / "shards" / "DONE", run / "cls" / "DONE", run / "cls" / "model.safetensors",
+                                               *(run / "cam").glob("*.tar")]}
+    r = submit(args, tmp_path, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "shards: skipped (done)" in r.stdout and "cls: skipped (done)" in r.stdout
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept  # finished work was not redone
+    for stage in ("cam", "aff", "pseudo", "seg", "eval", "report"):
+        assert (run / stage / "DONE").is_file()
+    again = submit(args, tmp_path)
+    assert again.returncode == 0 and "running" not in again.stdout, again.stdout + again.stderr

@@ -98,8 +98,6 @@ def test_marker_is_a_small_part_of_the_object(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_size_generates_in_under_ten_seconds(tmp_path):
-    t = time.time()
+def test_default_size_generates_the_whole_train_aug(tmp_path):
     voc, _ = generate(tmp_path, ToyCfg())
-    assert time.time() - t < 10
     assert len(VOCSource(voc, tmp_path / "benchmark_RELEASE").ids("train_aug")) == 1200

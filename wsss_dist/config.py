@@ -133,7 +133,6 @@ class CamCfg:
     sweep: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
     out_stride: int = 4  # CAMs are stored at 1/out_stride of the image size (float16)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    batch_scales: bool = True
 
 
 @dataclass
