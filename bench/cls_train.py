@@ -100,14 +100,17 @@ def run_ours(cfg, warmup: int) -> float:
 
 def run_reference(cfg, source, ids: list[str], warmup: int) -> float:
     """The plain loop (fp32, NCHW) for ``cfg.cls.train.steps`` steps; images/s after ``warmup`` steps."""
-    from wsss_dist.engine.optim import build_optimizer, poly_lr
+    from wsss_dist.engine.optim import poly_lr
     from wsss_dist.methods import losses, mixing
     from wsss_dist.stages.cls import build_model
 
     t, o = cfg.cls.train, cfg.cls.optim
     torch.manual_seed(t.seed)
     model = build_model(cfg).train()
-    opt = build_optimizer(model.param_groups(o.lr, o.weight_decay), o)
+    # the references' optimiser: torch's default implementation (no fused kernels), same groups and settings
+    groups = [{**g, "lr": o.lr * g.get("lr_mult", 1.0)} for g in model.param_groups(o.lr, o.weight_decay)]
+    opt = (torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay) if o.name == "adamw" else
+           torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
     base = [g["lr"] for g in opt.param_groups]
     ds = JpegFolder(source, ids, t.crop, t.resize_long, t.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, shuffle=True, drop_last=True,

@@ -238,7 +238,8 @@ class Config:
 
 
 # Toy preset: what a CPU learns from scratch in minutes (../shared/notes/toy-calibration.md). fp32: bf16
-# autocast is ~10× slower than fp32 on CPUs without AVX-512 (measured on the CI machine kind).
+# autocast was ~10× slower than fp32 on a CPU without AVX-512 of this machine kind, ~2× faster on one with
+# avx512_bf16 (docs/performance.md); fp32 gives the same results on both.
 TOY_PRESET: dict[str, Any] = {
     "model.backbone": "resnet18",
     "model.frozen_bn": False,
