@@ -71,8 +71,9 @@ class JpegFolder(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
-def run_ours(cfg, warmup: int) -> float:
-    """Train ``cfg.cls.train.steps`` steps with the stage's own code; images/s after ``warmup`` steps."""
+def stage_step_times(cfg, warmup: int) -> list[float]:
+    """Step times (s) of the cls stage's own training (``train_classifier`` → ``engine.fit``) after ``warmup`` steps,
+    stamped at each call of the loss function."""
     from wsss_dist.stages import cls as cls_stage
 
     stamps: list[float] = []
@@ -94,8 +95,13 @@ def run_ours(cfg, warmup: int) -> float:
         cls_stage.train_classifier(cfg, out)
     finally:
         cls_stage.make_loss = real
-    steps = np.diff(stamps[warmup:])
-    return cfg.cls.train.batch_size * len(steps) / float(np.sum(steps)) if len(steps) else float("nan")
+    return list(np.diff(stamps[warmup:]))
+
+
+def run_ours(cfg, warmup: int) -> float:
+    """Train ``cfg.cls.train.steps`` steps with the stage's own code; images/s after ``warmup`` steps."""
+    steps = stage_step_times(cfg, warmup)
+    return cfg.cls.train.batch_size * len(steps) / float(np.sum(steps)) if steps else float("nan")
 
 
 def run_reference(cfg, source, ids: list[str], warmup: int) -> float:

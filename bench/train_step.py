@@ -20,7 +20,6 @@ median step time over steps ``--warmup``.. of all rounds. Prints the load averag
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,33 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cls_train import make_cfg  # noqa: E402  (bench/cls_train.py: the same toy-preset config)
+from cls_train import make_cfg, stage_step_times  # noqa: E402  (bench/cls_train.py: the same toy-preset config)
 
 
 def full_steps(cfg, warmup: int) -> list[float]:
     """Step times (s) of ``engine.fit`` through the cls stage's own code, after ``warmup`` steps."""
-    from wsss_dist.stages import cls as cls_stage
-
-    stamps: list[float] = []
-    real = cls_stage.make_loss
-
-    def timed_make_loss(cfg, sub_labels=None):
-        fn = real(cfg, sub_labels)
-
-        def loss_fn(model, batch, step):
-            stamps.append(time.perf_counter())
-            return fn(model, batch, step)
-
-        return loss_fn
-
-    out = cfg.run_dir / "cls"
-    shutil.rmtree(out, ignore_errors=True)
-    cls_stage.make_loss = timed_make_loss
-    try:
-        cls_stage.train_classifier(cfg, out)
-    finally:
-        cls_stage.make_loss = real
-    return list(np.diff(stamps[warmup:]))
+    return stage_step_times(cfg, warmup)
 
 
 def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:

@@ -47,3 +47,15 @@ def toy_shards(toy_source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toy-shards")
     build_shards(toy_source, out, shard_size=TINY_SHARD_SIZE, progress=False)
     return out
+
+
+def raw_samples(url: str | Path) -> list[dict]:
+    """A shard's samples as raw member bytes, in order (tests that rewrite shards by hand)."""
+    import tarfile
+
+    out: dict[str, dict] = {}
+    with tarfile.open(url) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
+    return list(out.values())

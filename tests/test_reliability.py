@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import VOC_MINI
+from conftest import VOC_MINI, raw_samples
 from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
 from wsss_dist import cli, runs
 from wsss_dist.config import make_config
@@ -73,16 +73,6 @@ def _jpeg(seed: int = 0, h: int = 20, w: int = 24) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def _raw(url: str | Path) -> list[dict]:
-    """A shard's samples as raw bytes, in order."""
-    out: dict[str, dict] = {}
-    with tarfile.open(url) as tf:
-        for m in tf:
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
-    return list(out.values())
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -246,7 +236,7 @@ def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:  
     """A copy of the shards whose val split has one truncated JPEG and one non-image jpg (manifest re-stamped)."""
     shutil.copytree(_opt(shards_args, "data.shards_dir"), dst)
     name = Path(split_urls(dst, "val")[0]).name
-    samples = _raw(dst / name)
+    samples = raw_samples(dst / name)
     samples[1]["jpg"] = samples[1]["jpg"][: len(samples[1]["jpg"]) // 2]
     samples[3]["jpg"] = b"GIF89a this is not a JPEG"
     write_shard(dst / name, samples)

@@ -13,6 +13,7 @@ from wsss_dist.data.stream import (augment, denormalize, infer_samples, normaliz
                                    train_loader)
 from wsss_dist.data.voc import PALETTE
 from wsss_dist.errors import DataError
+from conftest import raw_samples
 
 KW = dict(batch_size=5, crop=40, resize_long=(36, 60), seed=7, shuffle_buffer=20)
 
@@ -90,21 +91,10 @@ def test_ground_truth_is_never_decoded(toy_shards, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     bad.mkdir()
     for u in _urls(toy_shards)[:2]:
-        samples = [{**s, "seg.png": b"garbage"} for s in _raw(u)]
+        samples = [{**s, "seg.png": b"garbage"} for s in raw_samples(u)]
         write_shard(bad / Path(u).name, samples)
     b = _take(train_loader(sorted(str(p) for p in bad.glob("*.tar")), **KW), 3)
     assert "seg.png" not in decoded and all(x["skipped"] == 0 for x in b) and "mask" not in b[0]
-
-
-def _raw(url: str) -> list[dict]:
-    import tarfile
-
-    out: dict[str, dict] = {}
-    with tarfile.open(url) as tf:
-        for m in tf:
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
-    return list(out.values())
 
 
 def _mask_shards(toy_shards, toy_source, out: Path, urls: list[str], drop: str | None = None) -> None:
@@ -173,7 +163,7 @@ def test_broken_training_sample_is_counted(toy_shards, tmp_path):
     out = tmp_path / "b"
     out.mkdir()
     for j, u in enumerate(urls):
-        samples = _raw(u)
+        samples = raw_samples(u)
         if j == 0:
             samples[1]["jpg"] = samples[1]["jpg"][:50]
         write_shard(out / Path(u).name, samples)
