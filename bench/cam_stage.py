@@ -206,6 +206,8 @@ def main(size: int = 80, n_train: int = 48, n_val: int = 16, n_sbd: int = 48, sh
     }
     if bf16:
         variants["ours, bf16 autocast, 1 x 2"] = lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "oursbf16")), "2", "bf16"])
+        variants["ours, bf16 autocast, 2 x 1"] = lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "oursbf16x2")), "1", "bf16"],
+                                                                ranks=2)
     times: dict[str, list[float]] = {k: [] for k in variants}
     loads = []
     images = 0
