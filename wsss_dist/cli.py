@@ -1,7 +1,6 @@
 """Command line: ``python -m wsss_dist stage=cls method=fmix data=toy key=value ...``."""
 from __future__ import annotations
 
-import gc
 import importlib
 import logging
 import os
@@ -92,8 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         code, message = EXIT_USER_ERROR, f"error: {_one_line(e)}"
     except Interrupted as e:
         code, message = EXIT_INTERRUPTED, f"interrupted: {_one_line(e)}; run the same command again to resume"
-    # free the failed stage's frames first: progress bars they held close now, so the message is stderr's last line
-    gc.collect()
     sys.stderr.flush()
     print(message, file=sys.stderr)
     sys.exit(code)

@@ -83,37 +83,43 @@ def shard_map(
     todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
-    bar = tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img")
-    for url in todo:
-        name = Path(url).name
-        counter = SkipCounter()
-        others = [{s["__key__"]: s for s in infer_samples(str(pdir / name), keys=pk, counter=counter)} for pdir, pk in paired]
-        outputs, cms, n = [], [], 0
-        for sample in infer_samples(url, keys=keys, counter=counter):
-            for other in others:
-                if sample["__key__"] not in other:
-                    raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier stage; rerun that stage")
-                sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
-            out = process(sample)
-            if out is not None:
-                outputs.append(out)
-            if evaluate is not None:
-                cm = evaluate(sample, out or {})
-                if cm is not None:
-                    cms.append(cm)
-            n += 1
-            bar.update(1)
-        # the per-shard records first, the shard itself last: a shard on disk is a finished shard
-        if evaluate is not None:
-            total = np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64)
-            with runs.atomic_path(out_dir / f"{name}.cm.npy") as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, total, allow_pickle=False)
-        runs.write_json(out_dir / f"{name}.json", {"samples": n, "skipped": counter.skipped})
-        write_shard(out_dir / name, outputs)
-    bar.close()
+    with tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
+        for url in todo:
+            _map_shard(url, out_dir, keys, process, evaluate, paired, bar)
     d.barrier()
     return _gather(out_dir, urls)
+
+
+def _map_shard(url: str, out_dir: Path, keys: tuple[str, ...], process: Callable[[dict], dict | None],
+               evaluate: Callable[[dict, dict], np.ndarray] | None, paired: Iterable[tuple[Path, tuple[str, ...]]],
+               bar) -> None:
+    """One input shard of :func:`shard_map`: its output shard, written after its records."""
+    name = Path(url).name
+    counter = SkipCounter()
+    others = [{s["__key__"]: s for s in infer_samples(str(pdir / name), keys=pk, counter=counter)} for pdir, pk in paired]
+    outputs, cms, n = [], [], 0
+    for sample in infer_samples(url, keys=keys, counter=counter):
+        for other in others:
+            if sample["__key__"] not in other:
+                raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier stage; rerun that stage")
+            sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
+        out = process(sample)
+        if out is not None:
+            outputs.append(out)
+        if evaluate is not None:
+            cm = evaluate(sample, out or {})
+            if cm is not None:
+                cms.append(cm)
+        n += 1
+        bar.update(1)
+    # the per-shard records first, the shard itself last: a shard on disk is a finished shard
+    if evaluate is not None:
+        total = np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64)
+        with runs.atomic_path(out_dir / f"{name}.cm.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, total, allow_pickle=False)
+    runs.write_json(out_dir / f"{name}.json", {"samples": n, "skipped": counter.skipped})
+    write_shard(out_dir / name, outputs)
 
 
 def _shard_done(out_dir: Path, name: str, with_cm: bool) -> bool:
