@@ -1,8 +1,8 @@
 """Stage pseudo: random walk with AffinityNet's affinities refines the CAMs into pseudo labels (psa).
 
 Inputs: images, CAM shards (stage cam), the trained AffinityNet (stage aff). Per image: scores =
-[(1 − max_c CAM)^α ; CAMs], average-pooled to AffinityNet's grid (stride 8, or 4 with ``aff.stride=4``); transition T = D⁻¹ A^β over pixel pairs within
-``pseudo.radius`` (a_ij = exp(−mean |f_i − f_j|), self-affinity 1); scores · T^(2^logt) by sparse neighbourhood
+[(1 − max_c CAM)^α ; CAMs], average-pooled to AffinityNet's grid (stride 8, or 4 with ``aff.stride=4``);
+transition T = D⁻¹ A^β over pixel pairs within ``pseudo.radius`` (a_ij = exp(−mean |f_i − f_j|), self-affinity 1); scores · T^(2^logt) by sparse neighbourhood
 propagation; upsampled, argmax → label. Outputs: pseudo-label shards (``png``, same keys) and ``pseudo/DONE``
 with the pseudo-label mIoU on ``cam.eval_split``.
 """

@@ -2,8 +2,9 @@
 
 Inputs: images and pseudo-label shards (stage pseudo). Augmentation: random scale in ``seg.scale_range``, flip,
 crop ``seg.train.crop`` (labels padded with 255). Objective: per-pixel cross-entropy of the logits, upsampled to
-the crop, ignoring 255. Init: ImageNet ``seg.weights`` (reference) or, ``seg.init=cls`` (toy: no ImageNet weights on a
-CPU box), the trained classifier's backbone. Optimiser: poly SGD, backbone 1×, ASPP weights 10×, ASPP biases 20× (deeplab-pytorch).
+the crop, ignoring 255. Init: ImageNet ``seg.weights`` (reference) or, ``seg.init=cls`` (toy: no ImageNet weights
+on a CPU box), the trained classifier's backbone. Optimiser: poly SGD, backbone 1×, ASPP weights 10×, ASPP biases 20×
+(deeplab-pytorch).
 Engine: :func:`wsss_dist.engine.fit`. Outputs: ``seg/model.safetensors``.
 """
 from __future__ import annotations
