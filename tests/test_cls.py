@@ -10,6 +10,8 @@ from wsss_dist.data.stream import train_loader
 from wsss_dist.engine import fit
 from wsss_dist.stages import cam as cam_stage
 from wsss_dist.stages import cls as cls_stage
+from wsss_dist.data.stream import train_loader_for
+from wsss_dist.models.build import build_classifier
 
 from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
 
@@ -33,18 +35,18 @@ def test_method_loss_falls(shards, tmp_path, method):  # noqa: F811
         with torch.no_grad():
             return float(loss_fn(model, batch, 0)[0])
 
-    model = cls_stage.build_model(cfg, num_sub=num_sub)
+    model = build_classifier(cfg, num_sub=num_sub)
     before = objective(model)
     fit(model=model, param_groups=model.param_groups(cfg.cls.optim.lr, 0.0), loss_fn=loss_fn,
-        make_loader=cls_stage.loader_factory(cfg, cfg.cls.train, "train_aug"), out_dir=tmp_path / "cls",
+        make_loader=train_loader_for(cfg, cfg.cls.train, "train_aug"), out_dir=tmp_path / "cls",
         train=cfg.cls.train, optim=cfg.cls.optim)
     after = objective(model)
     assert after < 0.9 * before, (before, after)
 
 
 def _keys(url):
-    from wsss_dist.data.stream import infer_samples
-    return [s["__key__"] for s in infer_samples(url, keys=("cls.npy",))]
+    from wsss_dist.data.shards import read_shard
+    return [s["__key__"] for s in read_shard(url, ("cls.npy",))]
 
 
 def test_batched_tta_equals_per_scale_loop():

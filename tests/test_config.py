@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from wsss_dist.config import make_config, from_dict, to_dict, parse_stages
+from wsss_dist.config import load_yaml, make_config, parse_stages, to_yaml
 from wsss_dist.errors import ConfigError
 
 
@@ -40,9 +40,10 @@ def test_bad_keys_and_values_fail_naming_them(args, words):
         assert w in str(e.value)
 
 
-def test_round_trip_and_stage_lists():
+def test_round_trip_and_stage_lists(tmp_path):
     cfg = make_config(["method=teach", "seg.eval_scales=[1,0.5]"])
-    assert from_dict(to_dict(cfg)) == cfg
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert make_config([f"config={tmp_path / 'c.yaml'}"]) == cfg
     assert parse_stages("all", "teach")[:3] == ["shards", "teacher", "cls"]
     assert "teacher" not in parse_stages("all", "cam")
     assert parse_stages("[aff,cam]", "cam") == ["cam", "aff"]

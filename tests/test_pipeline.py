@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_dist import cli, runs
-from wsss_dist.config import METHODS, make_config
+from wsss_dist import pipeline, runs
+from wsss_dist.config import make_config
+from wsss_dist.registry import METHODS
 
 TINY = [
     "data.toy.n_train=24", "data.toy.n_val=12", "data.toy.n_sbd=24", "data.toy.size=48", "data.shard_size=12",
@@ -26,7 +27,7 @@ TINY = [
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     args = TINY + [f"data.toy.root={root / 'src'}", f"data.shards_dir={root / 'shards'}"]
-    cli.run(make_config(args + ["stage=shards", f"run={root / 'runs' / 'shards'}"]))
+    pipeline.run(make_config(args + ["stage=shards", f"run={root / 'runs' / 'shards'}"]))
     return args
 
 
@@ -36,7 +37,7 @@ def _cfg(shards, tmp_path, *extra):
 
 def test_whole_chain_baseline(shards, tmp_path):
     cfg = _cfg(shards, tmp_path, "stage=[cls,cam,aff,pseudo,seg,eval,report]", "method=cam")
-    out = cli.run(cfg)
+    out = pipeline.run(cfg)
     for stage in ("cls", "cam", "aff", "pseudo", "seg", "eval", "report"):
         assert runs.is_done(cfg.run_dir, stage)
     cam, pseudo, ev = out["cam"], out["pseudo"], out["eval"]
@@ -48,22 +49,22 @@ def test_whole_chain_baseline(shards, tmp_path):
     assert (rep / "report.md").read_text().count("|") > 10 and (rep / "cams.png").stat().st_size > 1000
     assert (rep / "predictions.png").exists() and "<table" in (rep / "report.html").read_text()
     # a rerun does nothing: every stage is skipped and returns its stored metrics
-    again = cli.run(copy.deepcopy(cfg))
+    again = pipeline.run(copy.deepcopy(cfg))
     assert again["cam"]["miou"] == cam["miou"] and again["eval"]["seconds"] == ev["seconds"]
     # the toy preset starts AffinityNet (at stride 4) and DeepLab from the trained classifier's backbone
     from wsss_dist.errors import ConfigError
-    from wsss_dist.stages import aff, cls, seg
+    from wsss_dist.models.build import build_affinity, build_deeplab, load_trained
 
     assert cfg.aff.init == cfg.seg.init == "cls" and cfg.aff.stride == 4
-    trained = cls.load_trained(cfg).backbone.state_dict()
-    for model in (aff.build_model(cfg), seg.build_model(cfg)):
+    trained = load_trained(cfg, "cls", "test").backbone.state_dict()
+    for model in (build_affinity(cfg), build_deeplab(cfg)):
         state = model.backbone.state_dict()
         assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in trained)
-    assert aff.load_trained(cfg).stride == 4
+    assert load_trained(cfg, "aff", "test").stride == 4
     bad = copy.deepcopy(cfg)
     bad.seg.backbone = "resnet34"
     with pytest.raises(ConfigError, match="seg.init=cls"):
-        seg.build_model(bad)
+        build_deeplab(bad)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS])
@@ -71,7 +72,7 @@ def test_each_method_trains_and_gives_cams(shards, tmp_path, method):
     cfg = _cfg(shards, tmp_path, "stage=all" if method == "teach" else "stage=[cls,cam]", f"method={method}")
     if method == "teach":
         cfg.stage = "[teacher,cls,cam]"
-    out = cli.run(cfg)
+    out = pipeline.run(cfg)
     assert out["cls"]["steps"] == cfg.cls.train.steps
     assert np.isfinite(out["cls"]["loss"])
     assert 0 <= out["cam"]["miou"] <= 1

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VOC_MINI, raw_samples
 from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
-from wsss_dist import cli, runs
+from wsss_dist import cli, pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.data.shards import MANIFEST, SkipCounter, load_manifest, read_shard, split_urls, write_shard
 from wsss_dist.data.stream import train_loader
@@ -102,12 +102,12 @@ def _opt(args: list[str], key: str) -> str:
 @pytest.fixture(scope="module")
 def trained_cls(shards, tmp_path_factory):  # noqa: F811
     """A run dir whose cls stage is finished (seeded random weights: what cam needs, without training)."""
-    from wsss_dist.stages import cls as cls_stage
+    from wsss_dist.models.build import from_spec, classifier_spec
 
     run = tmp_path_factory.mktemp("cls-run") / "run"
     cfg = make_config(shards + [f"run={run}"])
     torch.manual_seed(0)
-    save_model_weights(cls_stage.build_model(cfg, weights=False), run / "cls" / "model.safetensors")
+    save_model_weights(from_spec(classifier_spec(cfg)), run / "cls" / "model.safetensors")
     runs.write_json(run / "cls" / "model.json", {"backbone": cfg.model.backbone, "num_sub": 0, "method": "cam"})
     runs.mark_done(run, "cls", {"steps": 0})
     return run
@@ -189,12 +189,12 @@ def test_good_dataset_builds(tmp_path):
 # --------------------------------------------------------------------------------------------- 1. bad inputs (config)
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("cls.optim.lr=nan", r"cls\.optim\.lr='nan': expected a finite number"),
+    ("cls.optim.lr=nan", r"cls\.optim\.lr=nan: expected a finite number"),
     ("cls.optim.lr=-0.1", r"cls\.optim\.lr=-0\.1: must be > 0"),
     ("cls.train.steps=0", r"cls\.train\.steps=0: must be ≥ 1"),
     ("cam.scales=[]", r"cam\.scales=\[\]: must be a non-empty list of numbers > 0"),
     ("data.max_skip_fraction=2", r"data\.max_skip_fraction=2\.0: must be in \[0, 1\]"),
-    ("cls.train.mixed_precision=fp8", r"cls\.train\.mixed_precision='fp8': allowed values are no, fp16, bf16"),
+    ("cls.train.mixed_precision=fp8", r"cls\.train\.mixed_precision=fp8: allowed values are no, fp16, bf16"),
 ])
 def test_bad_config_value_is_a_one_line_error(tmp_path, arg, pattern):
     """(Unknown keys: tests/test_config.py::test_cli_user_error_is_one_line_without_traceback.)"""
@@ -269,7 +269,7 @@ def test_train_stream_fails_past_max_skip_fraction(shards, tmp_path):  # noqa: F
     kw = dict(batch_size=2, crop=32, resize_long=(32, 48), shuffle_buffer=1)
     batches = [b for _, b in zip(range((total - 2) // 2), train_loader(urls, max_skip_fraction=0.2, **kw))]  # one epoch
     assert batches[-1]["skipped"] == 2 and all(k for b in batches for k in b["key"])
-    with pytest.raises(DataError, match=rf"2 of {total} samples in val-000000\.tar were broken.*max_skip_fraction=0\.1"):
+    with pytest.raises(DataError, match=rf"val-000000\.tar: 2 of {total} samples were broken.*max_skip_fraction=0\.1"):
         for _ in zip(range(8), train_loader(urls, max_skip_fraction=0.1, **kw)):
             pass
 
@@ -338,7 +338,7 @@ def test_kill_9_during_cam_keeps_finished_shards_and_resumes(shards, trained_cls
     tests/test_engine.py::test_kill_9_while_writing_a_checkpoint.)"""
     sdir = tmp_path / "shards"
     args = shards + [f"data.shards_dir={sdir}", "data.shard_size=2", "stage=shards", f"run={tmp_path / 'shards-run'}"]
-    cli.run(make_config(args))
+    pipeline.run(make_config(args))
     n_shards = len(split_urls(sdir, "val"))
     run = _run_copy(trained_cls, tmp_path / "run")
     cmd = shards + [f"data.shards_dir={sdir}", "data.shard_size=2", "stage=cam", "cam.split=val", "cam.eval_split=val",
@@ -408,7 +408,7 @@ def test_cls_stage_resumed_after_three_random_signals_is_bitwise_equal(shards, t
                 sent = True
         p.wait(timeout=600)
         err = "".join(lines)
-        assert p.returncode == cli.EXIT_INTERRUPTED, (seed, err[-3000:])
+        assert p.returncode == pipeline.EXIT_INTERRUPTED, (seed, err[-3000:])
         assert err.strip().splitlines()[-1].startswith("interrupted: cls/fmix: stopped by " + signal.Signals(sig).name)
         stop = int(re.search(r"stopped at step (\d+)", err).group(1))
         if stopped:
@@ -549,15 +549,15 @@ def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):  # noqa: F8
 
 def test_shard_done_marker_is_written_last(shards, tmp_path):  # noqa: F811
     """A process killed after an output shard's tar but before its per-shard record: the rerun must redo or finish it."""
-    from wsss_dist.stages.common import shard_map
+    from wsss_dist.engine import map_shards
 
     cfg = make_config(shards + [f"run={tmp_path / 'run'}"])
     out = tmp_path / "run" / "x"
 
-    def process(sample: dict) -> dict:
-        return {"__key__": sample["__key__"], "n.json": {"classes": int(sample["cls.npy"].sum())}}
+    def process(sample: dict) -> tuple[dict, None]:
+        return {"__key__": sample["__key__"], "n.json": {"classes": int(sample["cls.npy"].sum())}}, None
 
-    first = shard_map(cfg, "val", out, ("cls.npy",), process)
+    first = map_shards(cfg, "val", out, ("cls.npy",), process)
     name = Path(split_urls(cfg.shards_dir, "val")[0]).name
     (out / f"{name}.json").unlink()  # the state a kill -9 between the two writes leaves
-    assert shard_map(cfg, "val", out, ("cls.npy",), process) == first
+    assert map_shards(cfg, "val", out, ("cls.npy",), process) == first

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_SHARD_SIZE, TINY_TOY
-from wsss_dist import cli
+from wsss_dist import pipeline
 from wsss_dist.config import make_config
 from wsss_dist.data.shards import (MANIFEST, SkipCounter, build_shards, load_manifest, read_shard, split_ids, split_urls,
                                    write_shard)
@@ -178,17 +178,17 @@ def test_stage_shards_toy_then_voc_layout(tmp_path):
     toy = [f"data.toy.{k}={v}" for k, v in TINY_TOY.items()] + [f"data.toy.root={tmp_path / 'src'}"]
     cfg = make_config(["stage=shards", "data=toy", f"run={tmp_path / 'r1'}", f"data.shards_dir={tmp_path / 's1'}",
                        "data.shard_size=8", *toy])
-    out = cli.run(cfg)["shards"]
+    out = pipeline.run(cfg)["shards"]
     assert (out["train"], out["val"], out["train_aug"]) == (24, 16, 40)
     tars = {p: p.stat().st_mtime_ns for p in (tmp_path / "s1").glob("*.tar")}
     cfg2 = make_config(["stage=shards", "data=toy", f"run={tmp_path / 'r1b'}", f"data.shards_dir={tmp_path / 's1'}",
                         "data.shard_size=8", *toy])
-    assert cli.run(cfg2)["shards"]["train_aug"] == 40
+    assert pipeline.run(cfg2)["shards"]["train_aug"] == 40
     assert {p: p.stat().st_mtime_ns for p in tars} == tars
     voc = make_config(["stage=shards", "data=voc", f"data.voc_root={tmp_path / 'src/VOCdevkit/VOC2012'}",
                        f"data.sbd_root={tmp_path / 'src/benchmark_RELEASE'}", f"data.shards_dir={tmp_path / 's2'}",
                        "data.shard_size=8", f"run={tmp_path / 'r2'}"])
-    out2 = cli.run(voc)["shards"]
+    out2 = pipeline.run(voc)["shards"]
     assert (out2["train"], out2["val"], out2["train_aug"]) == (24, 16, 40)
     a, b = load_manifest(tmp_path / "s1"), load_manifest(tmp_path / "s2")
     assert all(a["splits"][s]["sha256"] == b["splits"][s]["sha256"] for s in a["splits"])  # reproducible tars

@@ -9,7 +9,7 @@ import torch
 
 from wsss_dist.data import shards as shards_mod
 from wsss_dist.data.shards import SkipCounter, load_manifest, read_shard, split_urls, write_shard
-from wsss_dist.data.stream import (augment, denormalize, infer_samples, normalize, split_by_node, split_by_worker,
+from wsss_dist.data.stream import (augment, denormalize, normalize, split_by_node, split_by_worker,
                                    train_loader)
 from wsss_dist.data.voc import PALETTE
 from wsss_dist.errors import DataError
@@ -39,7 +39,7 @@ def test_inference_round_trip_over_two_ranks_and_two_workers(toy_shards, toy_sou
         for worker in range(2):
             mine = list(split_by_worker(worker, 2)(split_by_node(rank, 2)(iter(urls))))
             for d in mine:
-                for s in infer_samples(d["url"], keys=("jpg", "cls.npy", "seg.png")):
+                for s in read_shard(d["url"], ("jpg", "cls.npy", "seg.png")):
                     seen.append(s["__key__"])
                     assert np.array_equal(s["seg.png"], toy_source.mask(s["__key__"]))
                     assert np.array_equal(s["cls.npy"], toy_source.labels(s["__key__"]))
@@ -170,11 +170,11 @@ def test_broken_training_sample_is_counted(toy_shards, tmp_path):
     b = _take(train_loader(sorted(str(p) for p in out.glob("*.tar")), max_skip_fraction=0.5, **{**KW, "shuffle_buffer": 1}), 4)
     assert b[1]["skipped"] == 1 and b[-1]["skipped"] == 2  # 11 good samples an epoch: counted again in epoch 2
     counter = SkipCounter()
-    assert len(list(infer_samples(str(out / Path(urls[0]).name), counter=counter))) == 5 and counter.skipped == 1
+    assert len(list(read_shard(str(out / Path(urls[0]).name), ("jpg", "cls.npy"), counter))) == 5 and counter.skipped == 1
 
 
 def test_missing_shard_is_a_clear_error(toy_shards, tmp_path):
     with pytest.raises(DataError, match="nope.tar: shard not found"):
         train_loader(_urls(toy_shards) + [str(tmp_path / "nope.tar")], **KW)
     with pytest.raises(DataError, match="shard not found"):
-        list(infer_samples(str(tmp_path / "nope.tar")))
+        list(read_shard(str(tmp_path / "nope.tar"), ("jpg",)))

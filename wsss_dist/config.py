@@ -1,23 +1,29 @@
-"""Typed configuration for every stage: dataclasses, presets per dataset, ``key=value`` overrides.
+"""Typed configuration for every stage: dataclasses as OmegaConf structured configs, presets, YAML files, overrides.
 
-Users type dotted overrides (``cls.steps=200 data.voc_root=/data/VOC2012``). Unknown keys and bad values
-raise :class:`ConfigError` naming the key and what is allowed, before any work starts.
+A config is built as: the dataclass defaults, then the dataset's preset (:data:`PRESETS`), then the YAML files
+given with ``config=FILE.yaml`` (in order; may repeat), then the other ``key=value`` words. ``run/<x>/config.yaml``
+is such a file, so ``config=runs/x/config.yaml`` reruns a run. Unknown keys and bad values raise
+:class:`ConfigError` naming the key and what is allowed, before any work starts; every field's trailing comment
+is its one-line doc (``wsss-dist keys``).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import difflib
+import functools
+import importlib.util
+import inspect
 import math
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, get_args, get_origin
+from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
+from .registry import BACKBONES, METHOD_NAMES, METHODS, MethodName
 
 STAGES = ("shards", "teacher", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
-METHODS = ("cam", "mixup", "fmix", "manifold", "sc", "teach")
+Precision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass
@@ -25,25 +31,25 @@ class ToyCfg:
     """The built-in synthetic dataset (VOC layout on disk, deterministic from ``seed``)."""
 
     root: str = "shards/toy-src"  # where the VOC/SBD-layout toy files are written
-    seed: int = 0
-    n_train: int = 300  # VOC seg train
-    n_val: int = 200  # VOC seg val
+    seed: int = 0  # seed of the toy generator
+    n_train: int = 300  # VOC seg train images
+    n_val: int = 200  # VOC seg val images
     n_sbd: int = 900  # SBD-only images (train_aug = train ∪ sbd − val)
-    size: int = 80  # mean image side in px (sizes vary ±25 %)
+    size: int = 80  # mean image side in px (sizes vary ±25 %); at least 24
 
 
 @dataclass
 class DataCfg:
     """Where the data lives and how it is sharded and streamed."""
 
-    name: Literal["toy", "voc"] = "toy"
+    name: Literal["toy", "voc"] = "toy"  # dataset: the built-in toy data or the user's VOC2012 (+ SBD)
     voc_root: Optional[str] = None  # .../VOCdevkit/VOC2012 (holds JPEGImages)
     sbd_root: Optional[str] = None  # .../benchmark_RELEASE (holds dataset/)
     lists_dir: Optional[str] = None  # optional psa/irn list folder (train_aug.txt, cls_labels.npy)
-    shards_dir: Optional[str] = None  # default shards/<name>
+    shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>
     shard_size: int = 200  # samples per shard
     num_workers: int = 2  # DataLoader workers per process
-    shuffle_buffer: int = 500
+    shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer
     max_skip_fraction: float = 0.01  # a stream that skips more broken samples than this fails the stage
     toy: ToyCfg = field(default_factory=ToyCfg)
 
@@ -54,21 +60,21 @@ class ModelCfg:
 
     backbone: str = "resnet38d"  # resnet38d | any timm resnet (resnet18, resnet50, resnet101, ...)
     weights: Optional[str] = None  # local ImageNet weights (safetensors or state dict); never downloaded
-    output_stride: int = 8
-    frozen_bn: bool = True
+    output_stride: int = 8  # the classifier's output stride (8, 16 or 32; resnet38d: 8)
+    frozen_bn: bool = True  # BatchNorm in eval mode with frozen affine parameters
 
 
 @dataclass
 class OptimCfg:
     """Optimiser and schedule shared by every trainer (poly decay, 1×/10× parameter groups)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
+    name: Literal["sgd", "adamw"] = "sgd"  # optimiser
+    lr: float = 0.1  # base learning rate (new layers get 10×)
     momentum: float = 0.9  # real momentum (psa's PolyOptimizer put weight decay in this slot: see legacy_momentum_bug)
-    weight_decay: float = 5e-4
-    poly_power: float = 0.9
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # 0 = off; the seed clips at 1
+    weight_decay: float = 5e-4  # weight decay of conv weights (none on BN and biases)
+    poly_power: float = 0.9  # lr = base · (1 − step/steps)^power
+    warmup_steps: int = 0  # linear warm-up steps
+    grad_clip: float = 0.0  # gradient norm clip; 0 = off (the seed clips at 1)
     legacy_momentum_bug: bool = False  # reproduce psa/irn/seed: momentum = weight_decay
 
 
@@ -76,16 +82,16 @@ class OptimCfg:
 class TrainCfg:
     """Loop settings for a trainer."""
 
-    steps: int = 2000
-    batch_size: int = 16
-    crop: int = 448
-    resize_long: tuple[int, int] = (256, 512)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    channels_last: bool = True
-    grad_accum: int = 1
-    ckpt_every: int = 200
-    log_every: int = 20
-    seed: int = 0
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 16  # images per step and process
+    crop: int = 448  # square training crop in px
+    resize_long: tuple[int, int] = (256, 512)  # random resize of the long side in [lo, hi]; [0,0] = off
+    mixed_precision: Precision = "no"  # autocast precision of the training step
+    channels_last: bool = True  # channels-last memory format for model and input
+    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    ckpt_every: int = 200  # steps between checkpoints (0 = only at the end)
+    log_every: int = 20  # steps between log lines (0 = only at the end)
+    seed: int = 0  # seed of initial weights, data order and augmentation
 
 
 @dataclass
@@ -95,18 +101,18 @@ class ClsCfg:
     split: str = "train_aug"  # the shards it trains on
     train: TrainCfg = field(default_factory=TrainCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
-    mixup_alpha: float = 0.2
-    fmix_alpha: float = 1.0
-    fmix_decay: float = 3.0
-    manifold_alpha: float = 0.2
-    ent_weight: float = 0.02
-    con_weight: float = 2e-4
+    mixup_alpha: float = 0.2  # mixup: λ ~ Beta(α, α)
+    fmix_alpha: float = 1.0  # fmix: λ ~ Beta(α, α)
+    fmix_decay: float = 3.0  # fmix: decay power of the Fourier spectrum
+    manifold_alpha: float = 0.2  # manifold mixup: λ ~ Beta(α, α)
+    ent_weight: float = 0.02  # weight of the entropy loss (mixing methods)
+    con_weight: float = 2e-4  # weight of the concentration loss (mixing methods)
     entropy_on_labels: bool = False  # reproduce the seed's bug (entropy of the labels: zero gradient)
-    sub_weight: float = 2.0  # L = L_cls + sub_weight * L_sub (SC-CAM used 5)
-    sc_rounds: int = 3
-    cluster: Literal["finch", "kmeans"] = "finch"
-    finch_partition: str = "last"  # last | first | <int column>
-    kmeans_k: int = 10
+    sub_weight: float = 2.0  # L = L_cls + sub_weight · L_sub (SC-CAM used 5)
+    sc_rounds: int = 3  # method=sc: training rounds (round 0 without sub-categories)
+    cluster: Literal["finch", "kmeans"] = "finch"  # sub-category clustering
+    finch_partition: str = "last"  # FINCH partition: last | first | <int column>
+    kmeans_k: int = 10  # k-means: clusters per class
     round: int = -1  # method=sc: run rounds up to this one (-1 = all); the launcher submits one job per round
 
 
@@ -114,9 +120,9 @@ class ClsCfg:
 class TeacherCfg:
     """ViT teacher for method=teach (fine-tuned multi-label, then embeddings for FINCH)."""
 
-    arch: str = "vit_base_patch16_224"
-    weights: Optional[str] = None
-    img_size: int = 224
+    arch: str = "vit_base_patch16_224"  # a timm ViT name
+    weights: Optional[str] = None  # local ImageNet weights of the ViT; never downloaded
+    img_size: int = 224  # ViT input size
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=1000, batch_size=16, crop=224))
     optim: OptimCfg = field(default_factory=lambda: OptimCfg(lr=0.01, warmup_steps=100))
 
@@ -127,25 +133,25 @@ class CamCfg:
 
     split: str = "train_aug"  # shards to compute CAMs for (pseudo labels need train_aug)
     eval_split: str = "train"  # ids whose ground truth scores CAM mIoU
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    flip: bool = True
-    bg_threshold: float = 0.15
-    sweep: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # inference scales
+    flip: bool = True  # add the mirrored image at every scale
+    bg_threshold: float = 0.15  # background score of the reported CAM mIoU
+    sweep: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)  # thresholds swept
     out_stride: int = 4  # CAMs are stored at 1/out_stride of the image size (float16)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Precision = "no"  # autocast precision of the CAM forwards
 
 
 @dataclass
 class AffCfg:
     """AffinityNet: labels from CAMs, training."""
 
-    label_mode: Literal["threshold", "psa"] = "threshold"
-    conf_fg: float = 0.30
-    conf_bg: float = 0.05
-    alpha_low: float = 4.0
-    alpha_high: float = 32.0
+    label_mode: Literal["threshold", "psa"] = "threshold"  # irn's thresholds or psa's background powers
+    conf_fg: float = 0.30  # threshold mode: max CAM above this is foreground
+    conf_bg: float = 0.05  # threshold mode: max CAM below this is background
+    alpha_low: float = 4.0  # psa mode: background power of the confident-foreground map
+    alpha_high: float = 32.0  # psa mode: background power of the confident-background map
     crf: bool = False  # psa: dense CRF on the label score stacks (needs the [crf] extra, pydensecrf2)
-    radius: int = 5
+    radius: int = 5  # pixel pairs within this radius (feature-grid cells)
     stride: Literal[8, 4] = 8  # feature grid of the affinities and the random walk (4: small images)
     init: Literal["imagenet", "cls"] = "imagenet"  # backbone init: model.weights (psa) or the trained classifier
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=3000, batch_size=8))
@@ -156,25 +162,25 @@ class AffCfg:
 class PseudoCfg:
     """Random walk on AffinityNet affinities → pseudo labels."""
 
-    alpha: float = 16.0
-    beta: float = 8.0
-    logt: int = 8
-    radius: int = 5
+    alpha: float = 16.0  # background score (1 − max CAM)^alpha
+    beta: float = 8.0  # affinity power
+    logt: int = 8  # the walk takes 2^logt steps
+    radius: int = 5  # neighbourhood of the transition matrix (feature-grid cells)
 
 
 @dataclass
 class SegCfg:
     """DeepLab-v2 on pseudo labels, and its evaluation."""
 
-    backbone: str = "resnet101"
-    weights: Optional[str] = None
+    backbone: str = "resnet101"  # DeepLab's backbone: resnet38d or a timm resnet
+    weights: Optional[str] = None  # local ImageNet weights of the backbone; never downloaded
     init: Literal["imagenet", "cls"] = "imagenet"  # seg.weights, or the trained classifier (same backbone name)
-    frozen_bn: bool = True
+    frozen_bn: bool = True  # BatchNorm in eval mode with frozen affine parameters
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=20000, batch_size=10, crop=321, resize_long=(0, 0)))
     optim: OptimCfg = field(default_factory=lambda: OptimCfg(lr=2.5e-4))
-    scale_range: tuple[float, float] = (0.5, 1.5)
-    eval_scales: tuple[float, ...] = (1.0, 0.75, 0.5)
-    eval_flip: bool = False
+    scale_range: tuple[float, float] = (0.5, 1.5)  # random scale of training images
+    eval_scales: tuple[float, ...] = (1.0, 0.75, 0.5)  # evaluation scales, max-fused
+    eval_flip: bool = False  # evaluation: average with the mirrored image at every scale
 
 
 @dataclass
@@ -182,23 +188,23 @@ class ReportCfg:
     """Report over one or several runs."""
 
     runs: tuple[str, ...] = ()  # run dirs to compare; default: this run
-    num_images: int = 6
+    num_images: int = 6  # images per figure grid
 
 
 @dataclass
 class SlurmCfg:
-    """Resources of a SLURM job (per stage overrides: see launch/submit.py)."""
+    """Resources of a SLURM job (per stage overrides: slurm.<stage>.<key>, see docs/cluster.md)."""
 
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
-    mem_gb: int = 8
-    time_min: int = 60
-    signal_delay_s: int = 120
+    partition: Optional[str] = None  # sbatch --partition
+    account: Optional[str] = None  # sbatch --account
+    qos: Optional[str] = None  # sbatch --qos
+    constraint: Optional[str] = None  # sbatch --constraint
+    nodes: int = 1  # nodes per job
+    gpus_per_node: int = 0  # GPUs per node (one task per GPU)
+    cpus_per_task: int = 2  # CPUs per task
+    mem_gb: int = 8  # memory per node in GB
+    time_min: int = 60  # time limit per job in minutes (a job that hits it checkpoints and requeues)
+    signal_delay_s: int = 120  # seconds before the time limit that the job is warned
     extra: tuple[str, ...] = ()  # extra sbatch flags, "key=value"
 
 
@@ -206,11 +212,11 @@ class SlurmCfg:
 class Config:
     """The whole configuration of a run."""
 
-    stage: str = "all"
-    method: Literal["cam", "mixup", "fmix", "manifold", "sc", "teach"] = "cam"
-    run: Optional[str] = None  # default runs/<method>-<data>
-    cluster: Literal["local", "slurm", "debug"] = "local"
-    log_level: str = "INFO"
+    stage: str = "all"  # all | one stage | a list [a,b] (shards, teacher, cls, cam, aff, pseudo, seg, eval, report)
+    method: MethodName = "cam"  # CAM method (the registry, wsss_dist/registry.py)
+    run: Optional[str] = None  # run directory; default runs/<method>-<data>
+    cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
+    log_level: str = "INFO"  # logging level
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     cls: ClsCfg = field(default_factory=ClsCfg)
@@ -235,6 +241,14 @@ class Config:
     def stages(self) -> list[str]:
         """The stages this config asks for, in pipeline order."""
         return parse_stages(self.stage, self.method)
+
+    def cls_rounds(self) -> list[int]:
+        """The rounds of stage cls this config trains: ``[0]`` for a method without rounds; for one with rounds
+        0 .. ``cls.sc_rounds`` − 1, or up to ``cls.round`` (one job per round)."""
+        if not METHODS[self.method].rounds:
+            return [0]
+        last = self.cls.sc_rounds - 1 if self.cls.round < 0 else min(self.cls.round, self.cls.sc_rounds - 1)
+        return list(range(last + 1))
 
 
 # Toy preset: what a CPU learns from scratch in minutes (../shared/notes/toy-calibration.md). fp32: bf16
@@ -294,148 +308,289 @@ PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": {}}
 
 
 def parse_stages(stage: str, method: str) -> list[str]:
-    """Expand ``all`` / ``cam`` / ``[cam,aff]`` into an ordered list of stage names."""
+    """Expand ``all`` / ``cam`` / ``[cam,aff]`` into an ordered list of stage names (``all``: the method's extra stages too)."""
     s = stage.strip()
     if s.startswith("[") and s.endswith("]"):
         s = s[1:-1]
     names = [x.strip() for x in s.split(",") if x.strip()]
     if names == ["all"]:
-        names = [x for x in STAGES if x != "teacher" or method == "teach"]
+        extra = METHODS[method].extra_stages if method in METHODS else ()
+        optional = {st for m in METHODS.values() for st in m.extra_stages}
+        names = [x for x in STAGES if x not in optional or x in extra]
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
         raise ConfigError(f"stage={stage!r}: unknown stage {bad[0] if bad else ''!r}; allowed: all, {', '.join(STAGES)} or a list [a,b]")
     return [x for x in STAGES if x in names]
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _convert(key: str, text: Any, typ: Any) -> Any:
-    """Convert ``text`` (str from the command line, or a Python value) to ``typ``; ConfigError naming ``key``."""
-    origin, args = get_origin(typ), get_args(typ)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if text is None or (isinstance(text, str) and text.lower() in ("none", "null", "")):
-            return None
-        return _convert(key, text, inner[0])
-    if origin is Literal:
-        for allowed in args:
-            if str(text) == str(allowed):
-                return allowed
-        raise ConfigError(f"{key}={text!r}: allowed values are {', '.join(map(str, args))}")
-    if origin is tuple:
-        items = text
-        if isinstance(text, str):
-            t = text.strip()
-            if t.startswith(("[", "(")) and t.endswith(("]", ")")):
-                t = t[1:-1]
-            items = [x.strip() for x in t.split(",") if x.strip()]
-        elem = args[0]
-        if len(args) == 2 and args[1] is not Ellipsis:
-            if len(items) != 2:
-                raise ConfigError(f"{key}={text!r}: expected two values, like {key}=[a,b]")
-            return tuple(_convert(key, x, a) for x, a in zip(items, args))
-        return tuple(_convert(key, x, elem) for x in items)
-    if typ is bool:
-        if isinstance(text, bool):
-            return text
-        t = str(text).lower()
-        if t in ("1", "true", "yes", "on"):
-            return True
-        if t in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
-    if typ in (int, float):
-        try:
-            if isinstance(text, bool):
-                raise ValueError
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
-            if typ is int:
-                if value != int(value):
-                    raise ValueError
-                value = int(value)
-            return value
-        except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}={text!r}: expected {'an integer' if typ is int else 'a finite number'}") from None
-    if typ is str:
-        return str(text)
-    raise ConfigError(f"{key}: unsupported type {typ}")
-
-
-def _keys(obj: Any, prefix: str = "") -> list[str]:
+# ------------------------------------------------------------------------------------------ building a config
+def parse_words(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Split ``key=value`` words into (key, value) pairs, in order; a word without ``=`` is an error."""
     out = []
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            out += _keys(v, prefix + f.name + ".")
-        else:
-            out.append(prefix + f.name)
-    return out
-
-
-def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set a dotted ``key`` on ``cfg``, converting and validating ``value``."""
-    parts = key.split(".")
-    obj: Any = cfg
-    for i, p in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(obj)]
-        if p not in names:
-            here = ".".join(parts[:i])
-            close = [k for k in _keys(cfg) if k.split(".")[-1] == p or k.startswith(key)]
-            hint = f"; did you mean {', '.join(close[:3])}?" if close else f"; keys under {here or 'the top level'}: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        if i == len(parts) - 1:
-            typ = _field_types(type(obj))[p]
-            current = getattr(obj, p)
-            if dataclasses.is_dataclass(current):
-                if key == "data" and isinstance(value, str):  # data=toy is a shorthand for data.name=toy
-                    set_key(cfg, "data.name", value)
-                    return
-                raise ConfigError(f"{key} is a group; set one of its keys: {', '.join(_keys(current, key + '.')[:6])}, ...")
-            setattr(obj, p, _convert(key, value, typ))
-        else:
-            obj = getattr(obj, p)
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """Split ``key=value`` words into a dict; a word without ``=`` is an error."""
-    out: dict[str, str] = {}
-    for a in args:
+    for a in words:
         if "=" not in a:
             raise ConfigError(f"{a!r}: arguments are key=value (e.g. stage=cls method=fmix data=toy)")
         k, v = a.split("=", 1)
-        out[k.strip().lstrip("-")] = v.strip()
+        out.append((k.strip().lstrip("-"), v.strip()))
     return out
 
 
-def make_config(overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Build a validated Config: defaults, then the dataset preset, then the user's overrides."""
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    overrides = dict(overrides or {})
-    if "data" in overrides:
-        overrides["data.name"] = overrides.pop("data")
-    cfg = Config()
-    name = overrides.get("data.name", cfg.data.name)
-    set_key(cfg, "data.name", name)
-    for k, v in PRESETS[cfg.data.name].items():
-        set_key(cfg, k, v)
-    for k, v in overrides.items():
-        set_key(cfg, k, v)
-    validate(cfg)
-    return cfg
+def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool = True) -> Config:
+    """Build a Config: defaults, the dataset preset, ``config=`` YAML files, then the other overrides; ``check``:
+    also the value checks of :func:`validate` (names, ranges, extras)."""
+    from omegaconf import OmegaConf
+
+    pairs = parse_words(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
+    files = [v for k, v in pairs if k == "config"]
+    pairs = [("data.name" if k == "data" else k, v) for k, v in pairs if k != "config"]
+    layers = [load_yaml(f) for f in files]
+    name = next((v for k, v in reversed(pairs) if k == "data.name"), None)
+    for layer in reversed(layers):
+        name = name or OmegaConf.select(layer, "data.name", default=None)
+    name = str(name or DataCfg.name)
+    if name not in PRESETS:
+        raise ConfigError(f"data={name!r}: allowed values are {', '.join(PRESETS)}")
+    cfg = OmegaConf.structured(Config)
+    _merge(cfg, _nested(PRESETS[name].items()), "the preset")
+    for f, layer in zip(files, layers):
+        _merge(cfg, layer, f)
+    for key, value in pairs:
+        _set(cfg, key, value)
+    obj = OmegaConf.to_object(cfg)
+    if check:
+        validate(obj)
+    return obj
 
 
-def _get(cfg: Config, key: str) -> Any:
+def typed_value(key: str, text: str, schema: type = None) -> Any:  # type: ignore[assignment]
+    """One command-line value converted and checked as the dotted ``key`` of ``schema`` (default: the Config) takes it."""
+    from omegaconf import OmegaConf
+
+    if schema is not None and schema is not Config:
+        node = OmegaConf.structured(schema)
+        name = key.split(".")[-1]
+        try:
+            OmegaConf.update(node, name, OmegaConf.from_dotlist([f"v={text}"])["v"], merge=False)
+        except Exception as e:
+            raise ConfigError(f"{key}={text}: {_first_line(e)}") from None
+        return getattr(OmegaConf.to_object(node), name)
+    cfg = OmegaConf.structured(Config)
+    _set(cfg, key, text)
+    return get(OmegaConf.to_object(cfg), key)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML (or JSON) config file as an OmegaConf container (ConfigError when missing or not a mapping)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config={path}: no such file")
+    try:
+        layer = OmegaConf.load(p)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"config={path}: not valid YAML ({_first_line(e)})") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config={path}: must hold a mapping of keys (like a saved runs/<run>/config.yaml)")
+    return layer
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML (what ``runs/<run>/config.yaml`` holds; :func:`make_config` reads it back)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data, as its YAML reads back (lists for tuples)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))  # type: ignore[return-value]
+
+
+def _nested(items: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in items:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _merge(cfg: Any, layer: Any, where: str) -> None:
+    """Merge a nested mapping into ``cfg``, key by key, so that errors name the key and where it came from."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def walk(prefix: str, node: Any) -> None:
+        items = node.items() if isinstance(node, (dict, DictConfig)) else ()
+        for k, v in items:
+            key = f"{prefix}{k}"
+            if isinstance(v, (dict, DictConfig)) and _is_group(key):
+                walk(key + ".", v)
+            else:
+                _set(cfg, key, OmegaConf.to_container(v) if OmegaConf.is_config(v) else v, where, parse=False)
+
+    walk("", layer)
+
+
+def _set(cfg: Any, key: str, value: Any, where: str = "", parse: bool = True) -> None:
+    """Set one dotted key on the structured config (``parse``: ``value`` is command-line text); OmegaConf's errors
+    become one-line ConfigErrors."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    suffix = f" (in {where})" if where else ""
+    if key not in _all_keys():
+        if _is_group(key):
+            raise ConfigError(f"{key} is a group; set one of its keys: {', '.join(k for k in _all_keys() if k.startswith(key + '.'))[:200]}, ...")
+        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key)}{suffix}")
+    if key == "stage" and isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    elif parse and isinstance(value, str):
+        value = _parse_value(key, value)
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except (ConfigKeyError, OmegaConfBaseException) as e:
+        raise ConfigError(_explain(key, value, e) + suffix) from None
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """A command-line value: text for string keys (``null``/``none`` for an optional one), else YAML-like scalars and
+    ``[a,b]`` lists, as OmegaConf's dot-list parser reads them."""
+    from omegaconf import OmegaConf
+
+    typ = _field_types()[key]
+    args = getattr(typ, "__args__", ())
+    optional = type(None) in args
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    if typ is str or (optional and str in args) or (getattr(typ, "__origin__", None) is Literal and all(isinstance(a, str) for a in args)):
+        return text
+    try:
+        return OmegaConf.from_dotlist([f"v={text}"])["v"]
+    except Exception:
+        return text
+
+
+def _explain(key: str, value: Any, e: Exception) -> str:
+    """One line for an OmegaConf validation error, in this project's words."""
+    from omegaconf import ListConfig, OmegaConf
+
+    shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+    shown = f"[{','.join(map(str, shown))}]" if isinstance(shown, (list, tuple)) else shown
+    typ = _field_types().get(key)
+    msg = _first_line(e)
+    if typ is not None and getattr(typ, "__origin__", None) is Literal:
+        return f"{key}={shown}: allowed values are {', '.join(map(str, typ.__args__))}"
+    if typ is int:
+        return f"{key}={shown}: expected an integer"
+    if typ is float:
+        return f"{key}={shown}: expected a finite number"
+    if typ is bool:
+        return f"{key}={shown}: expected a boolean (true/false)"
+    if "length" in msg and "does not match" in msg:
+        return f"{key}={shown}: expected {msg.split('length')[-1].split()[-1]} values, like {key}=[a,b]"
+    if isinstance(shown, str) and shown.startswith("[") and "ListConfig" in msg:
+        return f"{key}={shown}: {key} takes one value, not a list"
+    return f"{key}={shown}: {msg}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _did_you_mean(key: str) -> str:
+    keys = _all_keys()
+    last = key.split(".")[-1]
+    close = [k for k in keys if k.split(".")[-1] == last and k != key]
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
+    if close:
+        return f"; did you mean {', '.join(close[:3])}?"
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    under = [k[len(parent) + 1:] if parent else k for k in keys if (k.startswith(parent + ".") if parent else "." not in k)]
+    return f"; keys under {parent or 'the top level'}: {', '.join(under)}"
+
+
+# ------------------------------------------------------------------------------------------ the list of keys
+@functools.cache
+def _schema() -> dict[str, tuple[Any, Any, str]]:
+    """Dotted key → (type, default, one-line doc) of every leaf field, from the dataclasses and their comments."""
+    import typing
+
+    out: dict[str, tuple[Any, Any, str]] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints, docs = typing.get_type_hints(type(obj)), _field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                out[prefix + f.name] = (hints[f.name], value, docs.get(f.name, ""))
+
+    walk(Config(), "")
+    return out
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name → its trailing ``# comment`` in the class source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^\s+(\w+): [^#]*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _all_keys() -> list[str]:
+    return list(_schema())
+
+
+def _is_group(key: str) -> bool:
+    return any(k.startswith(key + ".") for k in _schema())
+
+
+def _field_types() -> dict[str, Any]:
+    return {k: t for k, (t, _, _) in _schema().items()}
+
+
+def type_name(typ: Any) -> str:
+    """A short readable name of a field type (``int``, ``str | None``, ``one of sgd, adamw``, ``list of float``)."""
+    origin, args = getattr(typ, "__origin__", None), getattr(typ, "__args__", ())
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {type_name(args[0])}"
+        return "[" + ", ".join(type_name(a) for a in args) + "]"
+    if args and type(None) in args:
+        return " | ".join(type_name(a) for a in args if a is not type(None)) + " | null"
+    return getattr(typ, "__name__", str(typ))
+
+
+def keys(prefix: str = "", cfg: Config | None = None) -> list[tuple[str, str, Any, str]]:
+    """Every config key under ``prefix``: (key, type, value in ``cfg`` (default: the toy defaults), doc)."""
+    cfg = cfg or make_config([])
+    out = []
+    for key, (typ, _, doc) in _schema().items():
+        if key.startswith(prefix):
+            out.append((key, type_name(typ), get(cfg, key), doc))
+    return out
+
+
+def get(cfg: Config, key: str) -> Any:
+    """The value of a dotted key."""
     obj: Any = cfg
     for p in key.split("."):
         obj = getattr(obj, p)
     return obj
 
 
+# ------------------------------------------------------------------------------------------ validation
 def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     """(key, check, what is allowed) for every value whose type alone does not make it valid."""
     at_least = lambda n: (lambda v: v >= n, f"≥ {n}")  # noqa: E731
@@ -455,10 +610,12 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         for name in ("weight_decay", "poly_power", "warmup_steps", "grad_clip"):
             add(f"{k}.optim.{name}", at_least(0))
         out.append((f"{k}.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"))
-    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "data.toy.size", "model.output_stride",
+    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "model.output_stride",
                 "cam.out_stride", "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images"):
         add(key, at_least(1))
-    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "cls.sc_rounds"):
+    add("data.toy.size", at_least(24))
+    add("cls.sc_rounds", at_least(1))
+    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt"):
         add(key, at_least(0))
     for key in ("data.max_skip_fraction", "cam.bg_threshold", "aff.conf_fg", "aff.conf_bg"):
         add(key, unit)
@@ -468,36 +625,49 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     out.append(("seg.scale_range", lambda v: 0 < v[0] <= v[1], "[lo,hi] with 0 < lo ≤ hi"))
     for key in ("pseudo.alpha", "pseudo.beta", "aff.alpha_low", "aff.alpha_high", "cls.kmeans_k"):
         add(key, positive)
+    out.append(("cls.finch_partition", lambda v: v in ("last", "first") or re.fullmatch(r"-?\d+", v) is not None,
+                "last, first or an integer column"))
     return out
 
 
+def _finite(value: Any) -> bool:
+    items = value if isinstance(value, tuple) else (value,)
+    return all(math.isfinite(x) for x in items if isinstance(x, float))
+
+
+def check_backbone(key: str, name: str) -> None:
+    """ConfigError unless ``name`` is one of our backbones or a timm model (with the closest names)."""
+    if name in BACKBONES:
+        return
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"{key}={name}: unknown backbone (resnet38d or a timm model name){hint}")
+
+
 def validate(cfg: Config) -> None:
-    """Value ranges and cross-field checks that a single key's type cannot express (ConfigError naming the key)."""
-    cfg.stages()
-    if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in cfg.stages():
+    """Value ranges, names and cross-field checks that a key's type cannot express (ConfigError naming the key)."""
+    stages = cfg.stages()
+    if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
+    for key in _schema():
+        value = get(cfg, key)
+        if not _finite(value):
+            raise ConfigError(f"{key}={value}: expected a finite number")
     for key, ok, allowed in _ranges():
-        value = _get(cfg, key)
+        value = get(cfg, key)
         if not ok(value):
             shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
             raise ConfigError(f"{key}={shown}: must be {allowed}")
+    check_backbone("model.backbone", cfg.model.backbone)
+    check_backbone("seg.backbone", cfg.seg.backbone)
+    check_backbone("teacher.arch", cfg.teacher.arch)
+    if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
+        raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain JSON-able data."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from :func:`to_dict` output (validating every value)."""
-    cfg = Config()
-
-    def walk(prefix: str, sub: dict[str, Any]) -> None:
-        for k, v in sub.items():
-            if isinstance(v, dict):
-                walk(prefix + k + ".", v)
-            else:
-                set_key(cfg, prefix + k, v)
-
-    walk("", d)
-    return cfg
+__all__ = ["Config", "METHOD_NAMES", "PRESETS", "STAGES", "ConfigError", "keys", "load_yaml", "make_config",
+           "parse_stages", "parse_words", "to_dict", "to_yaml", "validate"]

@@ -1,7 +1,7 @@
 """Submit the pipeline's stages as submitit jobs: ``python launch/submit.py stage=all method=fmix [key=value ...]``.
 
-Each stage (and, for ``method=sc``, each classifier round) becomes one job running
-:func:`wsss_dist.cli.run_stage` in a :class:`StageJob`. Three back-ends (``cluster=``):
+Each stage (and, for a method that trains in rounds, ``sc``, each classifier round) becomes one job running
+:func:`wsss_dist.pipeline.run_stage` in a :class:`StageJob`. Three back-ends (``cluster=``):
 
 - ``local`` (default): submitit's LocalExecutor. It ignores dependencies, so the launcher waits for each job
   before submitting the next; logs are ``<run>/logs/<job id>_0_log.{out,err}``.
@@ -26,7 +26,6 @@ This module is the launcher's command line, so it reports progress with ``print`
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
@@ -34,18 +33,19 @@ import shutil
 import signal
 import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from . import runs
-from .config import Config, SlurmCfg, _convert, make_config, parse_overrides, set_key
+from .compat import submitit_requeue_handler
+from .config import STAGES, Config, SlurmCfg, make_config, parse_words, typed_value
 from .errors import ConfigError, Interrupted, UserError
+from .pipeline import EXIT_USER_ERROR, redo, run_stage, save_config, setup_logging, summary
+from .registry import METHODS
 
 logger = logging.getLogger(__name__)
 
-EXIT_USER_ERROR = 2
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs have no real time limit
 # Stages that use no accelerator: one CPU task whatever slurm.gpus_per_node says.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -81,61 +81,50 @@ class Step:
         return self.stage if self.round is None else f"{self.stage}.round{self.round}"
 
 
-def split_args(argv: list[str]) -> tuple[LaunchCfg, dict[str, str]]:
-    """Separate the launcher's keys from the config overrides (``key=value`` words)."""
-    from .config import STAGES
-
+def split_args(argv: list[str]) -> tuple[LaunchCfg, list[str]]:
+    """Separate the launcher's keys from the config's ``key=value`` words (kept in order)."""
     launch = LaunchCfg()
-    rest: dict[str, str] = {}
+    rest: list[str] = []
+    names = [f.name for f in dataclasses.fields(LaunchCfg) if f.name != "stage_slurm"]
     slurm_keys = {f.name for f in dataclasses.fields(SlurmCfg)}
-    for key, value in parse_overrides(argv).items():
+    for key, value in parse_words(argv):
         parts = key.split(".")
         if parts[0] == "launch":
-            types_ = typing.get_type_hints(LaunchCfg)
-            names = [n for n in types_ if n != "stage_slurm"]
             if len(parts) != 2 or parts[1] not in names:
                 raise ConfigError(f"unknown launcher key {key!r}; launcher keys: {', '.join('launch.' + n for n in names)}")
-            setattr(launch, parts[1], _convert(key, value, types_[parts[1]]))
+            setattr(launch, parts[1], typed_value(key, value, LaunchCfg))
         elif parts[0] == "slurm" and len(parts) == 3:
             stage, name = parts[1], parts[2]
             if stage not in STAGES:
                 raise ConfigError(f"{key!r}: per-stage resources are slurm.<stage>.<key> with stage one of {', '.join(STAGES)}")
             if name not in slurm_keys:
                 raise ConfigError(f"unknown key {key!r}; slurm.<stage>.<key> takes {', '.join(sorted(slurm_keys))}")
-            set_key(make_config({}), f"slurm.{name}", value)  # validate now, before any work
-            launch.stage_slurm.setdefault(stage, {})[name] = value
+            launch.stage_slurm.setdefault(stage, {})[name] = typed_value(f"slurm.{name}", value)  # checked now, before any work
         else:
-            rest[key] = value
+            rest.append(f"{key}={value}")
     return launch, rest
 
 
 def stage_resources(cfg: Config, launch: LaunchCfg, stage: str) -> SlurmCfg:
     """The SLURM resources of ``stage``: ``slurm.*``, then :data:`STAGE_DEFAULTS`, then ``slurm.<stage>.*``."""
-    scratch = copy.deepcopy(cfg)
-    for name, value in {**STAGE_DEFAULTS.get(stage, {}), **launch.stage_slurm.get(stage, {})}.items():
-        set_key(scratch, f"slurm.{name}", value)
-    return scratch.slurm
+    return dataclasses.replace(cfg.slurm, **{**STAGE_DEFAULTS.get(stage, {}), **launch.stage_slurm.get(stage, {})})
 
 
-def plan(cfg: Config, launch: LaunchCfg, overrides: dict[str, str]) -> list[Step]:
-    """The jobs of the chain in order, each marked done when its DONE marker exists."""
+def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
+    """The jobs of the chain in order, each marked done when its DONE marker exists; a method with rounds gets one
+    cls job per round (the last one also finishes the stage)."""
     steps = []
     for stage in cfg.stages():
-        base = {**overrides, "stage": stage}
+        base = [*words, f"stage={stage}"]
         res = stage_resources(cfg, launch, stage)
-        done = runs.is_done(cfg.run_dir, stage)
-        if stage == "cls" and cfg.method == "sc" and not done:
-            last = cfg.cls.sc_rounds - 1 if cfg.cls.round < 0 else min(cfg.cls.round, cfg.cls.sc_rounds - 1)
-            for r in range(last + 1):  # one job per round; the last one also finishes the stage
-                rdone = (cfg.run_dir / "cls" / f"round{r}" / "DONE").is_file() and r < cfg.cls.sc_rounds - 1
-                steps.append(Step(stage, _words({**base, "cls.round": str(r)}), res, rdone, round=r))
+        done = runs.is_done(cfg.run_dir, stage) and not (redo(cfg, stage) and stage != "report")
+        if stage == "cls" and METHODS[cfg.method].rounds and not done:
+            for r in cfg.cls_rounds():
+                rdone = (runs.round_dir(cfg.run_dir, r) / "DONE").is_file() and r < cfg.cls.sc_rounds - 1
+                steps.append(Step(stage, [*base, f"cls.round={r}"], res, rdone, round=r))
             continue
-        steps.append(Step(stage, _words(base), res, done))
+        steps.append(Step(stage, base, res, done))
     return steps
-
-
-def _words(d: dict[str, str]) -> list[str]:
-    return [f"{k}={v}" for k, v in d.items()]
 
 
 class StageJob:
@@ -150,15 +139,13 @@ class StageJob:
         """Set up the distributed env and logging, bind the requeue handler, run the stage."""
         import submitit
 
-        from .cli import run_stage, setup_logging
-
         os.chdir(self.cwd)
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one task per GPU: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for Accelerate
             submitit.helpers.TorchDistributedEnvironment().export()
         cfg = make_config(self.overrides)
         setup_logging(cfg.log_level)
-        requeue = _requeue_handler(env)
+        requeue = submitit_requeue_handler(env)
         if requeue is not None:  # time-out (USR2) and preemption (TERM) both checkpoint and requeue
             for sig in (signal.SIGUSR2, signal.SIGTERM):
                 signal.signal(sig, requeue)
@@ -182,14 +169,6 @@ class StageJob:
 
         logger.info("stage %s: requeued; it resumes from its newest checkpoint / finished shards", self.stage)
         return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.stage, self.cwd))
-
-
-def _requeue_handler(env: Any) -> Optional[Callable[..., Any]]:
-    """submitit's own checkpoint-and-requeue signal handler of this job, or None (debug executor)."""
-    from submitit.core.job_environment import SignalHandler
-
-    handler = signal.getsignal(env._usr_sig())
-    return handler if isinstance(getattr(handler, "__self__", None), SignalHandler) else None
 
 
 def _signum(e: Interrupted) -> int:
@@ -256,14 +235,12 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
 
     Raises :class:`UserError` for bad keys and :class:`RuntimeError` (with the log tail) when a local job fails.
     """
-    launch, overrides = split_args(argv)
-    cfg = make_config(overrides)
-    steps = plan(cfg, launch, overrides)
+    launch, words = split_args(argv)
+    cfg = make_config(words)
+    steps = plan(cfg, launch, words)
     cluster = cfg.cluster
     if cluster == "slurm" and shutil.which("sbatch") is None:
         raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
-    from .cli import save_config
-
     save_config(cfg)
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
@@ -298,7 +275,7 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
             tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
             raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
-        out(f"{head}: done in {time.time() - t0:.0f} s {_summary(metrics)}")
+        out(f"{head}: done in {time.time() - t0:.0f} s {summary(metrics)}")
     if cluster == "slurm" and jobs:
         out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
             f"cancel with: scancel {' '.join(j.job_id for j in jobs)}")
@@ -329,13 +306,6 @@ def wait_slurm(jobs: list[Any], poll_s: float = 5.0, out: Callable[[str], None] 
     bad = [j for j in jobs if not j.state.startswith("COMPLETED")]
     if bad:
         raise RuntimeError(f"job {bad[0].job_id} ended {bad[0].state}; last lines of {bad[0].paths.stderr}:\n{_tail(bad[0].paths.stderr)}")
-
-
-def _summary(metrics: Any) -> str:
-    if not isinstance(metrics, dict):
-        return ""
-    keys = [k for k in ("miou", "best_miou", "loss", "samples", "seconds") if k in metrics]
-    return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,15 +1,13 @@
-"""Segmentation metrics: confusion matrix and mean IoU (VOC protocol, notes §11.2).
+"""Segmentation metrics: confusion matrix and mean IoU (VOC protocol, notes §11.2), the CAM threshold sweep.
 
-Confusion matrices are plain counts, so they are **summed** across images and
-across ranks: each rank accumulates its own matrix, then the stage sums them
-(``reduce_confusion`` below, an all-reduce with ``reduction="sum"``) before
-calling :func:`miou` once on the total.
+Confusion matrices are plain counts, so they are **summed** across images and across ranks: the inference engine
+writes one matrix per shard and sums them before :func:`miou` is called once on the total.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,6 +15,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
+IGNORE = 255  # the label of pixels that are neither scored nor trained on (VOC's void band, unsure affinity labels)
 
 
 def _as_numpy(x: ArrayLike) -> np.ndarray:
@@ -76,7 +75,7 @@ def _confusion_torch(
 
 
 def confusion_matrix(
-    pred: ArrayLike, gt: ArrayLike, num_classes: int = 21, ignore_index: int = 255
+    pred: ArrayLike, gt: ArrayLike, num_classes: int = 21, ignore_index: int = IGNORE
 ) -> torch.Tensor:
     """Count pixels per (ground truth, prediction) pair → int64 [C, C], rows = ground truth.
 
@@ -115,7 +114,56 @@ def miou(cm: ArrayLike) -> tuple[float, np.ndarray]:
     return mean, iou
 
 
-def reduce_confusion(cm: torch.Tensor, accelerator: Any) -> torch.Tensor:
-    """Sum a per-rank confusion matrix over all processes (Accelerate) → CPU int64 [C, C]."""
-    total = accelerator.reduce(cm.to(accelerator.device, torch.int64), reduction="sum")
-    return total.cpu()
+def miou_metrics(cm: np.ndarray | None) -> dict:
+    """``{"miou", "iou", "confusion"}`` from a 21×21 confusion matrix (``miou`` None when there was no ground truth)."""
+    if cm is None:
+        return {"miou": None, "iou": None}
+    m, iou = miou(cm)
+    return {"miou": float(m), "iou": [None if np.isnan(x) else float(x) for x in iou], "confusion": np.asarray(cm).tolist()}
+
+
+def gt_confusion(pred: np.ndarray, sample: dict) -> np.ndarray | None:
+    """Confusion matrix of a label map against the sample's ``seg.png`` (None without ground truth)."""
+    gt = sample.get("seg.png")
+    if gt is None:
+        return None
+    return np.asarray(confusion_matrix(pred, gt))
+
+
+def sweep_confusion(cams: torch.Tensor, classes: torch.Tensor, gt: np.ndarray | torch.Tensor,
+                    ths: Sequence[float], num_classes: int = 21) -> np.ndarray:
+    """Confusion matrices [T, C, C] of CAM labels at every background threshold t of ``ths``, in one count.
+
+    The label of a pixel at threshold t is ``classes[argmax CAM]`` where the maximum exceeds t, else 0 (background;
+    ``wsss_dist.stages.cam.cam_labels``). Equal to stacking ``confusion_matrix`` of those maps against ``gt`` (ground
+    truth ≥ C, e.g. 255, ignored), but the channel maximum is taken once and all thresholds share one
+    ``np.bincount``: a pixel with maximum v and arg-max class f is foreground for exactly the thresholds t < v
+    (compared in float32).
+    """
+    C, T = num_classes, len(ths)
+    if tuple(gt.shape) != tuple(cams.shape[-2:]):
+        raise ValueError(f"ground truth is {tuple(gt.shape)}, CAMs are {tuple(cams.shape[-2:])}")
+    gt = np.asarray(gt.cpu() if isinstance(gt, torch.Tensor) else gt).reshape(-1)
+    if len(classes) == 0:
+        value = np.full(gt.shape, -np.inf, np.float32)
+        fg = np.zeros(gt.shape, np.int64)
+    else:
+        v, idx = cams.max(0)
+        value = v.float().cpu().numpy().reshape(-1)
+        fg = classes.to(idx.device)[idx].cpu().numpy().reshape(-1).astype(np.int64)
+    if fg.size and (fg.min() < 0 or fg.max() >= C):
+        raise ValueError(f"class ids must lie in [0, {C}); got {fg.min()}..{fg.max()}")
+    keep = (gt < C) & (gt >= 0) if np.issubdtype(gt.dtype, np.signedinteger) else gt < C  # drops the ignore label 255
+    th = np.asarray(ths, np.float32)
+    order = np.argsort(th, kind="stable")
+    k = np.searchsorted(th[order], value[keep], side="left")  # how many (sorted) thresholds lie below the pixel's value
+    index = (k * C + gt[keep].astype(np.int64)) * C + fg[keep]
+    hist = np.bincount(index, minlength=(T + 1) * C * C)[:(T + 1) * C * C].reshape(T + 1, C, C)  # [k, gt, class]
+    above = np.cumsum(hist[::-1], axis=0)[::-1]  # above[j] = pixels with k >= j
+    below = np.cumsum(hist.sum(-1), axis=0)  # below[j, g] = pixels of row g with k <= j (background at threshold j)
+    out = np.empty((T, C, C), np.int64)
+    for j in range(T):
+        cm = above[j + 1].copy()
+        cm[:, 0] += below[j]
+        out[order[j]] = cm
+    return out

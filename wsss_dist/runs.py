@@ -14,7 +14,8 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename in it is durable); errors ignored (not every file system can)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -37,19 +38,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        if path.is_dir() and tmp.is_dir():  # replace a directory: move the old one aside first
-            old = _tmp_name(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Rename ``src`` onto ``dst`` (a file, or a directory: the old one is moved aside first, removed after), durably."""
+    if dst.is_dir() and src.is_dir():
+        old = _tmp_name(dst)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_dir(dst.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -63,6 +69,28 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write numpy arrays as an ``.npz`` atomically (no pickles: object arrays are refused)."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+    return path
+
+
+def write_npy(path: str | os.PathLike, array: Any) -> Path:
+    """Write one numpy array as ``.npy`` atomically (no pickles)."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+    return path
 
 
 def _json_default(o: Any) -> Any:
@@ -119,6 +147,11 @@ def read_done(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
 def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | None = None) -> Path:
     """Write ``<stage>/DONE`` last, atomically, holding the stage's metrics as JSON."""
     return write_json(stage_dir(run_dir, stage) / "DONE", metrics or {})
+
+
+def round_dir(run_dir: str | os.PathLike, r: int) -> Path:
+    """``runs/<run>/cls/round<r>/``: one training round of a method that trains in rounds (sc)."""
+    return Path(run_dir) / "cls" / f"round{r}"
 
 
 def require_done(run_dir: str | os.PathLike, stage: str, needed_by: str) -> None:

@@ -3,19 +3,22 @@
 Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[20] labels, ``seg.png`` =
 ground-truth mask (palette PNG) where one exists. Shards are ``{split}-{index:06d}.tar``; each appears only whole
 (written under a temporary name, then renamed). ``manifest.json`` lists, per split, the shards, sample counts, class
-histogram, ids and sha256 of each tar, plus a fingerprint of the inputs so an unchanged rebuild does nothing.
+histogram, ids and sha256 of each tar, plus a fingerprint of the inputs: with unchanged inputs a rebuild verifies
+every tar against the manifest and rewrites only those missing or different (:func:`update_shards`).
 Readers decode only the keys asked for with explicit decoders, never unpickle, and skip broken samples with a
 counted warning (:class:`SkipCounter`); a truncated or corrupt tar, a tar whose sha256 differs from the manifest next
 to it, or a pickle member is a :class:`DataError` naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -72,9 +75,14 @@ class SkipCounter:
 
     def check(self, max_fraction: float, what: str = "reading shards") -> None:
         """Raise :class:`DataError` when more than ``max_fraction`` of the samples were skipped."""
-        if self.fraction() > max_fraction:
-            raise DataError(f"{what}: {self.skipped} of {self.seen + self.skipped} samples were broken and skipped, "
-                            f"more than data.max_skip_fraction={max_fraction}; rebuild the shards (stage=shards)")
+        check_skip_fraction(self.skipped, self.seen + self.skipped, max_fraction, what)
+
+
+def check_skip_fraction(skipped: int, total: int, max_fraction: float, what: str) -> None:
+    """DataError when more than ``max_fraction`` of ``total`` samples were broken and skipped (the one rule for all)."""
+    if total and skipped > max_fraction * total:
+        raise DataError(f"{what}: {skipped} of {total} samples were broken and skipped, more than "
+                        f"data.max_skip_fraction={max_fraction}; rebuild the shards (stage=shards) or raise the limit")
 
 
 def _short(exn: BaseException) -> str:
@@ -176,9 +184,33 @@ def _sample(source: VOCSource, image_id: str, need_mask: bool = False) -> dict:
     return sample
 
 
+@dataclasses.dataclass
+class ShardsReport:
+    """What :func:`update_shards` did: the manifest now on disk, shards verified against it and shards (re)written."""
+
+    manifest: dict
+    verified: int = 0  # listed tars checked on disk: present, size and sha256 as in the manifest
+    rebuilt: list[str] = dataclasses.field(default_factory=list)  # tar names written by this call
+    verify_seconds: float = 0.0
+    full: bool = False  # True when every shard was (re)built: no usable manifest, or the inputs changed
+
+
 def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
                  shard_size: int = 200, progress: bool = True) -> dict:
-    """Pack ``splits`` of ``source`` into ``out_dir`` and write ``manifest.json``; no-op when the inputs are unchanged."""
+    """Pack ``splits`` of ``source`` into ``out_dir``, repairing what differs (:func:`update_shards`); the manifest."""
+    return update_shards(source, out_dir, splits, shard_size, progress).manifest
+
+
+def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
+                  shard_size: int = 200, progress: bool = True) -> ShardsReport:
+    """Make ``out_dir`` hold the shards of ``source`` and their ``manifest.json``, writing only what is needed.
+
+    Inputs changed (fingerprint), or no usable manifest (absent, not JSON, fields missing: a warning): every shard is
+    rebuilt. Otherwise every listed tar is verified (exists, size and sha256 as in the manifest) and exactly the tars
+    that are missing or differ are rebuilt from the sources, the others left untouched; then the manifest is rewritten.
+    A manifest entry whose sha256 was altered while its tar is intact counts as "differs": the tar is rebuilt from the
+    sources and its true sha256 recorded (the sources, not the manifest or the tar, are what both must agree with).
+    """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -186,25 +218,129 @@ def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tra
     ids = {split: source.ids(split) for split in splits}
     fp = _fingerprint(source, ids, shard_size)
     mpath = out_dir / MANIFEST
-    if mpath.is_file():
-        try:
-            old = runs.read_json(mpath)
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") == fp and _tars_present(out_dir, old):
-            logger.info("shards in %s are up to date (same inputs), nothing to do", out_dir)
-            return old
+    old = _usable_manifest(mpath, fp, ids, shard_size)
+    if old is None:
+        mpath.unlink(missing_ok=True)  # no manifest may vouch for shards while they are rewritten
+        manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
+                                    "source": {"voc_root": str(source.voc_root),
+                                               "sbd_root": str(source.sbd_root or ""),
+                                               "lists_dir": str(source.lists_dir or "")},
+                                    "splits": {}}
+        with tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress) as bar:
+            for split in splits:
+                _build_split(source, out_dir, split, ids[split], shard_size, manifest, bar)
+        runs.write_json(mpath, manifest)
+        names = [n for info in manifest["splits"].values() for n in info["shards"]]
+        return ShardsReport(manifest, rebuilt=names, full=True)
+
+    t0 = time.perf_counter()
+    bad = _verify_tars(out_dir, old)
+    seconds = time.perf_counter() - t0
+    listed = sum(len(info["shards"]) for info in old["splits"].values())
+    logger.info("verified %d shards in %s against %s in %.2f s: %d missing or different", listed, out_dir, MANIFEST,
+                seconds, len(bad))
+    report = ShardsReport(old, verified=listed, verify_seconds=round(seconds, 3))
+    if not bad:
+        logger.info("shards in %s are up to date (same inputs), nothing to do", out_dir)
+        return report
+    todo = [(split, name, _shard_ids(old["splits"][split], name)) for split, name in bad]
+    with tqdm(total=sum(len(c) for _, _, c in todo), desc="repair", unit="img", disable=not progress) as bar:
+        for split, name, chunk in todo:
+            info = old["splits"][split]
+            samples = _shard_samples(source, split, chunk, bar)
+            write_shard(out_dir / name, samples)
+            info["sha256"][name], info["bytes"][name] = _sha256(out_dir / name), (out_dir / name).stat().st_size
+            report.rebuilt.append(name)
+            logger.info("rebuilt %s (%d samples)", out_dir / name, len(samples))
+    runs.write_json(mpath, old)
+    return report
+
+
+def _usable_manifest(mpath: Path, fp: str, ids: dict[str, list[str]], shard_size: int) -> dict | None:
+    """The manifest in ``mpath`` when it describes shards of the current inputs (to verify and repair), else None."""
+    if not mpath.is_file():
+        return None
+    try:
+        old = runs.read_json(mpath)
+    except (ValueError, OSError) as e:
+        logger.warning("%s; treating the shard manifest as absent: rebuilding every shard", e)
+        return None
+    if isinstance(old, dict) and isinstance(old.get("fingerprint"), str) and old["fingerprint"] != fp:
         logger.info("inputs changed since %s was written: rebuilding the shards", mpath)
-        mpath.unlink()
-    manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
-                                "source": {"voc_root": str(source.voc_root), "sbd_root": str(source.sbd_root or ""),
-                                           "lists_dir": str(source.lists_dir or "")},
-                                "splits": {}}
-    with tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress) as bar:
-        for split in splits:
-            _build_split(source, out_dir, split, ids[split], shard_size, manifest, bar)
-    runs.write_json(mpath, manifest)
-    return manifest
+        return None
+    problem = _manifest_problem(old, ids, shard_size)
+    if problem is not None:
+        logger.warning("%s: %s; treating it as absent: rebuilding every shard", mpath, problem)
+        return None
+    return old
+
+
+_MANIFEST_FIELDS = ("version", "fingerprint", "shard_size", "splits")
+_SPLIT_FIELDS = ("shards", "counts", "total", "ids", "class_hist", "with_mask", "sha256", "bytes")
+
+
+def _manifest_problem(m: Any, ids: dict[str, list[str]], shard_size: int) -> str | None:
+    """What makes ``m`` unfit as the manifest of the shards of ``ids`` (fields missing, other layout), or None."""
+    if not isinstance(m, dict):
+        return f"not a shard manifest (a JSON {type(m).__name__}, expected an object)"
+    missing = [k for k in _MANIFEST_FIELDS if k not in m]
+    if missing:
+        return f"not a valid shard manifest (no {', '.join(missing)})"
+    if not isinstance(m["splits"], dict) or set(m["splits"]) != set(ids):
+        return f"lists splits {sorted(m['splits']) if isinstance(m['splits'], dict) else '?'}, expected {sorted(ids)}"
+    for split, split_ids_ in ids.items():
+        info = m["splits"][split]
+        missing = [k for k in _SPLIT_FIELDS if k not in info] if isinstance(info, dict) else list(_SPLIT_FIELDS)
+        if missing:
+            return f"split {split!r} has no {', '.join(missing)}"
+        starts = range(0, len(split_ids_), shard_size)
+        names = [f"{split}-{i:06d}.tar" for i in range(len(starts))]
+        if (info["ids"] != split_ids_ or info["shards"] != names
+                or info["counts"] != [len(split_ids_[s:s + shard_size]) for s in starts]):
+            return f"split {split!r}: its shards, counts or ids do not fit the inputs"
+        sha, size = info["sha256"], info["bytes"]
+        if not isinstance(sha, dict) or not isinstance(size, dict) or not all(
+                isinstance(sha.get(n), str) and isinstance(size.get(n), int) for n in names):
+            return f"split {split!r}: sha256 or bytes missing for some shard"
+    return None
+
+
+def _verify_tars(out_dir: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(split, name) of every listed tar that is missing or whose size or sha256 differs from the manifest (warned)."""
+    bad = []
+    for split, info in manifest["splits"].items():
+        for name in info["shards"]:
+            path = out_dir / name
+            try:
+                if not path.is_file():
+                    problem = "missing"
+                elif path.stat().st_size != info["bytes"][name]:
+                    problem = f"size {path.stat().st_size} differs from {info['bytes'][name]} in {MANIFEST}"
+                elif _sha256(path) != info["sha256"][name]:
+                    problem = f"sha256 differs from {MANIFEST}"
+                else:
+                    continue
+            except OSError as e:
+                problem = f"unreadable ({_short(e)})"
+            logger.warning("%s: %s; rebuilding it", path, problem)
+            bad.append((split, name))
+    return bad
+
+
+def _shard_ids(info: dict, name: str) -> list[str]:
+    """The image ids packed in shard ``name`` of a split's manifest entry (in order)."""
+    i = info["shards"].index(name)
+    start = sum(info["counts"][:i])
+    return info["ids"][start:start + info["counts"][i]]
+
+
+def _shard_samples(source: VOCSource, split: str, chunk: Sequence[str], bar: Any) -> list[dict]:
+    """The samples of ``chunk`` (validated: broken files are a DataError), advancing ``bar``."""
+    samples = []
+    for image_id in chunk:
+        samples.append(_sample(source, image_id, need_mask=split in SEG_SPLITS))
+        bar.update(1)
+    return samples
 
 
 def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[str], shard_size: int, manifest: dict,
@@ -214,14 +350,10 @@ def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[
     hist = np.zeros(NUM_CLASSES, np.int64)
     with_mask = 0
     for index, start in enumerate(range(0, len(split_ids_), shard_size)):
-        chunk = split_ids_[start:start + shard_size]
-        samples = []
-        for image_id in chunk:
-            s = _sample(source, image_id, need_mask=split in SEG_SPLITS)
+        samples = _shard_samples(source, split, split_ids_[start:start + shard_size], bar)
+        for s in samples:
             hist += s["cls.npy"] > 0.5
             with_mask += "seg.png" in s
-            samples.append(s)
-            bar.update(1)
         name = f"{split}-{index:06d}.tar"
         counts.append(write_shard(out_dir / name, samples))
         names.append(name)
@@ -233,14 +365,6 @@ def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[
     manifest["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts), "ids": split_ids_,
                                  "class_hist": hist.tolist(), "with_mask": with_mask, "sha256": shas, "bytes": sizes}
     logger.info("split %s: %d samples in %d shards (%d with masks)", split, sum(counts), len(names), with_mask)
-
-
-def _tars_present(out_dir: Path, manifest: dict) -> bool:
-    try:
-        return all((out_dir / n).is_file() and (out_dir / n).stat().st_size == info["bytes"][n]
-                   for info in manifest["splits"].values() for n in info["shards"])
-    except (KeyError, TypeError):
-        return False
 
 
 def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
@@ -389,12 +513,7 @@ def tar_problem(url: str) -> str | None:
     return None
 
 
-def tar_intact(url: str) -> bool:
-    """Whether a local tar is whole and every header is readable (see :func:`tar_problem`)."""
-    return tar_problem(url) is None
-
-
-def check_tars(counter: SkipCounter | None = None) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def check_tars() -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage over shard dicts: a truncated or corrupt tar is a DataError naming it (reading it would lose samples)."""
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
@@ -427,7 +546,7 @@ def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) 
     """Undecoded samples (members ``keys`` only) of tars, in order; a truncated or corrupt tar is a DataError."""
     import webdataset as wds
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), check_tars(counter),
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), check_tars(),
                                 wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)))
     return iter(pipeline)
 
@@ -445,7 +564,7 @@ def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None
     verify_against_manifest(str(url))
     pipeline = wds.DataPipeline(
         wds.SimpleShardList([str(url)]),
-        check_tars(counter),
+        check_tars(),
         wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)),
         wds.map(lambda s: decode_sample(s, keys), handler=counter.handler),
     )

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from ..compat import close_loader
 from ..errors import DataError
-from .shards import SkipCounter, check_tars, decode_sample, decode_value, read_shard, refuse_pickles, selector
-from .voc import IGNORE
+from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, selector)
+from ..metrics import IGNORE
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 left[0] -= total
                 continue
             skipping = left[0] > 0
-            stages = [wds.SimpleShardList(urls), check_tars(counter),
+            stages = [wds.SimpleShardList(urls), check_tars(),
                       wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(("jpg", "cls.npy")))]
             if self.mask_dir is not None:
                 stages.append(merge_masks(Path(self.mask_dir), self.mask_key, counter))
@@ -265,23 +266,21 @@ class TrainStream(torch.utils.data.IterableDataset):
                     _seed(self.seed, epoch, self.rank, worker, "buffer"))))
             stages += [drop, wds.map(lambda s, e=epoch: self.prepare(s, e), handler=counter.handler)]
             n, skipped_before = 0, counter.skipped
-            limit = self.max_skip_fraction * total if total else None
             for sample in wds.DataPipeline(*stages):
                 counter.seen += 1
                 n += 1
-                if limit is not None and counter.skipped - skipped_before > limit:
-                    self._too_many(counter.skipped - skipped_before, total, urls)
+                if total:  # during the epoch, against the epoch's size from the tar headers
+                    check_skip_fraction(counter.skipped - skipped_before, total, self.max_skip_fraction, self._what(urls))
                 yield sample
-            skipped = counter.skipped - skipped_before
-            if skipped and not skipping and skipped > self.max_skip_fraction * (n + skipped):
-                self._too_many(skipped, n + skipped, urls)
+            if not skipping:  # at its end, against what was read (the only count when the headers were unreadable)
+                check_skip_fraction(counter.skipped - skipped_before, n + counter.skipped - skipped_before,
+                                    self.max_skip_fraction, self._what(urls))
             if n == 0 and not skipping:
                 raise DataError(f"no readable samples in {', '.join(urls)} (epoch {epoch}); rebuild the shards")
 
-    def _too_many(self, skipped: int, total: int, urls: list[str]) -> None:
-        raise DataError(f"{skipped} of {total} samples in {', '.join(Path(u).name for u in urls[:4])}"
-                        f"{', ...' if len(urls) > 4 else ''} were broken and skipped, more than "
-                        f"data.max_skip_fraction={self.max_skip_fraction}; rebuild the shards (stage=shards) or raise the limit")
+    @staticmethod
+    def _what(urls: list[str]) -> str:
+        return f"{', '.join(Path(u).name for u in urls[:4])}{', ...' if len(urls) > 4 else ''}"
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -350,12 +349,26 @@ def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
         msg = str(e)
     if "Original Traceback" in msg:
         msg = msg.strip().splitlines()[-1].split("DataError: ", 1)[-1]
-    shutdown = getattr(it, "_shutdown_workers", None)  # stop the workers now, not whenever the traceback is freed
-    if shutdown is not None:
-        shutdown()
+    close_loader(it)  # stop the workers now, not whenever the traceback is freed
     raise DataError(msg)
 
 
-def infer_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy"), counter: SkipCounter | None = None) -> Iterator[dict]:
-    """Decoded samples of one shard, in order, for inference (``__key__`` + ``keys``); broken ones skipped and counted."""
-    return read_shard(url, keys, counter)
+def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
+    """The sample's normalised image as [1, 3, H, W] on ``device``."""
+    return normalize(sample["jpg"]).unsqueeze(0).to(device)
+
+
+def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable[[int, int, int], Iterator[dict]]:
+    """The engine's ``make_loader(rank, world, start_batch)`` over ``split``'s shards with ``train``'s augmentation
+    (``cfg``: the run's Config, ``train``: one trainer's TrainCfg; ``extra``: mask_dir, scale_range, ...)."""
+    from .shards import load_manifest, split_urls
+
+    urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir))
+
+    def make_loader(rank: int, world: int, start_batch: int) -> Iterator[dict]:
+        return train_loader(urls, batch_size=train.batch_size, crop=train.crop, resize_long=train.resize_long,
+                            seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
+                            start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer,
+                            max_skip_fraction=cfg.data.max_skip_fraction, **extra)
+
+    return make_loader

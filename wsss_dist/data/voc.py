@@ -24,7 +24,6 @@ CLASSES: tuple[str, ...] = (
 CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}  # index into the 20 labels (no bg)
 NUM_CLASSES = len(CLASSES)
 IGNORE = 255
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # an image id is a plain file-name stem: it never leaves its folder
 _LIST_RE = re.compile(r"^(?:/?JPEGImages/)?([A-Za-z0-9_-]+)(?:\.jpg)?$")  # <id>, <id>.jpg or psa's /JPEGImages/<id>.jpg
 
 
@@ -64,13 +63,21 @@ def write_mask_png(path: str | os.PathLike | None, mask: np.ndarray) -> bytes:
 
 
 def read_mask_png(path_or_bytes: str | os.PathLike | bytes) -> np.ndarray:
-    """A label PNG (palette or greyscale) as uint8 [H, W] of class indices (never converted to RGB)."""
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    with Image.open(src) as img:
-        if img.mode not in ("P", "L"):
-            name = "<bytes>" if isinstance(src, io.BytesIO) else str(src)
-            raise DataError(f"{name}: a label PNG must be palette (P) or greyscale (L), got mode {img.mode}")
-        return np.array(img, dtype=np.uint8)
+    """A label PNG (palette or greyscale) as uint8 [H, W] of class indices (never RGB); a broken file is a DataError."""
+    is_bytes = isinstance(path_or_bytes, (bytes, bytearray))
+    src = io.BytesIO(path_or_bytes) if is_bytes else path_or_bytes
+    name = "<bytes>" if is_bytes else str(path_or_bytes)
+    try:
+        with Image.open(src) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(f"{name}: a label PNG must be palette (P) or greyscale (L), got mode {img.mode}")
+            img.load()  # a truncated file fails here ("Truncated File Read")
+            return np.array(img, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise DataError(f"{name}: broken mask PNG ({type(e).__name__}: {e}); replace the file or remove its id "
+                        "from the split list") from None
 
 
 def _read_list(path: Path) -> list[str]:

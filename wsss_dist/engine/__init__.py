@@ -1,8 +1,12 @@
-"""The one training engine every trainer uses (Accelerate): :func:`fit`, optimiser, schedule, weights, checkpoints."""
+"""The two engines every stage uses: training (:func:`fit`, on Accelerate) and shard-parallel inference
+(:func:`map_shards`); the process state (:func:`dist`), optimiser, schedule and checkpoints."""
 from ..errors import Interrupted
-from .checkpoint import load_model_weights, newest_checkpoint, save_model_weights
-from .loop import fit, read_metrics, step_seed
+from ..models.weights import load_model_weights, save_model_weights
+from .checkpoint import newest_checkpoint
+from .dist import Dist, autocast, dist
+from .infer import map_shards, split_features
+from .loop import fit, step_seed
 from .optim import build_optimizer, poly_lr
 
-__all__ = ["Interrupted", "build_optimizer", "fit", "load_model_weights", "newest_checkpoint", "poly_lr",
-           "read_metrics", "save_model_weights", "step_seed"]
+__all__ = ["Dist", "Interrupted", "autocast", "build_optimizer", "dist", "fit", "load_model_weights", "map_shards",
+           "newest_checkpoint", "poly_lr", "save_model_weights", "split_features", "step_seed"]

@@ -1,4 +1,4 @@
-"""Checkpoints (accelerate state, atomic, with a completion marker) and model weights (safetensors)."""
+"""Checkpoints: accelerate state, atomic, with a completion marker (trained weights: :mod:`wsss_dist.models.weights`)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from .. import runs
-from ..errors import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -18,19 +17,6 @@ COMPLETE = "COMPLETE"  # written into a checkpoint dir after everything else; a 
 PREFIX = "step-"
 TRAIN_STATE = "train_state.json"  # the loop's own state (step, loss, skipped): JSON, never a pickle
 LEGACY_STATE = "custom_checkpoint_0.pkl"  # older checkpoints: accelerate's pickle of the same dict
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP / DataParallel / torch.compile wrappers."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DataParallel, DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -58,6 +44,7 @@ def remove_partial(out_dir: str | Path) -> None:
     for p in ckpt.glob(".tmp-*") if ckpt.is_dir() else []:
         logger.info("removing the unfinished checkpoint %s", p)
         shutil.rmtree(p, ignore_errors=True)
+    runs.remove_stale_tmp(ckpt)  # an old checkpoint moved aside by a replace that was killed
 
 
 def _fsync_tree(root: Path) -> None:
@@ -65,19 +52,6 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, state: dict | None = None) -> Path:
@@ -98,15 +72,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, 
         runs.write_json(tmp / TRAIN_STATE, state if state is not None else {"step": step})
         _fsync_tree(tmp)
         runs.write_json(tmp / COMPLETE, {"step": step, "time": time.time(), "world": accelerator.num_processes})
-        if final.exists():  # e.g. an incomplete dir of the same step: move it aside, never delete before the rename
-            old = ckpt / f".tmp-old-{PREFIX}{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt)
+        runs.replace(tmp, final)  # an incomplete dir of the same step is moved aside, never deleted before the rename
         for stale in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -128,36 +94,3 @@ def read_train_state(ckpt: str | Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{ckpt}: {TRAIN_STATE} holds no step")
     return state
-
-
-def save_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Atomic safetensors of the unwrapped model's state_dict (tensors sharing memory are stored as copies)."""
-    from safetensors.torch import save_file
-
-    state, seen = {}, set()
-    for k, v in unwrap(model).state_dict().items():
-        v = v.detach().cpu().contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        state[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    with runs.atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
-
-
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load weights written by :func:`save_model_weights`; WeightsError when the file is missing or does not fit."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; run the stage that writes it first")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type on a truncated/corrupt file
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); delete it and rerun the stage that writes it") from None
-    try:
-        unwrap(model).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-        raise WeightsError(f"{path} does not fit the model: {' '.join(lines[:3])[:500]}") from None

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from .. import runs
+from ..compat import close_loader, reset_accelerate_precision
 from ..config import OptimCfg, TrainCfg
 from ..errors import Interrupted, TrainingDiverged
-from .checkpoint import (checkpoint_step, complete_checkpoints, load_model_weights, newest_checkpoint, read_train_state,
-                         remove_partial, save_checkpoint, save_model_weights)
+from ..models.weights import load_model_weights, save_model_weights
+from .checkpoint import checkpoint_step, complete_checkpoints, read_train_state, remove_partial, save_checkpoint
 from .optim import build_optimizer, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ METRICS = "metrics.json"
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 NO_STEP = 2**62  # "no non-finite loss" in the divergence check
 
-__all__ = ["fit", "step_seed", "read_metrics", "newest_checkpoint"]
+__all__ = ["fit", "step_seed"]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -134,11 +135,8 @@ def _make_accelerator(train: TrainCfg):
     The process group (PartialState) is kept: stages run one after another in one process.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != train.mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    reset_accelerate_precision(train.mixed_precision)
     return Accelerator(mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
                        cpu=not torch.cuda.is_available())
 
@@ -270,11 +268,12 @@ def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
 
 def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable, out_dir: Path,
            train: TrainCfg, optim: OptimCfg, log_name: str, stop: StopSignals) -> dict:
+    """The loop: per step seed, lr, (accumulated) forward/backward/step; log, stop on a signal, checkpoint."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     accelerator = _make_accelerator(train)
-    main, rank, world, device = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes, accelerator.device
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if main:
         remove_partial(out_dir)
     accelerator.wait_for_everyone()
@@ -295,6 +294,16 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     writer = _tensorboard(out_dir / "tb") if main else None
     tty = sys.stderr.isatty()
     images, t0 = 0, time.time()
+
+    def sync() -> float:
+        """The window's mean loss over all ranks (one collective; raises on a non-finite loss); counts skips."""
+        loss, skipped = window.check(accelerator, sum(skips.values()), log_name)
+        state.skipped = skipped_before + skipped
+        return loss
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
+
     with contextlib.ExitStack() as stack:
         if main:
             stack.enter_context(logging_redirect_tqdm())
@@ -307,48 +316,30 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
             seed_step(train.seed, step, rank)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = poly_lr(step, total, base, optim.poly_power, optim.warmup_steps)
-            loss_sum = None
-            for _ in range(train.grad_accum):
-                batch = _to_device(next(batches), device, train.channels_last)
-                if "skipped" in batch:
-                    _note_skips(skips, batch)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss, logs = loss_fn(model, batch, step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if optim.grad_clip > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
-                        step_optimizer()
-                loss = loss.detach()
-                loss_sum = loss if loss_sum is None else loss_sum + loss
-                images += _batch_size(batch)
-            window.add(step, loss_sum / train.grad_accum if train.grad_accum > 1 else loss_sum)
+            loss, logs, n = _accumulated_step(accelerator, model, loss_fn, batches, step, train, optim, step_optimizer, skips)
+            images += n
+            window.add(step, loss)
             state.step += 1
             bar.update(1)
             if state.step % log_every == 0 or state.step == total:
-                state.loss, skipped = window.check(accelerator, sum(skips.values()), log_name)
-                state.skipped = skipped_before + skipped
+                state.loss = sync()
                 _log(bar, writer, log_name, state, total, optimizer, logs, images * world / max(time.time() - t0, 1e-9))
             signum = agree(stop.signum) if state.step < total else 0
             if signum:
-                _, skipped = window.check(accelerator, sum(skips.values()), log_name)
-                state.skipped = skipped_before + skipped
-                save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
+                sync()
+                checkpoint()
                 logger.warning("%s: stopped at step %d by %s; checkpoint written, rerun to resume", log_name, state.step,
                                signal.Signals(signum).name)
                 raise Interrupted(signum, f"{log_name}: stopped by {signal.Signals(signum).name} at step {state.step} "
                                           f"of {total}, checkpoint written in {out_dir / 'ckpt'}")
             if state.step % ckpt_every == 0 and state.step < total:
-                _, skipped = window.check(accelerator, sum(skips.values()), log_name)
-                state.skipped = skipped_before + skipped
-                save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
+                sync()
+                checkpoint()
         agree.wait()
         seconds = time.time() - t0
-        _, skipped = window.check(accelerator, sum(skips.values()), log_name)
-        state.skipped = skipped_before + skipped
+        sync()
         if resumed_at != state.step:  # the final state (kept for continuing with more steps later)
-            save_checkpoint(accelerator, out_dir, state.step, state=state.state_dict())
+            checkpoint()
     metrics = {"steps": state.step, "loss": state.loss, "seconds": round(seconds, 3),
                "images_per_s": round(images * world / max(seconds, 1e-9), 2), "skipped": state.skipped}
     if main:
@@ -358,6 +349,28 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     # not accelerator.end_training(): it destroys the process group that later stages in this process still use
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _accumulated_step(accelerator, model, loss_fn: Callable, batches: Iterator[dict], step: int, train: TrainCfg,
+                      optim: OptimCfg, step_optimizer: Callable[[], None], skips: dict) -> tuple[torch.Tensor, dict, int]:
+    """One optimiser step over ``train.grad_accum`` micro-batches: (mean loss, the last logs, images seen)."""
+    loss_sum, images, logs = None, 0, {}
+    for _ in range(train.grad_accum):
+        batch = _to_device(next(batches), accelerator.device, train.channels_last)
+        if "skipped" in batch:
+            _note_skips(skips, batch)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, logs = loss_fn(model, batch, step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                step_optimizer()
+        loss = loss.detach()
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        images += _batch_size(batch)
+    return (loss_sum / train.grad_accum if train.grad_accum > 1 else loss_sum), logs, images
 
 
 def _optimizer_step(accelerator, optimizer) -> Callable[[], None]:
@@ -403,10 +416,7 @@ def _log(bar, writer, log_name: str, state: TrainState, total: int, optimizer, l
 
 
 def _close(batches: Any, writer: Any) -> None:
-    close = getattr(batches, "close", None) or getattr(batches, "_shutdown_workers", None)
-    if callable(close):
-        with contextlib.suppress(Exception):
-            close()
+    close_loader(batches)
     if writer is not None:
         writer.close()
 
@@ -418,9 +428,3 @@ def _tensorboard(path: Path):
         logger.warning("tensorboard is not installed: no TensorBoard scalars (metrics.json is still written)")
         return None
     return SummaryWriter(str(path))
-
-
-def read_metrics(out_dir: str | Path) -> dict:
-    """A finished trainer's metrics.json."""
-    return runs.read_json(Path(out_dir) / METRICS)
-

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import torch
 
+from wsss_dist.metrics import IGNORE
+
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
 
 
 def affinity_offsets(radius: int = 5) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss_dist.models.backbones import Backbone, merge_param_groups, param_groups_by_decay
+from wsss_dist.models.backbones import Backbone, head_param_groups
 
 
 class AffinityNet(nn.Module):
@@ -57,7 +57,4 @@ class AffinityNet(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """Backbone lr×1 (weights wd, BN/bias no wd); heads lr×10 with wd; each group has ``lr_mult``."""
-        groups = self.backbone.param_groups(lr, weight_decay)
-        for m in self.new_modules():
-            groups += param_groups_by_decay(m.named_parameters(), lr, weight_decay, lr_mult=10.0)
-        return merge_param_groups(groups)
+        return head_param_groups(self.backbone, self.new_modules(), lr, weight_decay)

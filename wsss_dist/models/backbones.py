@@ -189,6 +189,14 @@ def param_groups_by_decay(named: Iterator[tuple[str, nn.Parameter]], lr: float, 
     return [g for g in groups if g["params"]]
 
 
+def head_param_groups(backbone: "Backbone", heads: Sequence[nn.Module], lr: float, weight_decay: float) -> list[dict]:
+    """Backbone lr×1 (weights wd, BN/bias no wd) and new ``heads`` lr×10 (with wd), merged; each group has ``lr_mult``."""
+    groups = backbone.param_groups(lr, weight_decay)
+    for m in heads:
+        groups += param_groups_by_decay(m.named_parameters(), lr, weight_decay, lr_mult=10.0)
+    return merge_param_groups(groups)
+
+
 def merge_param_groups(groups: list[dict]) -> list[dict]:
     """Merge groups with the same (lr_mult, weight_decay) so an optimiser sees few groups."""
     merged: dict[tuple[float, float], dict] = {}
@@ -284,5 +292,5 @@ def create_backbone(name: str, weights: str | None = None, output_stride: int = 
 
 
 __all__ = ["Backbone", "ResNet38dBackbone", "TimmBackbone", "create_backbone", "load_weights",
-           "read_state_dict", "param_groups_by_decay", "merge_param_groups", "WeightsNotFoundError",
+           "read_state_dict", "param_groups_by_decay", "head_param_groups", "merge_param_groups", "WeightsNotFoundError",
            "WeightsMismatchError", "HEAD_PREFIXES"]

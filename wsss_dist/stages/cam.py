@@ -9,8 +9,6 @@ the CAM mIoU of the ``cam.eval_split`` ids at background ``cam.bg_threshold`` pl
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 from typing import Sequence
@@ -21,8 +19,12 @@ import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
-from .cls import load_trained
-from .common import autocast, check_skips, dist, eval_ids, image_tensor, miou_metrics, shard_map
+from ..data.records import encode_cam
+from ..data.shards import load_manifest, split_ids
+from ..data.stream import image_tensor
+from ..engine import autocast, dist, map_shards
+from ..metrics import miou_metrics, sweep_confusion
+from ..models.build import load_trained
 
 logger = logging.getLogger(__name__)
 
@@ -58,53 +60,15 @@ def thresholds(cfg: Config) -> list[float]:
     return [cfg.cam.bg_threshold] + [t for t in cfg.cam.sweep if t != cfg.cam.bg_threshold]
 
 
-def sweep_confusion(cams: torch.Tensor, classes: torch.Tensor, gt: np.ndarray | torch.Tensor,
-                    ths: Sequence[float], num_classes: int = 21) -> np.ndarray:
-    """Confusion matrices [T, C, C] of ``cam_labels(cams, classes, t)`` against ``gt`` for every t, in one count.
-
-    Equal to stacking ``confusion_matrix(cam_labels(cams, classes, t), gt)`` (ground truth ≥ C, e.g. 255, ignored),
-    but the channel maximum is taken once and all thresholds share one ``np.bincount``: a pixel with maximum v
-    and arg-max class f is foreground for exactly the thresholds t < v (compared in float32, as ``cam_labels``).
-    """
-    C, T = num_classes, len(ths)
-    if tuple(gt.shape) != tuple(cams.shape[-2:]):
-        raise ValueError(f"ground truth is {tuple(gt.shape)}, CAMs are {tuple(cams.shape[-2:])}")
-    gt = np.asarray(gt.cpu() if isinstance(gt, torch.Tensor) else gt).reshape(-1)
-    if len(classes) == 0:
-        value = np.full(gt.shape, -np.inf, np.float32)
-        fg = np.zeros(gt.shape, np.int64)
-    else:
-        v, idx = cams.max(0)
-        value = v.float().cpu().numpy().reshape(-1)
-        fg = classes.to(idx.device)[idx].cpu().numpy().reshape(-1).astype(np.int64)
-    if fg.size and (fg.min() < 0 or fg.max() >= C):
-        raise ValueError(f"class ids must lie in [0, {C}); got {fg.min()}..{fg.max()}")
-    keep = (gt < C) & (gt >= 0) if np.issubdtype(gt.dtype, np.signedinteger) else gt < C  # drops the ignore label 255
-    th = np.asarray(ths, np.float32)
-    order = np.argsort(th, kind="stable")
-    k = np.searchsorted(th[order], value[keep], side="left")  # how many (sorted) thresholds lie below the pixel's value
-    index = (k * C + gt[keep].astype(np.int64)) * C + fg[keep]
-    hist = np.bincount(index, minlength=(T + 1) * C * C)[:(T + 1) * C * C].reshape(T + 1, C, C)  # [k, gt, class]
-    above = np.cumsum(hist[::-1], axis=0)[::-1]  # above[j] = pixels with k >= j
-    below = np.cumsum(hist.sum(-1), axis=0)  # below[j, g] = pixels of row g with k <= j (background at threshold j)
-    out = np.empty((T, C, C), np.int64)
-    for j in range(T):
-        cm = above[j + 1].copy()
-        cm[:, 0] += below[j]
-        out[order[j]] = cm
-    return out
-
-
 def run(cfg: Config) -> dict:
     """Compute CAM shards for ``cam.split`` and the CAM mIoU (threshold sweep) on ``cam.eval_split``."""
     d = dist()
-    model = load_trained(cfg).to(d.device).to(memory_format=torch.channels_last)
-    out_dir = runs.stage_dir(cfg.run_dir, "cam")
-    ids = eval_ids(cfg, cfg.cam.eval_split)
+    model = load_trained(cfg, "cls", "cam").to(d.device).to(memory_format=torch.channels_last)
+    ids = set(split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cam.eval_split))
     ths = thresholds(cfg)
     c = cfg.cam
 
-    def process(sample: dict) -> dict:
+    def process(sample: dict) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
         x = image_tensor(sample, d.device)
         labels = torch.as_tensor(sample["cls.npy"])
         with autocast(d.device, c.mixed_precision):
@@ -113,20 +77,16 @@ def run(cfg: Config) -> dict:
         H, W = x.shape[-2:]
         small = F.interpolate(cams[None], size=(math.ceil(H / c.out_stride), math.ceil(W / c.out_stride)),
                               mode="bilinear", align_corners=False)[0] if c.out_stride > 1 else cams
-        buf = io.BytesIO()
-        np.save(buf, small.half().cpu().numpy(), allow_pickle=False)
-        sample["_cams"], sample["_classes"] = cams, classes
-        return {"__key__": sample["__key__"], "cam.npy": buf.getvalue(),
-                "cam.json": json.dumps({"classes": classes.tolist(), "size": [H, W]}).encode()}
+        return encode_cam(sample["__key__"], small, classes, (H, W)), (cams, classes)
 
-    def evaluate(sample: dict, out: dict) -> np.ndarray | None:
+    def evaluate(sample: dict, prediction: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray | None:
         gt = sample.get("seg.png")
         if gt is None or sample["__key__"] not in ids:
             return None
-        return sweep_confusion(sample["_cams"], sample["_classes"], gt, ths)
+        return sweep_confusion(*prediction, gt, ths)
 
-    result = shard_map(cfg, c.split, out_dir, ("jpg", "cls.npy", "seg.png?"), process, evaluate, desc="cam")
-    check_skips(result, cfg, "cam")
+    result = map_shards(cfg, c.split, runs.stage_dir(cfg.run_dir, "cam"), ("jpg", "cls.npy", "seg.png?"), process,
+                        evaluate, desc="cam")
     cm = result["cm"]
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": c.split,
                "eval_split": c.eval_split, "threshold": c.bg_threshold}

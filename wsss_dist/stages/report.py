@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import runs, viz
-from ..config import Config
-from ..data.shards import load_manifest, split_ids, split_urls
-from ..data.stream import infer_samples
+from ..config import Config, load_yaml
+from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
+from ..data.shards import load_manifest, read_shard, split_ids, split_urls
 from ..data.voc import CLASSES
-from .aff import read_cams
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def table(run_dirs: list[Path]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "method", "CAM mIoU (train)", "CAM best (thr)", "after RW (train)", "DeepLab val mIoU"]
     rows = []
     for r in run_dirs:
-        cfg = runs.read_json(r / "config.yaml") if (r / "config.yaml").exists() else {}
+        cfg = load_yaml(r / "config.yaml") if (r / "config.yaml").exists() else {}
         cam, pseudo, ev = _done(r, "cam"), _done(r, "pseudo"), _done(r, "eval")
         best = f"{_pct(cam.get('best_miou'))} ({cam.get('best_threshold', '–')})" if cam else "–"
         rows.append([r.name, cfg.get("method", "?"), _pct(cam.get("miou")), best, _pct(pseudo.get("miou")), _pct(ev.get("miou"))])
@@ -60,7 +59,7 @@ def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[st
     for name in names:
         if not (url_dir / name).exists():
             continue
-        for s in infer_samples(str(url_dir / name), keys=keys):
+        for s in read_shard(str(url_dir / name), keys):
             if s["__key__"] in wanted:
                 found[s["__key__"]] = s
         if len(found) == len(wanted):
@@ -81,7 +80,7 @@ def figures(cfg: Config, run_dirs: list[Path], out: Path) -> list[str]:
             continue
         base = _find(cfg.shards_dir, names, ("jpg", "seg.png?"), wanted)
         keys = sorted(base)
-        per_stage = {(r, st): _find(r / st, names, ("cam.npy", "cam.json") if st == "cam" else ("png",), wanted)
+        per_stage = {(r, st): _find(r / st, names, CAM_KEYS if st == "cam" else LABEL_KEYS, wanted)
                      for r in run_dirs for st in stages}
         titles = ["input"] + [f"{st} {r.name}" for st in stages for r in run_dirs] + ["ground truth"]
         rows = []
@@ -94,10 +93,10 @@ def figures(cfg: Config, run_dirs: list[Path], out: Path) -> list[str]:
                     if s is None:
                         row.append(np.full_like(img, 255))
                     elif st == "cam":
-                        cams, _ = read_cams(s)
+                        cams, _ = decode_cam(s)
                         row.append(viz.overlay(img, viz.heatmap(cams.numpy())))
                     else:
-                        row.append(viz.colorize(s["png"]))
+                        row.append(viz.colorize(decode_label(s)))
             gt = base[k].get("seg.png")
             row.append(viz.colorize(gt) if gt is not None else np.full_like(img, 255))
             rows.append(row)

@@ -2,7 +2,8 @@
 
 Inputs: ``data=toy`` (generated under ``data.toy.root``, deterministic from ``data.toy.seed``) or ``data=voc``
 (``data.voc_root``, optional ``data.sbd_root`` and ``data.lists_dir``). Outputs: ``{split}-{index:06d}.tar`` for
-train, val and train_aug plus ``manifest.json`` in ``data.shards_dir``; unchanged inputs → nothing is rewritten.
+train, val and train_aug plus ``manifest.json`` in ``data.shards_dir``. Unchanged inputs: every tar is verified against
+the manifest (size, sha256) and only missing or different tars are rebuilt; an intact set is not rewritten.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..data.shards import build_shards
+from ..data.shards import update_shards
 from ..data.toy import generate
 from ..data.voc import VOCSource
 
@@ -18,15 +19,19 @@ logger = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> dict:
-    """Build (or confirm) the shards; returns ``{split: number of samples, ...}``."""
+    """Build, or verify and repair, the shards; ``{split: samples, shards, verified, rebuilt, verify_seconds, ...}``."""
     d = cfg.data
     if d.name == "toy":
         voc_root, sbd_root = generate(Path(d.toy.root), d.toy)
         source = VOCSource(voc_root, sbd_root)
     else:
         source = VOCSource(d.voc_root, d.sbd_root, d.lists_dir)
-    manifest = build_shards(source, cfg.shards_dir, shard_size=d.shard_size)
-    metrics = {split: info["total"] for split, info in manifest["splits"].items()}
+    report = update_shards(source, cfg.shards_dir, shard_size=d.shard_size)
+    manifest = report.manifest
+    metrics: dict = {split: info["total"] for split, info in manifest["splits"].items()}
     metrics["shards"] = sum(len(info["shards"]) for info in manifest["splits"].values())
+    metrics["verified"] = report.verified
+    metrics["rebuilt"] = len(report.rebuilt)
+    metrics["verify_seconds"] = report.verify_seconds
     metrics["shards_dir"] = str(cfg.shards_dir)
     return metrics

@@ -2,37 +2,24 @@
 
 Inputs: the ``cls.split`` shards. Model: timm ``teacher.arch`` (local ``teacher.weights`` only) with a 20-way
 head. Objective: multilabel soft-margin loss. Engine: :func:`wsss_dist.engine.fit`. Outputs:
-``teacher/model.safetensors`` and ``teacher/embeddings.npz`` (keys, pooled pre-logit features, labels) from which
+``teacher/model.safetensors``, ``teacher/model.json`` and ``teacher/embeddings.npz`` (keys, pooled pre-logit features, labels) from which
 stage cls clusters sub-categories with FINCH (Sub-category Teaching).
 """
 from __future__ import annotations
 
 import logging
 
-import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
-from ..data.shards import load_manifest, split_urls
-from ..data.stream import infer_samples
-from ..engine import fit, load_model_weights
+from ..data.stream import train_loader_for
+from ..engine import dist, fit, split_features
 from ..methods.losses import multilabel_loss
-from ..models.backbones import load_weights
-from .common import dist, image_tensor, loader_factory
+from ..models.build import build_teacher, load_model, teacher_spec, write_spec
 
 logger = logging.getLogger(__name__)
-
-
-def build_teacher(cfg: Config) -> torch.nn.Module:
-    """A timm ViT with a 20-way multi-label head at ``teacher.img_size``; never downloads weights."""
-    t = cfg.teacher
-    model = timm.create_model(t.arch, pretrained=False, num_classes=20, img_size=t.img_size)
-    if t.weights:
-        load_weights(model, t.weights)
-    return model
 
 
 def param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -50,21 +37,6 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-2:] == (size, size) else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-@torch.no_grad()
-def embeddings(model: torch.nn.Module, cfg: Config) -> dict[str, np.ndarray]:
-    """Pooled pre-logit features of every ``cls.split`` image."""
-    d = dist()
-    model = model.to(d.device).eval()
-    keys, feats, labels = [], [], []
-    for url in split_urls(cfg.shards_dir, cfg.cls.split, load_manifest(cfg.shards_dir, verify=False)):
-        for s in infer_samples(url, keys=("jpg", "cls.npy")):
-            x = resize(image_tensor(s, d.device), cfg.teacher.img_size)
-            feats.append(model.forward_head(model.forward_features(x), pre_logits=True)[0].float().cpu().numpy())
-            keys.append(s["__key__"])
-            labels.append(s["cls.npy"])
-    return {"keys": np.array(keys), "features": np.stack(feats), "labels": np.stack(labels).astype(np.float32)}
-
-
 def run(cfg: Config) -> dict:
     """Fine-tune the teacher, then write its embeddings."""
     out = runs.stage_dir(cfg.run_dir, "teacher")
@@ -72,17 +44,17 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(t.seed)  # initial weights are a function of the seed
     model = build_teacher(cfg)
     size = cfg.teacher.img_size
-    make_loader = loader_factory(cfg, t, cfg.cls.split)
+    make_loader = train_loader_for(cfg, t, cfg.cls.split)
 
     def loss_fn(model, batch, step):
         return multilabel_loss(model(resize(batch["image"], size)).float(), batch["labels"]), {}
 
     metrics = fit(model=model, param_groups=param_groups(model, cfg.teacher.optim.lr, cfg.teacher.optim.weight_decay),
                   loss_fn=loss_fn, make_loader=make_loader, out_dir=out, train=t, optim=cfg.teacher.optim, log_name="teacher")
-    load_model_weights(model, out / "model.safetensors")  # also when fit() found the stage already trained
-    emb = embeddings(model, cfg)
     if dist().main:
-        with runs.atomic_path(out / "embeddings.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **emb)
+        write_spec(out, teacher_spec(cfg))
+    model = load_model(out).to(dist().device)  # the trained weights, also when fit() found the stage already trained
+    emb = split_features(cfg, cfg.cls.split, lambda x: model.forward_head(model.forward_features(resize(x, size)), pre_logits=True))
+    if dist().main:
+        runs.write_npz(out / "embeddings.npz", **emb)
     return {**metrics, "embeddings": int(len(emb["keys"])), "dim": int(emb["features"].shape[1])}

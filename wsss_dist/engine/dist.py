@@ -1,0 +1,40 @@
+"""This process's place in the job (Accelerate's process state) and the autocast context of a precision."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (works without torch.distributed: world 1)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    state: object
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+        self.state.wait_for_everyone()
+
+    @property
+    def main(self) -> bool:
+        """Rank 0."""
+        return self.rank == 0
+
+
+def dist() -> Dist:
+    """The Accelerate process state (initialises torch.distributed under accelerate/torchrun/SLURM)."""
+    from accelerate import PartialState
+
+    s = PartialState()
+    return Dist(s.process_index, s.num_processes, s.device, s)
+
+
+def autocast(device: torch.device, precision: str):
+    """An autocast context for ``precision`` (no|fp16|bf16) on ``device``'s type."""
+    if precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

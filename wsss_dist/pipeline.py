@@ -1,0 +1,108 @@
+"""The pipeline runner, shared by the command line and the launcher's jobs: logging, the saved config, one stage
+(skipped when done, ``DONE`` written on rank 0), the stages of a config in order, and one-line user errors.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from . import runs
+from .config import Config, load_yaml, to_dict, to_yaml
+from .errors import Interrupted, UserError
+
+logger = logging.getLogger("wsss_dist")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to resume
+VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
+ALWAYS_RUN = ("report",)  # rebuilt on every call
+RUN_WHEN_ASKED = ("shards",)  # done, but ``stage=shards`` runs it again: it verifies and repairs its output
+
+
+def redo(cfg: Config, stage: str) -> bool:
+    """Whether ``stage`` runs although its DONE marker exists (report always; shards when ``stage=shards``)."""
+    return stage in ALWAYS_RUN or (stage in RUN_WHEN_ASKED and cfg.stages() == [stage])
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the job (from the env:// variables Accelerate, torchrun and our SLURM glue set)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr with rank and time; only rank 0 logs INFO."""
+    rank = int(os.environ.get("RANK", "0"))
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s" if "WORLD_SIZE" in os.environ else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level if rank == 0 else "WARNING", format=fmt, datefmt="%H:%M:%S", force=True)
+    logging.getLogger("accelerate").setLevel("WARNING")  # its per-file checkpoint lines drown ours
+
+
+def save_config(cfg: Config) -> None:
+    """Write ``runs/<run>/config.yaml`` once (real YAML); warn when a later call changes run-level keys."""
+    path = cfg.run_dir / "config.yaml"
+    new = to_dict(cfg)
+    if path.exists():
+        from omegaconf import OmegaConf
+
+        old = OmegaConf.to_container(load_yaml(path))
+        changed = [k for k in new if k not in VOLATILE_KEYS and old.get(k) != new[k]]
+        if changed:
+            logger.warning("config differs from the run's saved %s in: %s (the saved file is kept)", path, ", ".join(changed))
+        return
+    runs.atomic_write(path, to_yaml(cfg))
+
+
+def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
+    """Run one stage unless its DONE marker exists; write DONE (rank 0) with the stage's metrics."""
+    if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage):
+        logger.info("stage %s: already done (%s), skipping", stage, cfg.run_dir / stage / "DONE")
+        return runs.read_done(cfg.run_dir, stage)
+    module = importlib.import_module(f"wsss_dist.stages.{stage}")
+    t0 = time.time()
+    logger.info("stage %s: starting (run %s)", stage, cfg.run_dir)
+    metrics = module.run(cfg) or {}
+    metrics.setdefault("seconds", round(time.time() - t0, 1))
+    if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
+        logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
+        return metrics
+    if is_main_process():
+        runs.mark_done(cfg.run_dir, stage, metrics)
+    logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
+    return metrics
+
+
+def run(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Run the config's stages in order, skipping finished ones."""
+    if is_main_process():
+        save_config(cfg)
+    return {stage: run_stage(cfg, stage) for stage in cfg.stages()}
+
+
+def summary(metrics: Any) -> str:
+    """The headline figures of a stage's metrics on one line (``miou=0.5400 loss=0.2546 ...``)."""
+    if not isinstance(metrics, dict):
+        return ""
+    keys = [k for k in ("miou", "best_miou", "best_threshold", "loss", "samples", "skipped", "seconds") if k in metrics]
+    return " ".join(f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (the command line's contract for user errors)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``; a user error or an interruption prints one line on stderr and exits (2 or 3), no traceback."""
+    try:
+        return fn()
+    except UserError as e:
+        code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
+    except Interrupted as e:
+        code, message = EXIT_INTERRUPTED, f"interrupted: {one_line(e)}; run the same command again to resume"
+    sys.stderr.flush()
+    print(message, file=sys.stderr)
+    sys.exit(code)
