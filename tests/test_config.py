@@ -54,3 +54,84 @@ def test_cli_user_error_is_one_line_without_traceback():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown config key 'cls.nope'")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_yaml_files_merge_under_the_words_and_lists_parse(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("method: fmix\ncls:\n  train:\n    steps: 11\n    resize_long: [40, 60]\ncam:\n  scales: [1.0, 0.75]\n")
+    b.write_text("cls:\n  train:\n    steps: 12\n")
+    cfg = make_config([f"config={a}", f"config={b}", "cls.train.crop=40"])
+    assert (cfg.method, cfg.cls.train.steps, cfg.cls.train.crop) == ("fmix", 12, 40)  # b over a, words over both
+    assert cfg.cls.train.resize_long == (40, 60) and cfg.cam.scales == (1.0, 0.75)
+    assert make_config([f"config={a}", "cls.train.steps=3"]).cls.train.steps == 3
+    assert make_config(["cls.train.mixed_precision=no", "stage=[cam,aff]"]).stages() == ["cam", "aff"]
+    (tmp_path / "bad.yaml").write_text("cls:\n  trian: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'cls.trian'.*in .*bad.yaml"):
+        make_config([f"config={tmp_path / 'bad.yaml'}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        make_config([f"config={tmp_path / 'missing.yaml'}"])
+
+
+def test_saved_config_is_yaml_and_reruns_the_run(tmp_path):
+    """A YAML file plus overrides runs a stage; its saved config.yaml (real YAML) reruns it to the same result."""
+    from wsss_dist import pipeline, runs
+
+    (tmp_path / "x.yaml").write_text(f"data:\n  shards_dir: {tmp_path / 'shards'}\n  toy:\n    root: {tmp_path / 'src'}\n"
+                                     "    n_train: 6\n    n_val: 4\n    n_sbd: 4\n    size: 32\n")
+    cfg = make_config([f"config={tmp_path / 'x.yaml'}", "stage=shards", f"run={tmp_path / 'run'}", "data.shard_size=3"])
+    pipeline.run(cfg)
+    saved = tmp_path / "run" / "config.yaml"
+    assert "shard_size: 3" in saved.read_text() and not saved.read_text().lstrip().startswith("{")
+    assert load_yaml(saved).data.toy.n_train == 6
+    again = make_config([f"config={saved}"])
+    assert again == cfg
+    first = runs.read_done(tmp_path / "run", "shards")
+    out = pipeline.run(again)["shards"]
+    assert out["train_aug"] == first["train_aug"] == 10 and out["rebuilt"] == 0
+
+
+def test_keys_lists_every_key_with_type_default_and_doc():
+    from wsss_dist.config import keys
+
+    rows = keys()
+    names = [r[0] for r in rows]
+    assert len(names) == len(set(names)) > 100
+    assert all(doc for *_, doc in rows), [k for k, *_, doc in rows if not doc]
+    assert ("pseudo.beta", "float", 32.0) == rows[names.index("pseudo.beta")][:3]  # the toy preset's value
+    r = subprocess.run([sys.executable, "-m", "wsss_dist", "keys", "aff.stride"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split()[:4] == ["aff.stride", "4", "one", "of"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("model.backbone=resnet999", ["model.backbone=resnet999", "unknown backbone"]),
+    ("seg.backbone=resnet1O1", ["seg.backbone", "did you mean"]),
+    ("teacher.arch=nope", ["teacher.arch=nope", "unknown"]),
+    ("cls.finch_partition=abc", ["cls.finch_partition=abc", "last, first or an integer"]),
+    ("data.toy.size=10", ["data.toy.size=10", "≥ 24"]),
+    ("cls.sc_rounds=0", ["cls.sc_rounds=0", "≥ 1"]),
+    ("cls.train.resize_long=[1,2,3]", ["cls.train.resize_long", "2 values"]),
+    ("cls=3", ["cls is a group"]),
+])
+def test_bad_values_fail_when_the_config_is_built(arg, words):
+    with pytest.raises(ConfigError) as e:
+        make_config([arg])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_crf_without_its_extra_fails_when_the_config_is_built(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pydensecrf" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"aff.crf=true needs .*\[crf\]"):
+        make_config(["aff.crf=true"])
+
+
+@pytest.mark.parametrize("args", [["stage=cam", "model.backbone=resnet999"], ["submit", "stage=all", "teacher.arch=nope"],
+                                  ["run", "stage=cls", "cls.finch_partition=abc"]])
+def test_cli_bad_value_is_one_line_before_any_work(tmp_path, args):
+    r = subprocess.run([sys.executable, "-m", "wsss_dist", *args, f"run={tmp_path / 'run'}"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()  # nothing was written
