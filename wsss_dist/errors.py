@@ -26,8 +26,12 @@ class TrainingDiverged(UserError):
     """The loss became NaN or inf."""
 
 
+class StageLocked(UserError):
+    """Another live process runs this stage of this run (it holds ``runs/<run>/<stage>/LOCK``)."""
+
+
 class Interrupted(Exception):
-    """A stop signal (SIGUSR1/SIGUSR2/SIGTERM) arrived; the engine wrote a checkpoint. Rerun to resume."""
+    """A stop signal (SIGUSR1/SIGUSR2/SIGTERM/SIGINT) arrived; the engine wrote a checkpoint. Rerun to resume."""
 
     def __init__(self, signum: int, message: str | None = None) -> None:
         super().__init__(message or f"stopped by signal {signum} after writing a checkpoint")

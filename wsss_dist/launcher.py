@@ -41,7 +41,7 @@ from . import runs
 from .compat import submitit_requeue_handler
 from .config import STAGES, Config, SlurmCfg, make_config, parse_words, typed_value
 from .errors import ConfigError, Interrupted, UserError
-from .pipeline import EXIT_USER_ERROR, redo, run_stage, save_config, setup_logging, summary
+from .pipeline import EXIT_USER_ERROR, describe_fault, environment_fault, redo, run_stage, save_config, setup_logging, summary
 from .registry import METHODS
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ class StageJob:
         try:
             return run_stage(cfg, self.stage)
         except Interrupted as e:
-            if requeue is None:  # debug executor: nothing to requeue
-                raise
             signum = _signum(e)
+            if requeue is None or signum == signal.SIGINT:  # debug executor, or Ctrl-C: the user stops it, no requeue
+                raise
             logger.warning("job %s: stage %s checkpointed on %s; requeueing through submitit", env.job_id, self.stage,
                            signal.Signals(signum).name)
             for sig in (signal.SIGUSR2, signal.SIGTERM):  # the requeue itself sends TERM
@@ -320,9 +320,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (RuntimeError, OSError) as e:  # a local job that failed, or this process's environment
+        fault = environment_fault(e)
+        if fault is None and isinstance(e, OSError):
+            raise
+        print(f"error: {e if fault is None else describe_fault(fault)}", file=sys.stderr)
+        return 1 if fault is None else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: running local jobs are cancelled; run the same command again to resume", file=sys.stderr)
         return 130

@@ -3,9 +3,12 @@
 """
 from __future__ import annotations
 
+import errno
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -13,11 +16,15 @@ from typing import Any, Callable
 from . import runs
 from .config import Config, load_yaml, to_dict, to_yaml
 from .errors import Interrupted, UserError
+from .locks import StageLock
 
 logger = logging.getLogger("wsss_dist")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to resume
+EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); rerun to resume
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
+                                errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
 VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
 ALWAYS_RUN = ("report",)  # rebuilt on every call
 RUN_WHEN_ASKED = ("shards",)  # done, but ``stage=shards`` runs it again: it verifies and repairs its output
@@ -62,15 +69,17 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
         logger.info("stage %s: already done (%s), skipping", stage, cfg.run_dir / stage / "DONE")
         return runs.read_done(cfg.run_dir, stage)
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
-    t0 = time.time()
-    logger.info("stage %s: starting (run %s)", stage, cfg.run_dir)
-    metrics = module.run(cfg) or {}
-    metrics.setdefault("seconds", round(time.time() - t0, 1))
-    if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
-        logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
-        return metrics
-    if is_main_process():
-        runs.mark_done(cfg.run_dir, stage, metrics)
+    owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
+    with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
+        t0 = time.time()
+        logger.info("stage %s: starting (run %s)", stage, cfg.run_dir)
+        metrics = module.run(cfg) or {}
+        metrics.setdefault("seconds", round(time.time() - t0, 1))
+        if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
+            logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
+            return metrics
+        if is_main_process():
+            runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
 
@@ -90,19 +99,44 @@ def summary(metrics: Any) -> str:
     return " ".join(f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
 
 
+def describe_fault(e: OSError) -> str:
+    """``<path>: <cause>`` of an environment fault, on one line (nothing half-written is ever used: see runs.py)."""
+    path = e.filename if e.filename is not None else "(unknown path)"
+    return f"{path}: {e.strerror or errno.errorcode.get(e.errno, e.errno)} ({type(e).__name__})"
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (the command line's contract for user errors)."""
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+def environment_fault(e: BaseException) -> OSError | None:
+    """The OSError of the environment (permissions, full disk, read-only or wrong kind of path) behind ``e``, if any:
+    ``e`` itself or an exception it was raised from or during (e.g. the ``write to closed file`` after ENOSPC)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; a user error or an interruption prints one line on stderr and exits (2 or 3), no traceback."""
+    """Call ``fn``; a user error, an environment fault or an interruption prints one line on stderr and exits
+    (2, 2 or 3), no traceback."""
     try:
         return fn()
     except UserError as e:
         code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
     except Interrupted as e:
-        code, message = EXIT_INTERRUPTED, f"interrupted: {one_line(e)}; run the same command again to resume"
+        code = EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_INTERRUPTED
+        message = f"interrupted: {one_line(e)}; run the same command again to resume"
+    except Exception as e:
+        fault = environment_fault(e)
+        if fault is None:
+            raise
+        code, message = EXIT_USER_ERROR, f"error: {describe_fault(fault)}"
     sys.stderr.flush()
     print(message, file=sys.stderr)
     sys.exit(code)

@@ -34,7 +34,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # a write error names no file (ENOSPC): name the one being written
+            if e.filename is None and e.errno is not None:
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

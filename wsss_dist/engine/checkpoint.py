@@ -1,6 +1,7 @@
 """Checkpoints: accelerate state, atomic, with a completion marker (trained weights: :mod:`wsss_dist.models.weights`)."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -66,7 +67,11 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, 
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint (it has no COMPLETE marker anyway)
+        raise _disk_full(e, tmp) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         runs.write_json(tmp / TRAIN_STATE, state if state is not None else {"step": step})
@@ -77,6 +82,20 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, 
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_full(e: Exception, path: Path) -> Exception:
+    """The error to raise for a failed checkpoint write: an ENOSPC OSError naming ``path`` when the disk is full
+    (torch's zip writer reports that as ``unexpected pos``, without the cause), else ``e`` itself."""
+    if isinstance(e, OSError):
+        return e
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    if "unexpected pos" in str(e) or 0 <= free < (16 << 20):
+        return OSError(errno.ENOSPC, f"No space left on device while writing a checkpoint ({free} bytes free)", str(path))
+    return e
 
 
 def read_train_state(ckpt: str | Path) -> dict:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 NO_STEP = 2**62  # "no non-finite loss" in the divergence check
 
 __all__ = ["fit", "step_seed"]
@@ -67,11 +67,16 @@ class TrainState:
 
 
 class StopSignals:
-    """USR1/USR2/TERM set a flag (handlers only in the main thread; the previous handlers come back on exit)."""
+    """USR1/USR2/TERM/INT set a flag (handlers only in the main thread; the previous handlers come back on exit).
+
+    A second SIGINT while the first is pending aborts at once: the previous SIGINT handler comes back and
+    KeyboardInterrupt is raised (Ctrl-C twice: no checkpoint).
+    """
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict[int, Any] = {}
+        self._sigint = False
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -82,8 +87,16 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._sigint:
+                previous = self._old.pop(signal.SIGINT)
+                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+                logger.warning("received SIGINT again: aborting without a checkpoint")
+                raise KeyboardInterrupt
+            self._sigint = True
         self.signum = signum
-        logger.warning("received %s: writing a checkpoint at the end of this step", signal.Signals(signum).name)
+        logger.warning("received %s: writing a checkpoint at the end of this step%s", signal.Signals(signum).name,
+                       " (Ctrl-C again to abort without one)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
