@@ -466,7 +466,8 @@ def test_pickled_checkpoint_file_is_never_run(tmp_path, caplog, victim):
         fit(model=model, param_groups=model.param_groups(), loss_fn=es.loss_fn, make_loader=es.make_loader,
             out_dir=tmp_path / "run", train=t, optim=o, log_name="tiny")
     assert not marker.exists()
-    if victim != "random_states_0.pkl":  # (accelerate logs and ignores unreadable RNG states: they are not used)
+    if victim != "random_states_0.pkl":  # (our checkpoints hold no RNG pickles; a planted one is read weights_only
+        #  by accelerate, fails, and is ignored: every step reseeds from (seed, step, rank))
         assert "step-00000008 could not be loaded" in caplog.text and "step-00000006 at step 6" in caplog.text
     a, b = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
     assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -37,15 +37,17 @@ def _side(path: Path, kind: str) -> Path:
 
 
 def _link(src: Path, dst: Path) -> bool:
-    """Link ``src`` to ``dst``; whether it worked (a lost NFS reply to a link that worked: link count 2)."""
+    """Link ``src`` to ``dst``; False when ``dst`` exists. An error after a link that worked (NFS retrying a request
+    whose reply was lost) counts as success: ``src``'s link count is 2."""
     try:
         os.link(src, dst)
         return True
+    except FileExistsError:
+        return os.stat(src).st_nlink == 2
     except OSError:
-        try:
-            return os.stat(src).st_nlink == 2
-        except OSError:
-            return False
+        if os.stat(src).st_nlink == 2:
+            return True
+        raise  # e.g. a file system without hard links
 
 
 def _remove_if(path: Path, expected: bytes) -> bool:
@@ -165,7 +167,7 @@ class StageLock:
         except ValueError:
             holder = {}
         beat = holder.get("heartbeat")
-        age = time.time() - max(mtime, beat if isinstance(beat, (int, float)) else 0.0)
+        age = max(0.0, time.time() - max(mtime, beat if isinstance(beat, (int, float)) else 0.0))
         why = self._gone(holder, age)
         who = (f"host {holder.get('host', '?')} pid {holder.get('pid', '?')} job {holder.get('job') or 'none'}, "
                f"heartbeat {age:.0f} s ago")

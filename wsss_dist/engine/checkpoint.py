@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # written into a checkpoint dir after everything else; a dir without it is never loaded
 PREFIX = "step-"
 TRAIN_STATE = "train_state.json"  # the loop's own state (step, loss, skipped): JSON, never a pickle
-LEGACY_STATE = "custom_checkpoint_0.pkl"  # older checkpoints: accelerate's pickle of the same dict
+LEGACY_STATE = "custom_checkpoint_0.pkl"
+RNG_PICKLES = "random_states_*.pkl"  # accelerate's pickled RNG states: removed from every checkpoint we write  # older checkpoints: accelerate's pickle of the same dict
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -74,6 +75,8 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, keep: int = 2, 
         raise _disk_full(e, tmp) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for rng in tmp.glob(RNG_PICKLES):  # every step reseeds from (seed, step, rank): the loop never needs them
+            rng.unlink()
         runs.write_json(tmp / TRAIN_STATE, state if state is not None else {"step": step})
         _fsync_tree(tmp)
         runs.write_json(tmp / COMPLETE, {"step": step, "time": time.time(), "world": accelerator.num_processes})
