@@ -164,13 +164,13 @@ def test_incomplete_newest_checkpoint_is_ignored(tmp_path, caplog):
 def test_kill_9_while_writing_a_checkpoint(tmp_path):
     """SIGKILL inside the second checkpoint write (state files written, no marker): the first one is loaded."""
     r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "10", "ckpt_every=3", "kill_in_save=2"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     run = tmp_path / "train"
     assert (run / "ckpt" / ".tmp-step-00000006").is_dir() and not (run / "ckpt" / "step-00000006").exists()
     assert newest_checkpoint(run).name == "step-00000003"
     r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "10", "ckpt_every=3"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stderr and "step-00000003 at step 3" in r.stderr
     model, _ = _fit(tmp_path / "ref", 10, ckpt_every=3)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_TOY
+from conftest import TINY_TOY
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = [f"data.toy.{k}={v}" for k, v in TINY_TOY.items()] + ["data.shard_size=8", "data.num_workers=0"]

@@ -211,12 +211,12 @@ def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
     p = subprocess.Popen([sys.executable, str(SUBMIT), "stage=eval", f"run={tmp_path}/run"], cwd=tmp_path,
                          env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not (trace.exists() and "step" in trace.read_text()):
+        deadline = time.time() + 600  # a safety net: the wait ends on the event (a first step), not on time
+        while time.time() < deadline and p.poll() is None and not (trace.exists() and "step" in trace.read_text()):
             time.sleep(0.1)
         first = trace.read_text().split()
         os.kill(int(first[1]), signal.SIGUSR2)  # what submitit's controller sends at a time-out
-        out, err = p.communicate(timeout=90)
+        out, err = p.communicate(timeout=600)
     finally:
         p.kill()
     assert p.returncode == 0, out + err

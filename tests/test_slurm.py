@@ -39,14 +39,14 @@ SMALL = ["slurm.cpus_per_task=1", "slurm.mem_gb=1", "slurm.time_min=20"]
 def submit_slurm(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
     """launch/submit.py cluster=slurm (returns at once): the process and the job ids it printed, in chain order."""
     r = subprocess.run([sys.executable, str(SUBMIT), "cluster=slurm", f"launch.logs={cwd}/logs", *SMALL, *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+                       capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     return r, re.findall(r"submitted slurm job (\d+)", r.stdout)
 
 
 def sacct(job_id: str) -> list[dict[str, str]]:
     """The allocations of a job (several when it was requeued), oldest first."""
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,Start,End"],
-                         capture_output=True, text=True, timeout=30).stdout
+                         capture_output=True, text=True, timeout=120).stdout
     rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
     return [r for r in rows if r["id"] == job_id]
 
@@ -55,13 +55,17 @@ def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
 def wait_end(job_ids: list[str], timeout: float = 600) -> dict[str, str]:
     """Wait until every job has left the queue; their final states."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not any(squeue_state(j) for j in job_ids):
-            time.sleep(1)  # let accounting catch up
-            return {j: (sacct(j) or [{"state": "?"}])[-1]["state"] for j in job_ids}
+        if not any(squeue_state(j) for j in job_ids):  # out of the queue: wait until accounting has the end state
+            states = {j: (sacct(j) or [{"state": "?"}])[-1]["state"] for j in job_ids}
+            if all(s.split()[0] in FINAL for s in states.values()):
+                return states
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
     raise AssertionError(f"jobs {job_ids} still queued after {timeout} s: {[squeue_state(j) for j in job_ids]}")
@@ -133,9 +137,9 @@ def test_timeout_signal_and_preemption_requeue_and_resume(tmp_path):
     def stepped_since_start() -> bool:
         return trace.read_text().splitlines()[-1].startswith("step")
 
-    wait_for(lambda: len(steps()) >= 3, 90, "the job to make 3 steps")
+    wait_for(lambda: len(steps()) >= 3, 600, "the job to make 3 steps")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # as at a time-out
-    wait_for(lambda: starts() == 2 and stepped_since_start(), 120, "the requeued job to resume")
+    wait_for(lambda: starts() == 2 and stepped_since_start(), 600, "the requeued job to resume")
     # real preemption: a job in the higher-priority partition needs every CPU of the node
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(os.cpu_count() or 2), "-t", "2",
                            "-o", str(tmp_path / "high.out"), "--wrap", "sleep 1"],
@@ -203,9 +207,9 @@ def test_real_cls_preempted_twice_equals_uninterrupted(tmp_path):
     ref = subprocess.Popen([sys.executable, "-m", "wsss_dist", f"run={tmp_path}/ref", *common], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
     log = tmp_path / "logs" / f"{job}_0_log.err"
-    wait_for(lambda: _newest_ckpt_step(run) > 0, 300, "a first checkpoint")
+    wait_for(lambda: _newest_ckpt_step(run) > 0, 600, "a first checkpoint")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_for(lambda: log.exists() and log.read_text().count("stage cls (") >= 2, 120, "the requeued job to start")
+    wait_for(lambda: log.exists() and log.read_text().count("stage cls (") >= 2, 600, "the requeued job to start")
     first = _newest_ckpt_step(run)
     wait_for(lambda: _newest_ckpt_step(run) > first or (run / "cls" / "DONE").exists(), 300,
              "a checkpoint after the restart")
