@@ -194,3 +194,41 @@ def test_garbage_sbd_mat_is_a_data_error(toy_copy, tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{mat}: expected an SBD .mat")) as exc:
         build_shards(src, tmp_path / "out", splits=("train_aug",), shard_size=8, progress=False)
     assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------ stage outputs: checked when read, repaired by their stage
+def test_damaged_stage_output_is_refused_when_read_and_its_stage_redoes_exactly_it(shards, tmp_path):
+    """A CAM shard damaged between stages: the next stage refuses it in one DataError naming it and the repair
+    (``stage=cam``), which redoes exactly that shard (same bytes as before); the next stage then runs."""
+    import torch
+
+    from wsss_dist import pipeline
+    from wsss_dist.config import make_config
+    from wsss_dist.models.build import classifier_spec, from_spec, write_spec
+    from wsss_dist.models.weights import save_model_weights
+
+    run = tmp_path / "run"
+    words = [f"data.shards_dir={shards}", f"data.toy.root={tmp_path / 'src'}", f"run={run}", "data.num_workers=0",
+             "cam.split=val", "cam.eval_split=val", "aff.train.steps=2", "aff.train.batch_size=2", "aff.train.crop=48"]
+    cfg = make_config(words + ["stage=cam"])
+    torch.manual_seed(0)
+    save_model_weights(from_spec(classifier_spec(cfg)), run / "cls" / "model.safetensors")  # random weights will do
+    write_spec(run / "cls", classifier_spec(cfg))
+    runs.mark_done(run, "cls", {"steps": 0})
+    pipeline.run(cfg)
+    tars = sorted((run / "cam").glob("val-*.tar"))
+    assert len(tars) == 3
+    victim, good = tars[1], bytes(tars[1].read_bytes())
+    data = bytearray(good)
+    data[len(data) // 3] ^= 0xFF  # inside a member: still a readable tar, other content
+    victim.write_bytes(bytes(data))
+    mtimes = {t: t.stat().st_mtime_ns for t in tars if t != victim}
+    with pytest.raises(DataError, match=rf"{re.escape(str(victim))}: sha256 differs from its record .*run stage=cam again"):
+        pipeline.run(make_config(words + ["stage=aff"]))
+    assert not runs.is_done(run, "aff")
+    pipeline.run(make_config(words + ["stage=cam"]))  # done, but named alone: verifies and redoes the damaged shard
+    assert victim.read_bytes() == good and {t: t.stat().st_mtime_ns for t in mtimes} == mtimes
+    pipeline.run(make_config(words + ["stage=aff"]))
+    assert runs.is_done(run, "aff")
+    assert read_shard(str(victim), ("cam.npy",)) is not None
+    assert json.loads((run / "cam" / f"{victim.name}.json").read_text())["stage"] == "cam"

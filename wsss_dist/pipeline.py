@@ -27,11 +27,13 @@ ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.E
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
 VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
 ALWAYS_RUN = ("report",)  # rebuilt on every call
-RUN_WHEN_ASKED = ("shards",)  # done, but ``stage=shards`` runs it again: it verifies and repairs its output
+# done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
+RUN_WHEN_ASKED = ("shards", "cam", "aff", "pseudo", "eval")
 
 
 def redo(cfg: Config, stage: str) -> bool:
-    """Whether ``stage`` runs although its DONE marker exists (report always; shards when ``stage=shards``)."""
+    """Whether ``stage`` runs although its DONE marker exists (report always; shards and the stages that write
+    output shards when ``stage=`` names only them)."""
     return stage in ALWAYS_RUN or (stage in RUN_WHEN_ASKED and cfg.stages() == [stage])
 
 

@@ -114,22 +114,52 @@ def _encode(name: str, value: Any) -> bytes:
     raise TypeError(f"shard member {name!r}: cannot store a {type(value).__name__} (give bytes, str or np.ndarray)")
 
 
-def write_shard(path: Path, samples: Iterable[dict]) -> int:
-    """Write ``samples`` (``__key__`` + name → bytes/str/ndarray) as one tar that appears only whole; returns the count."""
+def tar_bytes(samples: Iterable[dict]) -> tuple[bytes, int]:
+    """``samples`` (``__key__`` + name → bytes/str/ndarray) as the bytes of one reproducible tar, and their count."""
     import webdataset as wds
 
-    path = Path(path)
-    n = 0
-    with runs.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0)  # int mtime: reproducible, no pax headers
-            for sample in samples:
-                out = {"__key__": _check_key(sample.get("__key__"))}
-                out.update({k: _encode(k, v) for k, v in sample.items() if not k.startswith("__")})
-                writer.write(out)
-                n += 1
-            writer.close()
+    buf, n = io.BytesIO(), 0
+    writer = wds.TarWriter(buf, encoder=False, mtime=0)  # int mtime: reproducible, no pax headers
+    for sample in samples:
+        out = {"__key__": _check_key(sample.get("__key__"))}
+        out.update({k: _encode(k, v) for k, v in sample.items() if not k.startswith("__")})
+        writer.write(out)
+        n += 1
+    writer.close()
+    return buf.getvalue(), n
+
+
+def write_shard(path: Path, samples: Iterable[dict]) -> int:
+    """Write ``samples`` as one tar that appears only whole (atomic rename); returns the count."""
+    data, n = tar_bytes(samples)
+    runs.atomic_write(path, data)
     return n
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_path(path: str | Path) -> Path:
+    """The per-shard record written beside an output shard of a stage: ``<shard>.json`` (samples, sha256, stage)."""
+    return Path(f"{path}.json")
+
+
+def record_problem(path: str | Path) -> str | None:
+    """Why an output shard does not match the sha256 of its record (None when it does, or has no such record)."""
+    rec = record_path(path)
+    if not rec.is_file():
+        return None
+    try:
+        want = runs.read_json(rec).get("sha256")
+    except (ValueError, AttributeError):
+        return f"its record {rec} is not valid JSON"
+    if want is None:
+        return None  # a record of an older version: no checksum
+    if not Path(path).is_file():
+        return "missing"
+    return None if _sha256(Path(path)) == want else f"sha256 differs from its record {rec} (damaged after it was written)"
 
 
 def _sha256(path: Path) -> str:
@@ -527,19 +557,27 @@ def check_tars() -> Callable[[Iterable[dict]], Iterator[dict]]:
 
 
 def verify_against_manifest(url: str) -> None:
-    """If a ``manifest.json`` next to ``url`` lists it, its sha256 must match (else DataError: changed after writing)."""
+    """Check a shard against what was recorded when it was written: the ``manifest.json`` next to it (input shards)
+    or its per-shard record ``<shard>.json`` (a stage's output shards). A mismatch is a DataError whose advice
+    repairs it (the producing stage redoes exactly that shard)."""
     path = Path(url)
     mpath = path.parent / MANIFEST
-    if "://" in str(url) or not mpath.is_file():
+    if "://" in str(url):
         return
-    try:
-        manifest = runs.read_json(mpath)
-        want = next((info["sha256"][path.name] for info in manifest["splits"].values()
-                     if path.name in info.get("sha256", {})), None)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{mpath}: not a valid shard manifest ({e}); run stage=shards again") from None
-    if want is not None and _sha256(path) != want:
-        raise DataError(f"{path}: sha256 differs from {mpath} (corrupt or modified shard); run stage=shards again")
+    if mpath.is_file():
+        try:
+            manifest = runs.read_json(mpath)
+            want = next((info["sha256"][path.name] for info in manifest["splits"].values()
+                         if path.name in info.get("sha256", {})), None)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{mpath}: not a valid shard manifest ({e}); run stage=shards again") from None
+        if want is not None and _sha256(path) != want:
+            raise DataError(f"{path}: sha256 differs from {mpath} (corrupt or modified shard); run stage=shards again")
+        return
+    problem = record_problem(path)
+    if problem is not None:
+        stage = runs.read_json(record_path(path)).get("stage") or "that wrote it"
+        raise DataError(f"{path}: {problem}; run stage={stage} again: it redoes exactly the damaged shards")
 
 
 def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) -> Iterator[dict]:

@@ -24,7 +24,8 @@ from PIL import Image, ImageEnhance
 
 from ..compat import close_loader
 from ..errors import DataError
-from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, selector)
+from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, selector,
+                     verify_against_manifest)
 from ..metrics import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable
         path = Path(mask_dir) / Path(url).name
         if not path.is_file():
             raise DataError(f"{path}: no mask shard for {url}; run the stage that writes {mask_dir} first")
+        verify_against_manifest(str(path))  # a stage's output shard: against the sha256 of its record
         out = {}
         for s in raw_samples([str(path)], (mask_key,), counter):
             refuse_pickles(s)

@@ -14,7 +14,8 @@ import torch
 
 from .. import runs
 from ..config import Config
-from ..data.shards import SkipCounter, check_skip_fraction, load_manifest, read_shard, split_urls, write_shard
+from ..data.shards import (SkipCounter, check_skip_fraction, load_manifest, read_shard, record_path, record_problem,
+                           sha256_bytes, split_urls, tar_bytes)
 from ..data.stream import image_tensor
 from ..errors import DataError
 from .dist import dist
@@ -27,13 +28,14 @@ Evaluate = Callable[[dict, Any], "np.ndarray | None"]  # (sample, prediction) â†
 
 def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], process: Process,
                evaluate: Evaluate | None = None, paired: Iterable[tuple[Path, tuple[str, ...]]] = (),
-               desc: str = "") -> dict:
+               desc: str = "", stage: str = "") -> dict:
     """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
 
     ``process(sample)`` returns ``(record, prediction)``: the record (``__key__`` + members, or None) goes into the
     output shard, the prediction to ``evaluate(sample, prediction)``, whose confusion matrices are summed per shard.
-    ``paired`` adds the members of same-named shards of earlier stages (merged by key). Shards already written are
-    skipped. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on every rank); more
+    ``paired`` adds the members of same-named shards of earlier stages (merged by key). Each output shard's record
+    ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to rerun to repair it); readers
+    check the sha256. Shards already written and matching their record are skipped; a damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on every rank); more
     broken samples than ``data.max_skip_fraction`` is a DataError.
     """
     from tqdm import tqdm
@@ -51,7 +53,7 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
     with tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
         for url in todo:
-            _map_shard(url, out_dir, keys, process, evaluate, paired, bar)
+            _map_shard(url, out_dir, keys, process, evaluate, paired, bar, stage or desc)
     d.barrier()
     result = _gather(out_dir, urls)
     check_skip_fraction(result["skipped"], result["samples"] + result["skipped"], cfg.data.max_skip_fraction, desc)
@@ -59,7 +61,7 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
 
 
 def _map_shard(url: str, out_dir: Path, keys: tuple[str, ...], process: Process, evaluate: Evaluate | None,
-               paired: Iterable[tuple[Path, tuple[str, ...]]], bar: Any) -> None:
+               paired: Iterable[tuple[Path, tuple[str, ...]]], bar: Any, stage: str) -> None:
     """One input shard of :func:`map_shards`: its output shard, written after its records."""
     name = Path(url).name
     counter = SkipCounter()
@@ -82,13 +84,21 @@ def _map_shard(url: str, out_dir: Path, keys: tuple[str, ...], process: Process,
     # the per-shard records first, the shard itself last: a shard on disk is a finished shard
     if evaluate is not None:
         runs.write_npy(out_dir / f"{name}.cm.npy", np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64))
-    runs.write_json(out_dir / f"{name}.json", {"samples": n, "skipped": counter.skipped})
-    write_shard(out_dir / name, outputs)
+    data, records = tar_bytes(outputs)
+    runs.write_json(record_path(out_dir / name), {"samples": n, "skipped": counter.skipped, "records": records,
+                                                  "sha256": sha256_bytes(data), "stage": stage})
+    runs.atomic_write(out_dir / name, data)
 
 
 def _shard_done(out_dir: Path, name: str, with_cm: bool) -> bool:
-    """An output shard is finished when it and its records exist (they are written before it)."""
-    return all((out_dir / f).exists() for f in (name, f"{name}.json") + ((f"{name}.cm.npy",) if with_cm else ()))
+    """An output shard is finished when it and its records exist (they are written before it) and it matches the
+    sha256 of its record (a damaged shard is redone)."""
+    if not all((out_dir / f).exists() for f in (name, f"{name}.json") + ((f"{name}.cm.npy",) if with_cm else ())):
+        return False
+    problem = record_problem(out_dir / name)
+    if problem is not None:
+        logger.warning("%s: %s; redoing it", out_dir / name, problem)
+    return problem is None
 
 
 def _count(manifest: dict, split: str, url: str) -> int:

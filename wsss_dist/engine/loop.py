@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import sys
@@ -70,13 +71,15 @@ class StopSignals:
     """USR1/USR2/TERM/INT set a flag (handlers only in the main thread; the previous handlers come back on exit).
 
     A second SIGINT while the first is pending aborts at once: the previous SIGINT handler comes back and
-    KeyboardInterrupt is raised (Ctrl-C twice: no checkpoint).
+    KeyboardInterrupt is raised (Ctrl-C twice: no checkpoint). DataLoader workers forked meanwhile inherit the
+    handlers and ignore these signals (a terminal's Ctrl-C reaches them too); the trainer stops them.
     """
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict[int, Any] = {}
         self._sigint = False
+        self._pid = os.getpid()
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -87,6 +90,8 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker inherited the handler: the trainer acts, not it
+            return
         if signum == signal.SIGINT:
             if self._sigint:
                 previous = self._old.pop(signal.SIGINT)

@@ -42,7 +42,7 @@ def write_labels(cfg: Config) -> dict:
 
     keys = ("cls.npy", "jpg") if a.crf else ("cls.npy",)
     return map_shards(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", keys, process,
-                      paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="aff labels")
+                      paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="aff labels", stage="aff")
 
 
 def make_loss(radius: int):
