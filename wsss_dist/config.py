@@ -192,6 +192,14 @@ class ReportCfg:
 
 
 @dataclass
+class SweepCfg:
+    """A sweep: any key given a list ``key=[a,b]`` makes one point per value (see :func:`sweep_points`)."""
+
+    name: Optional[str] = None  # the sweep directory runs/<name>; default from the swept keys
+    mode: Literal["product", "zip"] = "product"  # product of the lists, or zip of lists of equal length
+
+
+@dataclass
 class SlurmCfg:
     """Resources of a SLURM job (per stage overrides: slurm.<stage>.<key>, see docs/cluster.md)."""
 
@@ -226,6 +234,7 @@ class Config:
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     seg: SegCfg = field(default_factory=SegCfg)
     report: ReportCfg = field(default_factory=ReportCfg)
+    sweep: SweepCfg = field(default_factory=SweepCfg)
     slurm: SlurmCfg = field(default_factory=SlurmCfg)
 
     @property
@@ -304,7 +313,90 @@ TOY_PRESET: dict[str, Any] = {
     "seg.scale_range": (0.75, 1.25),
     "slurm.time_min": 30,
 }
-PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": {}}
+# VOC preset: the references' recipes (docs/methods.md, "The voc preset"; ../shared/notes/reference-implementations.md).
+# Steps = ⌊10,582 / batch⌋ · epochs (train_aug, drop_last). psa/irn/the seed ran SGD at effective momentum 5e-4 (their
+# PolyOptimizer bug); here momentum is 0.9 and lr = lr_ref·(1 − 0.9)/(1 − 5e-4) gives the same steady-state step.
+VOC_PRESET: dict[str, Any] = {
+    "model.backbone": "resnet38d",
+    "model.output_stride": 8,
+    "model.frozen_bn": True,
+    "cls.split": "train_aug",  # train: the seed's Tables 1-2 (1,464 images); train_aug: its Table 3
+    "cls.train.steps": 9915,  # psa: 15 epochs · ⌊10,582 / 16⌋
+    "cls.train.batch_size": 16,
+    "cls.train.crop": 448,
+    "cls.train.resize_long": (256, 512),
+    "cls.optim.name": "sgd",
+    "cls.optim.lr": 0.1 * (1 - 0.9) / (1 - 5e-4),  # psa's 0.1 at effective momentum 5e-4
+    "cls.optim.momentum": 0.9,
+    "cls.optim.weight_decay": 5e-4,
+    "cls.optim.poly_power": 0.9,
+    "cls.optim.grad_clip": 0.0,
+    "cls.optim.legacy_momentum_bug": False,
+    "cls.mixup_alpha": 0.2,
+    "cls.fmix_alpha": 1.0,
+    "cls.fmix_decay": 3.0,
+    "cls.manifold_alpha": 0.2,
+    "cls.ent_weight": 0.02,
+    "cls.con_weight": 2e-4,
+    "cls.sub_weight": 2.0,  # the seed's SCE; SC-CAM: 5 (table)
+    "cls.sc_rounds": 2,  # the seed: one clustering round; SC-CAM: 4 (round 0 + 3)
+    "cls.cluster": "finch",
+    "cls.finch_partition": "last",
+    "cls.kmeans_k": 10,
+    "teacher.arch": "vit_base_patch16_224",
+    "teacher.img_size": 224,
+    "teacher.train.batch_size": 8,
+    "teacher.train.crop": 224,
+    "teacher.optim.weight_decay": 0.0,
+    "teacher.optim.grad_clip": 1.0,
+    "cam.split": "train_aug",
+    "cam.eval_split": "train",
+    "cam.scales": (1.0, 0.5, 1.5, 2.0),
+    "cam.flip": True,
+    "cam.bg_threshold": 0.15,
+    "cam.out_stride": 4,
+    "aff.label_mode": "psa",
+    "aff.crf": False,  # psa and the seed used the CRF: aff.crf=true (needs the [crf] extra)
+    "aff.alpha_low": 4.0,
+    "aff.alpha_high": 32.0,
+    "aff.radius": 5,
+    "aff.stride": 8,
+    "aff.init": "imagenet",
+    "aff.train.steps": 10576,  # psa: 8 epochs · ⌊10,582 / 8⌋
+    "aff.train.batch_size": 8,
+    "aff.train.crop": 448,
+    "aff.train.resize_long": (0, 0),  # psa's train_aff: random crop and flip, no rescaling
+    "aff.optim.name": "sgd",
+    "aff.optim.lr": 0.1 * (1 - 0.9) / (1 - 5e-4),
+    "aff.optim.momentum": 0.9,
+    "aff.optim.weight_decay": 5e-4,
+    "aff.optim.poly_power": 0.9,
+    "aff.optim.legacy_momentum_bug": False,
+    "pseudo.alpha": 16.0,
+    "pseudo.beta": 8.0,
+    "pseudo.logt": 8,
+    "pseudo.radius": 5,
+    "seg.backbone": "resnet101",
+    "seg.init": "imagenet",
+    "seg.frozen_bn": True,
+    "seg.train.steps": 20000,
+    "seg.train.batch_size": 10,  # global batch: deeplab-pytorch's 5 × 2 accumulation
+    "seg.train.grad_accum": 2,
+    "seg.train.crop": 321,
+    "seg.train.resize_long": (0, 0),
+    "seg.optim.name": "sgd",
+    "seg.optim.lr": 2.5e-4,  # deeplab-pytorch has real momentum 0.9: no conversion
+    "seg.optim.momentum": 0.9,
+    "seg.optim.weight_decay": 5e-4,
+    "seg.optim.poly_power": 0.9,
+    "seg.scale_range": (0.5, 1.5),
+    "seg.eval_scales": (1.0, 0.75, 0.5),
+    "seg.eval_flip": False,
+}
+PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
+# words that set several keys at once: data=NAME, train.seed=N (the seed of every trainer)
+ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
+                                       "train.seed": tuple(f"{t}.train.seed" for t in ("teacher", "cls", "aff", "seg"))}
 
 
 def parse_stages(stage: str, method: str) -> list[str]:
@@ -342,7 +434,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
 
     pairs = parse_words(overrides) if isinstance(overrides, list) else list((overrides or {}).items())
     files = [v for k, v in pairs if k == "config"]
-    pairs = [("data.name" if k == "data" else k, v) for k, v in pairs if k != "config"]
+    pairs = [(k2, v) for k, v in pairs if k != "config" for k2 in ALIASES.get(k, (k,))]
     layers = [load_yaml(f) for f in files]
     name = next((v for k, v in reversed(pairs) if k == "data.name"), None)
     for layer in reversed(layers):
@@ -513,6 +605,81 @@ def _did_you_mean(key: str) -> str:
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     under = [k[len(parent) + 1:] if parent else k for k in keys if (k.startswith(parent + ".") if parent else "." not in k)]
     return f"; keys under {parent or 'the top level'}: {', '.join(under)}"
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: its name (its values), its ``key=value`` words (with ``run=``) and the swept values."""
+
+    name: str
+    words: tuple[str, ...]
+    values: tuple[tuple[str, str], ...]
+
+
+def sweep_axes(words: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """The swept keys of ``words`` in order: a key that takes one value given a list ``[a,b,...]``."""
+    axes = []
+    for key, value in parse_words(words):
+        v = value.strip()
+        if key in ("stage", "config") or not (v.startswith("[") and v.endswith("]")):
+            continue
+        targets = ALIASES.get(key, (key,))
+        typ = _field_types().get(targets[0])
+        if typ is None or getattr(typ, "__origin__", None) is tuple:
+            continue  # unknown (make_config names it) or a list-valued key such as cam.scales
+        items = [x.strip() for x in v[1:-1].split(",") if x.strip()]
+        if not items:
+            raise ConfigError(f"{key}={value}: an empty list sweeps nothing")
+        axes.append((key, items))
+    return axes
+
+
+def _short(key: str, value: str) -> str:
+    """How a swept value appears in a point's name: ``s0`` for seeds, ``fmix``, ``train_aug``, ``lr0.01``."""
+    last = key.split(".")[-1]
+    if last == "seed":
+        return f"s{value}"
+    if key in ("method", "cls.split", "data.name", "data", "model.backbone") or not re.fullmatch(r"[-+.\deE]+", value):
+        return value
+    return f"{last}{value}"
+
+
+def sweep_points(words: list[str]) -> tuple[str, list[Point]]:
+    """The sweep of ``words``: (sweep directory, its points); no swept key → ("", []).
+
+    Every swept key's list is expanded (``sweep.mode=product``: all combinations, ``zip``: element by element);
+    each point gets ``run=<sweep dir>/<values joined by ->`` (e.g. ``runs/grid/fmix-train_aug-s2``).
+    """
+    import itertools
+
+    axes = sweep_axes(words)
+    if not axes:
+        return "", []
+    opts = dict(parse_words([w for w in words if w.startswith("sweep.")]))
+    mode = opts.get("sweep.mode", SweepCfg.mode)
+    if mode not in ("product", "zip"):
+        raise ConfigError(f"sweep.mode={mode}: allowed values are product, zip")
+    if mode == "zip":
+        sizes = {len(v) for _, v in axes}
+        if len(sizes) != 1:
+            raise ConfigError("sweep.mode=zip needs lists of equal length: " + ", ".join(f"{k} has {len(v)}" for k, v in axes))
+        combos = list(zip(*(v for _, v in axes)))
+    else:
+        combos = list(itertools.product(*(v for _, v in axes)))
+    name = opts.get("sweep.name") or "-".join(k.split(".")[-1] for k, _ in axes)
+    base = dict(parse_words(words)).get("run")
+    root = str(Path(base) if base else Path("runs") / name)
+    swept = {k for k, _ in axes}
+    fixed = [w for w in words if w.split("=", 1)[0].strip().lstrip("-") not in swept | {"run"}]
+    points = []
+    for combo in combos:
+        values = tuple((k, v) for (k, _), v in zip(axes, combo))
+        pname = "-".join(_short(k, v) for k, v in values)
+        points.append(Point(pname, tuple(fixed + [f"{k}={v}" for k, v in values] + [f"run={root}/{pname}"]), values))
+    if len({p.name for p in points}) != len(points):
+        raise ConfigError("two points of the sweep get the same name; sweep distinct values")
+    return root, points
 
 
 # ------------------------------------------------------------------------------------------ the list of keys

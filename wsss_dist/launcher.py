@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import runs
 from .compat import submitit_requeue_handler
-from .config import STAGES, Config, SlurmCfg, make_config, parse_words, typed_value
+from .config import STAGES, Config, Point, SlurmCfg, make_config, parse_words, sweep_points, typed_value
 from .errors import ConfigError, Interrupted, UserError
 from .pipeline import EXIT_USER_ERROR, describe_fault, environment_fault, redo, run_stage, save_config, setup_logging, summary
 from .registry import METHODS
@@ -231,24 +231,52 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
-    """Plan and submit the chain; local/debug jobs run one after another. Returns the submitted submitit jobs.
+    """Plan and submit the chain (or, when a key is given a list, the sweep); local/debug jobs run one after another.
+    Returns the submitted submitit jobs.
 
     Raises :class:`UserError` for bad keys and :class:`RuntimeError` (with the log tail) when a local job fails.
     """
     launch, words = split_args(argv)
+    root, points = sweep_points(words)
+    if points:
+        return submit_sweep(launch, Path(root), points, out)
     cfg = make_config(words)
-    steps = plan(cfg, launch, words)
-    cluster = cfg.cluster
-    if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
+    _check_cluster(cfg)
     save_config(cfg)
+    jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)
+    _finish(cfg, launch, jobs, out)
+    return jobs
+
+
+def _check_cluster(cfg: Config) -> None:
+    if cfg.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
+
+
+def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str], None]) -> None:
+    """The last lines: how to follow SLURM jobs (and wait for them with launch.wait=true), or that nothing ran."""
+    if cfg.cluster == "slurm" and jobs:
+        folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
+        out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
+            f"cancel with: scancel {' '.join(j.job_id for j in jobs)}")
+        if launch.wait:
+            wait_slurm(jobs, launch.poll_s, out)
+    elif not jobs:
+        out("nothing to do: every stage is done")
+
+
+def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callable[[str], None], label: str = "",
+                 after: Optional[str] = None) -> list[Any]:
+    """Submit the ``steps`` of one run: local/debug jobs one after another (RuntimeError when one fails), SLURM jobs
+    chained with ``afterok`` (the first after ``after``, a job id). ``label`` prefixes every progress line."""
+    cluster = cfg.cluster
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
     jobs: list[Any] = []
-    prev: Optional[str] = None
+    prev: Optional[str] = after
     n = len(steps)
     for i, step in enumerate(steps, 1):
-        head = f"[{i}/{n}] {step.name}"
+        head = f"{label}{step.name}" if label else f"[{i}/{n}] {step.name}"
         if step.done:
             out(f"{head}: skipped (done)")
             continue
@@ -276,14 +304,78 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
             tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
             raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
         out(f"{head}: done in {time.time() - t0:.0f} s {summary(metrics)}")
-    if cluster == "slurm" and jobs:
-        out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
-            f"cancel with: scancel {' '.join(j.job_id for j in jobs)}")
-        if launch.wait:
-            wait_slurm(jobs, launch.poll_s, out)
-    elif not jobs:
-        out("nothing to do: every stage is done")
     return jobs
+
+
+SHARED_STAGES = ("shards",)  # what the points of a sweep share: run once, in <sweep>/shards
+SWEEP_FILE = "sweep.json"
+
+
+def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callable[[str], None] = print) -> list[Any]:
+    """Run or submit every point of a sweep: the shared shards once, each point's chain (locally one point after
+    another, on SLURM side by side, each after the shards job), then one report over all points in ``root/report``
+    (on SLURM ``afterany``: a failed point is shown as failed). Every point's config is checked before any job."""
+    cfgs = [make_config(list(p.words)) for p in points]
+    first = cfgs[0]
+    _check_cluster(first)
+    stages = first.stages()
+    runs.write_json(root / SWEEP_FILE, {"points": [{"name": p.name, "run": str(c.run_dir), "values": dict(p.values)}
+                                                   for p, c in zip(points, cfgs)]})
+    jobs: list[Any] = []
+    after: Optional[str] = None
+    n = len(points)
+    shared = [s for s in stages if s in SHARED_STAGES]
+    if shared:
+        scfg = make_config(list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"])
+        save_config(scfg)
+        got = submit_chain(scfg, plan(scfg, launch, list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"]),
+                           launch, out, label="[shared] ")
+        jobs += got
+        after = got[-1].job_id if got and first.cluster == "slurm" else None
+    failed, last_jobs = [], []
+    for k, (p, cfg) in enumerate(zip(points, cfgs), 1):
+        own = [s for s in stages if s not in SHARED_STAGES and s != "report"]
+        if not own:
+            continue
+        words = list(p.words) + [f"stage=[{','.join(own)}]"]
+        pcfg = make_config(words)
+        save_config(pcfg)
+        try:
+            got = submit_chain(pcfg, plan(pcfg, launch, words), launch, out, label=f"[point {k}/{n}] {p.name}: ", after=after)
+        except RuntimeError as e:
+            failed.append(p.name)
+            out(f"[point {k}/{n}] {p.name}: FAILED; the other points go on ({str(e).splitlines()[0]})")
+            continue
+        jobs += got
+        if got:
+            last_jobs.append(got[-1].job_id)
+    if "report" in stages:
+        words = list(points[0].words) + [f"run={root}", "stage=report", f"report.runs=[{','.join(str(c.run_dir) for c in cfgs)}]"]
+        rcfg = make_config(words)
+        save_config(rcfg)
+        dep = f"afterany:{':'.join(last_jobs)}" if first.cluster == "slurm" and last_jobs else None
+        step = plan(rcfg, launch, words)[0]
+        jobs += _submit_one(rcfg, step, launch, out, "[sweep] report", dep)
+    _finish(first, launch, jobs, out)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n} points failed: {', '.join(failed)}; the report in {root / 'report'} "
+                           "shows them as failed; rerun the same command to continue them")
+    return jobs
+
+
+def _submit_one(cfg: Config, step: Step, launch: LaunchCfg, out: Callable[[str], None], head: str,
+                dep: Optional[str]) -> list[Any]:
+    """One job with an explicit SLURM dependency (e.g. the sweep's ``afterany`` report); local: run it now."""
+    if cfg.cluster != "slurm":
+        return submit_chain(cfg, [step], launch, out, label=head.split("]")[0] + "] ")
+    folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
+    ex = make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
+    t0 = time.time()
+    with _job_env():
+        job = ex.submit(StageJob(step.overrides, step.stage, os.getcwd()))
+    _set_aside_stale(job, t0)
+    out(f"{head}: submitted slurm job {job.job_id}{' after ' + dep if dep else ''} (logs: {job.paths.stdout} / .err)")
+    return [job]
 
 
 def _prev_dep(dep: Optional[str]) -> str:

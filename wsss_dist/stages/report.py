@@ -1,17 +1,23 @@
-"""Stage report: compare runs (methods) in tables and figure grids.
+"""Stage report: compare runs — one or a sweep's points — in the source report's tables, plots and figure grids.
 
-Tables (like the seed report's Tables 1–3): per run, the method, CAM mIoU on train (at the bg threshold and the
-sweep's best), after AffinityNet + random walk, and the final DeepLab val mIoU; plus per-class IoU.
-Figures: ``cams.png`` (rows = train images; columns = input, each run's CAM heat map, each run's pseudo label,
-ground truth) and ``predictions.png`` (rows = val images; input, each run's DeepLab prediction, ground truth).
-Outputs: ``report/report.md``, ``report/report.html``, the PNGs.
+Inputs: the run directories of ``report.runs`` (default: this run), each with its ``config.yaml`` and ``DONE``
+markers. Runs are grouped by (method, ``cls.split``); a group's runs differ in their seeds. Tables (the source
+report's Tables 1–3): per group, CAM mIoU on train at the background threshold and the sweep's best, after the
+random walk, DeepLab val mIoU, each as mean ± std over the seeds with n; per-class IoU per stage (group means); one
+row per run with its status (a failed run is shown as failed). Figures (matplotlib): bars with error bars per group
+and stage (``bars.png``), a per-class IoU heat map per stage (``iou_<stage>.png``), and the qualitative grids
+for the same images across groups: image | each group's CAM | pseudo label | DeepLab | ground truth
+(``cams.png``, ``predictions.png``). Outputs: ``report/report.md``, ``report/report.html`` (embeds every figure),
+``report/results.json`` (every number and each run's config), the PNGs.
 """
 from __future__ import annotations
 
 import html
 import io
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,39 +25,127 @@ from .. import runs, viz
 from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
 from ..data.shards import load_manifest, read_shard, split_ids, split_urls
-from ..data.voc import CLASSES
+from ..data.voc import CLASSES, PALETTE
 
 logger = logging.getLogger(__name__)
 
-
-def _done(run: Path, stage: str) -> dict:
-    return runs.read_done(run, stage) if runs.is_done(run, stage) else {}
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+STAGES = (("cam", "miou", "CAM (train)"), ("cam", "best_miou", "CAM best thr (train)"),
+          ("pseudo", "miou", "after RW (train)"), ("eval", "miou", "DeepLab (val)"))
+CHAIN = ("cls", "cam", "aff", "pseudo", "seg", "eval")
 
 
-def table(run_dirs: list[Path]) -> tuple[list[str], list[list[str]]]:
-    """The main comparison table: header and one row per run."""
-    header = ["run", "method", "CAM mIoU (train)", "CAM best (thr)", "after RW (train)", "DeepLab val mIoU"]
+def load_run(run: Path) -> dict[str, Any]:
+    """A run's config (plain data), its stages' DONE metrics and its status (done | failed at / stopped before X)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(load_yaml(run / "config.yaml")) if (run / "config.yaml").is_file() else {}
+    done = {st: runs.read_done(run, st) for st in ("teacher", *CHAIN) if runs.is_done(run, st)}
+    missing = [st for st in CHAIN if st not in done]
+    status = "done" if not missing else f"incomplete: no {missing[0]}"
+    return {"run": str(run), "name": run.name, "config": cfg, "done": done, "status": status,
+            "method": cfg.get("method", "?"), "split": (cfg.get("cls") or {}).get("split", "?"),
+            "seed": ((cfg.get("cls") or {}).get("train") or {}).get("seed")}
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """``{"mean", "std" (sample std, 0 for one value), "n"}`` of the finite values (mean None when there is none)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0, "n": len(xs)}
+
+
+def groups(points: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Runs grouped by (method, split), in first-seen order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        out.setdefault((p["method"], p["split"]), []).append(p)
+    return out
+
+
+def summary_rows(grouped: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """Per group: every headline figure as mean ± std over its runs, and per stage the per-class IoU means."""
     rows = []
-    for r in run_dirs:
-        cfg = load_yaml(r / "config.yaml") if (r / "config.yaml").exists() else {}
-        cam, pseudo, ev = _done(r, "cam"), _done(r, "pseudo"), _done(r, "eval")
-        best = f"{_pct(cam.get('best_miou'))} ({cam.get('best_threshold', '–')})" if cam else "–"
-        rows.append([r.name, cfg.get("method", "?"), _pct(cam.get("miou")), best, _pct(pseudo.get("miou")), _pct(ev.get("miou"))])
-    return header, rows
+    for (method, split), ps in grouped.items():
+        row: dict[str, Any] = {"method": method, "split": split, "runs": [p["name"] for p in ps]}
+        for stage, key, title in STAGES:
+            row[title] = mean_std([p["done"].get(stage, {}).get(key) for p in ps])
+        for stage in ("cam", "pseudo", "eval"):
+            ious = [p["done"].get(stage, {}).get("iou") for p in ps]
+            ious = [np.array([np.nan if x is None else x for x in v], float) for v in ious if v]
+            row[f"iou_{stage}"] = None if not ious else [None if np.isnan(x) else float(x) for x in np.nanmean(ious, 0)]
+        rows.append(row)
+    return rows
 
 
-def class_table(run_dirs: list[Path], stage: str) -> tuple[list[str], list[list[str]]]:
-    """Per-class IoU of ``stage`` (cam, pseudo or eval) for every run."""
-    header = ["run"] + ["bg"] + list(CLASSES)
-    rows = []
-    for r in run_dirs:
-        iou = _done(r, stage).get("iou") or [None] * 21
-        rows.append([r.name] + [_pct(x) for x in iou])
-    return header, rows
+def _pct(s: dict) -> str:
+    if s["mean"] is None:
+        return "–"
+    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table."""
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table border=1 cellpadding=3 style='border-collapse:collapse'><tr>{th}</tr>{trs}</table>"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def bar_figure(rows: list[dict]) -> bytes:
+    """Grouped bars: one group of bars per stage, one bar per (method, split), error bars = std over seeds."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(STAGES) * max(1, len(rows))), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        means = [100 * (r[t]["mean"] or 0) for *_, t in STAGES]
+        stds = [100 * (r[t]["std"] or 0) for *_, t in STAGES]
+        xs = np.arange(len(STAGES)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=f"{r['method']} ({r['split']})")
+    ax.set_xticks(np.arange(len(STAGES)), [t.replace(" (", "\n(") for *_, t in STAGES])
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("mIoU per method and stage (mean ± std over seeds)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def iou_figure(rows: list[dict], stage: str, title: str) -> bytes | None:
+    """A heat map of per-class IoU (%): rows = (method, split), columns = background + 20 classes."""
+    import matplotlib.pyplot as plt
+
+    mats = [(f"{r['method']} ({r['split']})", r[f"iou_{stage}"]) for r in rows if r[f"iou_{stage}"]]
+    if not mats:
+        return None
+    m = np.array([[np.nan if x is None else 100 * x for x in v] for _, v in mats])
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(mats) + 1.6))
+    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(21), ["bg", *CLASSES], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(mats)), [n for n, _ in mats], fontsize=8)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] < 50 else "black")
+    fig.colorbar(im, ax=ax, label="IoU (%)")
+    ax.set_title(title)
+    data = _png(fig)
+    plt.close(fig)
+    return data
 
 
 def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[str]) -> dict[str, dict]:
@@ -67,77 +161,113 @@ def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[st
     return found
 
 
-def figures(cfg: Config, run_dirs: list[Path], out: Path) -> list[str]:
-    """Write the figure grids; returns their file names."""
+def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str]) -> bytes:
+    """A titled grid of pictures (None: an empty cell) with a legend of the VOC classes present."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(1.9 * len(titles), 1.7 * len(rows) + 0.8), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, pic in enumerate(row):
+            ax = axes[i][j]
+            ax.axis("off")
+            if pic is not None:
+                ax.imshow(pic)
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+    fig.legend(handles=[Patch(color=PALETTE[c] / 255, label=n) for c, n in enumerate(["background", *CLASSES])],
+               loc="lower center", ncol=7, fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.12)
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) -> list[str]:
+    """The qualitative grids (the first run of each group), same images across groups; their file names."""
     manifest = load_manifest(cfg.shards_dir, verify=False)
+    reps = [(f"{m} ({s})", Path(ps[0]["run"])) for (m, s), ps in grouped.items()]
     written = []
     for split, ids_split, stages, name in ((cfg.cam.split, cfg.cam.eval_split, ("cam", "pseudo"), "cams.png"),
                                            ("val", "val", ("eval",), "predictions.png")):
-        urls = split_urls(cfg.shards_dir, split, manifest)
-        names = [Path(u).name for u in urls]
+        names = [Path(u).name for u in split_urls(cfg.shards_dir, split, manifest)]
         wanted = set(split_ids(manifest, ids_split)[: cfg.report.num_images])
         if not wanted:
             continue
         base = _find(cfg.shards_dir, names, ("jpg", "seg.png?"), wanted)
-        keys = sorted(base)
-        per_stage = {(r, st): _find(r / st, names, CAM_KEYS if st == "cam" else LABEL_KEYS, wanted)
-                     for r in run_dirs for st in stages}
-        titles = ["input"] + [f"{st} {r.name}" for st in stages for r in run_dirs] + ["ground truth"]
+        found = {(r, st): _find(r / st, names, CAM_KEYS if st == "cam" else LABEL_KEYS, wanted)
+                 for _, r in reps for st in stages}
+        titles = ["image"] + [f"{ {'cam': 'CAM', 'pseudo': 'pseudo', 'eval': 'DeepLab'}[st]} {g}" for st in stages
+                              for g, _ in reps] + ["ground truth"]
         rows = []
-        for k in keys:
+        for k in sorted(base):
             img = base[k]["jpg"]
-            row = [img]
+            row: list[np.ndarray | None] = [img]
             for st in stages:
-                for r in run_dirs:
-                    s = per_stage[(r, st)].get(k)
+                for _, r in reps:
+                    s = found[(r, st)].get(k)
                     if s is None:
-                        row.append(np.full_like(img, 255))
+                        row.append(None)
                     elif st == "cam":
-                        cams, _ = decode_cam(s)
-                        row.append(viz.overlay(img, viz.heatmap(cams.numpy())))
+                        row.append(viz.overlay(img, viz.heatmap(decode_cam(s)[0].numpy())))
                     else:
                         row.append(viz.colorize(decode_label(s)))
             gt = base[k].get("seg.png")
-            row.append(viz.colorize(gt) if gt is not None else np.full_like(img, 255))
+            row.append(viz.colorize(gt) if gt is not None else None)
             rows.append(row)
         if rows:
-            buf = io.BytesIO()
-            viz.grid(rows, titles).save(buf, format="PNG")
-            runs.atomic_write(out / name, buf.getvalue())
+            runs.atomic_write(out / name, grid_figure(rows, titles))
             written.append(name)
     return written
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def html_table(header: list[str], rows: list[list[str]]) -> str:
-    """An HTML table."""
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table border=1 cellpadding=3><tr>{th}</tr>{trs}</table>"
-
-
 def run(cfg: Config) -> dict:
-    """Write report.md, report.html and the figure grids for ``report.runs`` (default: this run)."""
-    run_dirs = [Path(r) for r in cfg.report.runs] or [cfg.run_dir]
+    """Write report.md, report.html, results.json and the figures for ``report.runs`` (default: this run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    points = [load_run(Path(r)) for r in (cfg.report.runs or (str(cfg.run_dir),))]
+    grouped = groups(points)
+    rows = summary_rows(grouped)
     out = runs.stage_dir(cfg.run_dir, "report")
-    header, rows = table(run_dirs)
-    pics = figures(cfg, run_dirs, out)
-    best = max(rows, key=lambda r: float(r[5]) if r[5] != "–" else -1)
-    summary = f"Best final val mIoU: {best[5]} ({best[1]}, run {best[0]})." if best[5] != "–" else "No run has finished eval yet."
-    md = ["# wsss-dist report", "", summary, "", "## mIoU (%) per method", "", markdown(header, rows), ""]
-    page = [f"<h1>wsss-dist report</h1><p>{html.escape(summary)}</p><h2>mIoU (%) per method</h2>", html_table(header, rows)]
-    for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"), ("eval", "DeepLab per-class IoU (val)")):
-        h, r = class_table(run_dirs, stage)
-        md += [f"## {title}", "", markdown(h, r), ""]
-        page += [f"<h2>{html.escape(title)}</h2>", html_table(h, r)]
+    header = ["method", "split", *[t for *_, t in STAGES]]
+    table = [[r["method"], r["split"], *[_pct(r[t]) for *_, t in STAGES]] for r in rows]
+    run_header = ["run", "method", "split", "seed", "status", *[t for *_, t in STAGES]]
+    run_rows = [[p["name"], p["method"], p["split"], str(p["seed"]), p["status"],
+                 *["–" if p["done"].get(st, {}).get(k) is None else f"{100 * p['done'][st][k]:.1f}" for st, k, _ in STAGES]]
+                for p in points]
+    pics: list[str] = []
+    runs.atomic_write(out / "bars.png", bar_figure(rows))
+    pics.append("bars.png")
+    for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
+                         ("eval", "DeepLab per-class IoU (val)")):
+        data = iou_figure(rows, stage, title)
+        if data is not None:
+            runs.atomic_write(out / f"iou_{stage}.png", data)
+            pics.append(f"iou_{stage}.png")
+    pics += figures(cfg, grouped, out)
+    finals = [(r["DeepLab (val)"]["mean"], f"{r['method']} ({r['split']})") for r in rows if r["DeepLab (val)"]["mean"] is not None]
+    best = max(finals) if finals else None
+    summary = (f"Best final val mIoU: {100 * best[0]:.1f} ({best[1]}, mean over seeds)." if best else "No run has finished eval yet.")
+    failed = [p["name"] for p in points if p["status"] != "done"]
+    if failed:
+        summary += f" Not finished: {', '.join(failed)}."
+    md = ["# wsss-dist report", "", summary, "", "## mIoU (%) per method: mean ± std over seeds (n)", "",
+          markdown(header, table), "", "## Runs", "", markdown(run_header, run_rows), ""]
+    page = [f"<h1>wsss-dist report</h1><p>{html.escape(summary)}</p><h2>mIoU (%) per method: mean ± std over seeds (n)</h2>",
+            html_table(header, table), "<h2>Runs</h2>", html_table(run_header, run_rows)]
+    for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
+                         ("eval", "DeepLab per-class IoU (val)")):
+        h = ["method", "split", "bg", *CLASSES]
+        t = [[r["method"], r["split"], *(["–"] * 21 if not r[f"iou_{stage}"] else
+                                          ["–" if x is None else f"{100 * x:.1f}" for x in r[f"iou_{stage}"]])] for r in rows]
+        md += [f"## {title} (mean over seeds)", "", markdown(h, t), ""]
+        page += [f"<h2>{html.escape(title)} (mean over seeds)</h2>", html_table(h, t)]
     for p in pics:
         md += [f"## {p}", "", f"![{p}]({p})", ""]
-        page.append(f"<h2>{p}</h2><img src='{p}'>")
+        page.append(f"<h2>{p}</h2><img src='{p}' style='max-width:100%'>")
     runs.atomic_write(out / "report.md", "\n".join(md))
-    runs.atomic_write(out / "report.html", "<html><body>" + "\n".join(page) + "</body></html>")
-    return {"runs": [str(r) for r in run_dirs], "figures": pics, "best": best[0]}
+    runs.atomic_write(out / "report.html", "<html><head><meta charset='utf-8'></head><body>" + "\n".join(page) + "</body></html>")
+    runs.write_json(out / "results.json", {"groups": rows, "runs": points})
+    return {"runs": [p["run"] for p in points], "figures": pics, "groups": len(rows), "failed": failed,
+            "best": best[1] if best else None}
