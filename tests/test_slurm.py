@@ -226,3 +226,24 @@ def test_real_cls_preempted_twice_equals_uninterrupted(tmp_path):
     b = load_file(str(tmp_path / "ref" / "cls" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_sweep_chains_each_point_after_the_shared_shards_and_reports_a_failed_point(tmp_path):
+    """A 2-point sweep on SLURM: one shards job, each point's chain after it (afterok), one report after every
+    point (afterany): the point made to fail is cancelled there, yet the report runs and shows it as not finished."""
+    import json
+
+    env = fake_stages(tmp_path, {n: SLEEPING.format(name=n) for n in ("shards", "cls", "cam")})
+    r, ids = submit_slurm(["stage=[shards,cls,cam,report]", "cam.bg_threshold=[0.15,0.99]", f"run={tmp_path}/grid"],
+                          tmp_path, env)
+    assert r.returncode == 0 and len(ids) == 1 + 2 + 2 + 1, r.stdout + r.stderr
+    shards, cls1, cam1, cls2, cam2, report = ids
+    assert "[point 2/2] bg_threshold0.99: cam: submitted" in r.stdout and "afterany" in r.stdout
+    states = wait_end(ids, 600)
+    assert states[cam2].startswith("FAILED") and states[report].startswith("COMPLETED"), states
+    assert_afterok_order([shards, cls1, cam1])
+    assert_afterok_order([shards, cls2, cam2])
+    assert ts(sacct(report)[-1]["start"]) >= max(ts(sacct(j)[-1]["end"]) for j in (cam1, cam2))
+    res = json.loads((tmp_path / "grid" / "report" / "results.json").read_text())
+    status = {p["name"]: p["status"] for p in res["runs"]}
+    assert status == {"bg_threshold0.15": "incomplete: no aff", "bg_threshold0.99": "incomplete: no cam"}, status

@@ -328,8 +328,9 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
     if shared:
         scfg = make_config(list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"])
         save_config(scfg)
-        got = submit_chain(scfg, plan(scfg, launch, list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"]),
-                           launch, out, label="[shared] ")
+        steps = [dataclasses.replace(st, done=runs.is_done(scfg.run_dir, st.stage))  # done is done, as in a chain
+                 for st in plan(scfg, launch, list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"])]
+        got = submit_chain(scfg, steps, launch, out, label="[shared] ")
         jobs += got
         after = got[-1].job_id if got and first.cluster == "slurm" else None
     failed, last_jobs = [], []

@@ -245,7 +245,10 @@ def run(cfg: Config) -> dict:
         if data is not None:
             runs.atomic_write(out / f"iou_{stage}.png", data)
             pics.append(f"iou_{stage}.png")
-    pics += figures(cfg, grouped, out)
+    if (cfg.shards_dir / "manifest.json").is_file():
+        pics += figures(cfg, grouped, out)
+    else:
+        logger.warning("report: no shards in %s: no image grids", cfg.shards_dir)
     finals = [(r["DeepLab (val)"]["mean"], f"{r['method']} ({r['split']})") for r in rows if r["DeepLab (val)"]["mean"] is not None]
     best = max(finals) if finals else None
     summary = (f"Best final val mIoU: {100 * best[0]:.1f} ({best[1]}, mean over seeds)." if best else "No run has finished eval yet.")

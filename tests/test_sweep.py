@@ -1,0 +1,72 @@
+"""Sweeps: any key given a list makes a grid of runs under one sweep directory, with one shared shards job and one
+report over all points (mean ± std over seeds)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import TINY
+from wsss_dist.config import make_config, sweep_points
+from wsss_dist.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBMIT = ROOT / "launch" / "submit.py"
+
+
+def test_the_source_reports_grid_expands_to_named_points():
+    words = ["stage=all", "method=[cam,mixup,fmix,manifold,sc,teach]", "cls.split=[train,train_aug]",
+             "train.seed=[0,1,2]", "cam.scales=[1.0,0.5]"]
+    root, points = sweep_points(words)
+    assert root == "runs/method-split-seed" and len(points) == 36
+    assert points[0].name == "cam-train-s0" and points[-1].name == "teach-train_aug-s2"
+    cfg = make_config(list(points[-1].words))
+    assert str(cfg.run_dir) == "runs/method-split-seed/teach-train_aug-s2"
+    assert (cfg.method, cfg.cls.split, cfg.cam.scales) == ("teach", "train_aug", (1.0, 0.5))  # a list key is no axis
+    assert {cfg.cls.train.seed, cfg.aff.train.seed, cfg.seg.train.seed, cfg.teacher.train.seed} == {2}
+    assert sweep_points(["method=cam"]) == ("", [])
+
+
+def test_zip_name_and_errors():
+    root, points = sweep_points(["method=[cam,fmix]", "train.seed=[0,1]", "sweep.mode=zip", "sweep.name=pair"])
+    assert root == "runs/pair" and [p.name for p in points] == ["cam-s0", "fmix-s1"]
+    assert sweep_points(["method=[cam,fmix]", "run=/x/grid"])[1][1].words[-1] == "run=/x/grid/fmix"
+    with pytest.raises(ConfigError, match="equal length"):
+        sweep_points(["method=[cam,fmix]", "train.seed=[0,1,2]", "sweep.mode=zip"])
+    with pytest.raises(ConfigError, match="a list makes a sweep"):
+        make_config(["method=[cam,fmix]"])  # one run takes one value
+
+
+def _report(sweep: Path) -> tuple[str, dict]:
+    return (sweep / "report" / "report.md").read_text(), json.loads((sweep / "report" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_local_sweep_two_methods_two_seeds_reports_mean_and_std(tmp_path):
+    words = ["stage=all", "method=[cam,fmix]", "train.seed=[0,1]", "sweep.name=grid", f"data.shards_dir={tmp_path}/shards",
+             f"data.toy.root={tmp_path}/src", *TINY, "report.num_images=2"]
+    r = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("[shared] shards: running") == 1  # what the points share runs once
+    for k, name in enumerate(["cam-s0", "cam-s1", "fmix-s0", "fmix-s1"], 1):
+        assert f"[point {k}/4] {name}: cls: running" in r.stdout and f"[point {k}/4] {name}: eval: done" in r.stdout
+    sweep = tmp_path / "runs" / "grid"
+    md, res = _report(sweep)
+    assert [(g["method"], g["DeepLab (val)"]["n"]) for g in res["groups"]] == [("cam", 2), ("fmix", 2)]
+    assert all(g[t]["std"] is not None and g[t]["std"] >= 0 for g in res["groups"]
+               for t in ("CAM (train)", "after RW (train)", "DeepLab (val)"))
+    assert res["groups"][0]["CAM (train)"]["std"] > 0  # two seeds of one method really differ
+    assert re.search(r"\| cam \| train_aug \| \d+\.\d ± \d+\.\d \(n=2\)", md)
+    for pic in ("bars.png", "iou_cam.png", "iou_pseudo.png", "iou_eval.png", "cams.png", "predictions.png"):
+        assert (sweep / "report" / pic).stat().st_size > 5000, pic
+    assert all(p["config"]["method"] in ("cam", "fmix") for p in res["runs"])
+    again = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "[shared] shards: skipped (done)" in again.stdout, again.stdout
+    assert again.stdout.count(": running as local job") == 1, again.stdout  # only the report is rebuilt
+    os.remove(sweep / "report" / "report.md")
+    rebuilt = subprocess.run([sys.executable, "-m", "wsss_dist", "report", str(sweep), f"data.shards_dir={tmp_path}/shards"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert rebuilt.returncode == 0 and "(n=2)" in (sweep / "report" / "report.md").read_text(), rebuilt.stderr[-2000:]
