@@ -35,3 +35,30 @@ def test_two_processes_train_with_gloo_and_resume(shards, tmp_path):  # noqa: F8
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "at step 6" in r.stderr
     assert json.loads((tmp_path / "b.json").read_text())["steps"] == 9
+
+
+RECORDING = """
+    import os
+    def run(cfg):
+        with open(cfg.run_dir.parent / "ranks-{name}.txt", "a") as f:
+            f.write(os.environ.get("RANK", "?") + "\\n")
+        return {{"ran": "{name}"}}
+"""
+
+
+def test_stages_that_are_not_data_parallel_run_once_under_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m wsss_dist stage=[shards,report]`: rank 0 does each such
+    stage once while rank 1 waits, then both go on with its DONE metrics."""
+    from test_launch import fake_stages
+
+    env = fake_stages(tmp_path, {n: RECORDING.format(name=n) for n in ("shards", "report")})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "wsss_dist", "stage=[shards,report]", f"run={tmp_path / 'runs' / 'r'}"]
+    import os
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("shards", "report"):
+        assert (tmp_path / "runs" / f"ranks-{name}.txt").read_text().split() == ["0"], name
+        assert json.loads((tmp_path / "runs" / "r" / name / "DONE").read_text())["ran"] == name

@@ -26,6 +26,7 @@ EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); 
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
 VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
+SINGLE_PROCESS = ("shards", "report")  # stages that are not data-parallel: under several processes only rank 0 runs
 ALWAYS_RUN = ("report",)  # rebuilt on every call
 # done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
 RUN_WHEN_ASKED = ("shards", "cam", "aff", "pseudo", "eval")
@@ -35,6 +36,11 @@ def redo(cfg: Config, stage: str) -> bool:
     """Whether ``stage`` runs although its DONE marker exists (report always; shards and the stages that write
     output shards when ``stage=`` names only them)."""
     return stage in ALWAYS_RUN or (stage in RUN_WHEN_ASKED and cfg.stages() == [stage])
+
+
+def world_size() -> int:
+    """The number of processes of the job (from the env:// variables Accelerate, torchrun and our SLURM glue set)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -70,6 +76,17 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage):
         logger.info("stage %s: already done (%s), skipping", stage, cfg.run_dir / stage / "DONE")
         return runs.read_done(cfg.run_dir, stage)
+    if stage in SINGLE_PROCESS and world_size() > 1:  # not data-parallel: rank 0 works, the others wait for it
+        from .engine.dist import dist
+
+        d = dist()
+        metrics = _run_stage(cfg, stage) if d.main else {}
+        d.barrier()
+        return metrics if d.main else runs.read_done(cfg.run_dir, stage)
+    return _run_stage(cfg, stage)
+
+
+def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
     with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():

@@ -29,7 +29,7 @@ def dist() -> Dist:
     """The Accelerate process state (initialises torch.distributed under accelerate/torchrun/SLURM)."""
     from accelerate import PartialState
 
-    s = PartialState()
+    s = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CUDA-less job would not join its group
     return Dist(s.process_index, s.num_processes, s.device, s)
 
 

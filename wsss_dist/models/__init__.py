@@ -22,7 +22,8 @@ def create_model(kind: str, backbone: str = "resnet38d", *, weights: str | None 
                  frozen_bn: bool = True, **head_kwargs: Any) -> nn.Module:
     """Build a ``kind`` model ("cam", "affinity", "deeplab") on a named backbone; extra kwargs go to the head.
 
-    ``weights`` are local ImageNet weights for the backbone (never downloaded).
+    ``weights``: the backbone's ImageNet init, a ``*.weights`` value (a local file, psa's ``.params``, ``timm``,
+    ``timm:NAME[@FILE]``, ``hf-hub:ID``; docs/usage.md#weights).
     """
     if kind not in MODELS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(MODELS)}")

@@ -62,8 +62,10 @@ def from_spec(spec: dict[str, Any], weights: str | None = None) -> nn.Module:
         raise ValueError(f"unknown model kind {kind!r} in a model.json; known: vit, {', '.join(heads)}")
     form = parse_weights(weights or "")
     sd = read_state_dict(form[2]) if kind == "deeplab" and form[0] == "file" else None  # read once: backbone + ASPP
-    backbone = create_backbone(spec["backbone"], weights=sd if sd is not None else weights,
+    backbone = create_backbone(spec["backbone"], weights=None if sd is not None else weights,
                                output_stride=spec.get("output_stride", 8), frozen_bn=spec.get("frozen_bn", True))
+    if sd is not None:
+        backbone.load_weights(sd, source=str(form[2]))
     model = heads[kind](backbone)
     if sd is not None:
         _load_aspp(model, sd, str(form[2]))  # type: ignore[arg-type]

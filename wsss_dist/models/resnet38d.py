@@ -8,7 +8,8 @@ b7 bottleneck 2048→4096 (dilation 4, dropout 0.5); bn7 + ReLU → "conv6" (409
 Attribute names follow psa's converted ImageNet weights (``conv1a``, ``b2``, ``b2_1``, …, ``bn7``;
 inside a block ``bn_branch2a``, ``conv_branch2a``, ``bn_branch2b1``, ``conv_branch2b1``,
 ``bn_branch2b2``, ``conv_branch2b2``, ``conv_branch1``), so such a ``.pth`` (or its safetensors
-conversion) loads with :func:`wsss_dist.models.backbones.load_weights`.
+conversion) loads with :func:`wsss_dist.models.backbones.load_weights`; so does psa's original MXNet ``.params``
+(read without mxnet, :mod:`wsss_dist.models.mxnet_params`).
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,18 +92,21 @@ def train_classifier(cfg: Config, out_dir: Path, sub_labels: dict[str, np.ndarra
     return metrics
 
 
-def subcategories(cfg: Config, feats: dict[str, np.ndarray], out: Path) -> tuple[dict[str, np.ndarray], int]:
-    """Cluster ``feats`` (keys, features, labels) per parent class; save ``out`` (npz: keys, sub_labels, parent)
-    and return (key → sub-labels, K)."""
+def subcategories(cfg: Config, feats: Callable[[], dict[str, np.ndarray]], out: Path) -> tuple[dict[str, np.ndarray], int]:
+    """Cluster ``feats()`` (keys, features, labels) per parent class into ``out`` (npz: keys, sub_labels, parent);
+    returns (key → sub-labels, K). Not data-parallel: rank 0 computes and writes, the other ranks wait and read."""
     c = cfg.cls
-    partition = int(c.finch_partition) if c.finch_partition.lstrip("-").isdigit() else c.finch_partition
-    keys = list(feats["keys"])
-    sub = cluster_subcategories(feats["features"], feats["labels"], method=c.cluster, partition=partition,
-                                k=c.kmeans_k, seed=c.train.seed)
-    if dist().main:
-        runs.write_npz(out, keys=np.array(keys), sub_labels=sub.sub_labels, parent=sub.parent)
-    logger.info("sub-categories: K=%d (%s) over %d images", sub.num_sub, c.cluster, len(keys))
-    return dict(zip(keys, sub.sub_labels)), sub.num_sub
+    d = dist()
+    if d.main:
+        f = feats()
+        partition = int(c.finch_partition) if c.finch_partition.lstrip("-").isdigit() else c.finch_partition
+        sub = cluster_subcategories(f["features"], f["labels"], method=c.cluster, partition=partition,
+                                    k=c.kmeans_k, seed=c.train.seed)
+        runs.write_npz(out, keys=np.array(list(f["keys"])), sub_labels=sub.sub_labels, parent=sub.parent)
+        logger.info("sub-categories: K=%d (%s) over %d images", sub.num_sub, c.cluster, len(f["keys"]))
+    d.barrier()
+    saved = np.load(out, allow_pickle=False)
+    return dict(zip(list(saved["keys"]), saved["sub_labels"])), int(saved["parent"].shape[0])
 
 
 def pooled_features(cfg: Config, model_dir: Path) -> dict[str, np.ndarray]:
@@ -117,8 +121,8 @@ def run(cfg: Config) -> dict:
     method = METHODS[cfg.method]
     if method.subcategories == "teacher":
         runs.require_done(cfg.run_dir, "teacher", "cls")
-        emb = np.load(cfg.run_dir / "teacher" / "embeddings.npz", allow_pickle=False)
-        sub, k = subcategories(cfg, dict(emb), out / "subcategories.npz")
+        sub, k = subcategories(cfg, lambda: dict(np.load(cfg.run_dir / "teacher" / "embeddings.npz", allow_pickle=False)),
+                               out / "subcategories.npz")
         return {**train_classifier(cfg, out, sub, k), "num_sub": k}
     if not method.rounds:
         return train_classifier(cfg, out)
@@ -130,7 +134,8 @@ def run(cfg: Config) -> dict:
             metrics = runs.read_json(rdir / "DONE")
             continue
         if r > 0:
-            sub, k = subcategories(cfg, pooled_features(cfg, runs.round_dir(cfg.run_dir, r - 1)), rdir / "subcategories.npz")
+            sub, k = subcategories(cfg, lambda: pooled_features(cfg, runs.round_dir(cfg.run_dir, r - 1)),
+                                   rdir / "subcategories.npz")
         metrics = {**train_classifier(cfg, rdir, sub, k), "round": r, "num_sub": k}  # each round from ImageNet init, as SC-CAM
         if dist().main:
             runs.write_json(rdir / "DONE", metrics)

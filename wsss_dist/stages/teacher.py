@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +54,12 @@ def run(cfg: Config) -> dict:
                   loss_fn=loss_fn, make_loader=make_loader, out_dir=out, train=t, optim=cfg.teacher.optim, log_name="teacher")
     if dist().main:
         write_spec(out, teacher_spec(cfg))
-    model = load_model(out).to(dist().device)  # the trained weights, also when fit() found the stage already trained
-    emb = split_features(cfg, cfg.cls.split, lambda x: model.forward_head(model.forward_features(resize(x, size)), pre_logits=True))
-    if dist().main:
+    d = dist()
+    if d.main:  # not data-parallel: rank 0 writes the embeddings, the other ranks wait
+        model = load_model(out).to(d.device)  # the trained weights, also when fit() found the stage already trained
+        emb = split_features(cfg, cfg.cls.split,
+                             lambda x: model.forward_head(model.forward_features(resize(x, size)), pre_logits=True))
         runs.write_npz(out / "embeddings.npz", **emb)
+    d.barrier()
+    emb = np.load(out / "embeddings.npz", allow_pickle=False)
     return {**metrics, "embeddings": int(len(emb["keys"])), "dim": int(emb["features"].shape[1])}
