@@ -262,3 +262,15 @@ def test_chain_killed_mid_stage_reruns_only_the_rest(tmp_path):
         assert (run / stage / "DONE").is_file()
     again = submit(args, tmp_path)
     assert again.returncode == 0 and "running" not in again.stdout, again.stdout + again.stderr
+
+
+def test_a_job_that_asked_for_gpus_and_finds_no_cuda_fails_in_one_line(monkeypatch):
+    import torch
+
+    from wsss_dist.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"asked for 2 GPU\(s\) per node but torch finds no usable CUDA device"):
+        launcher.check_cuda(2)
+    job = launcher.StageJob(["stage=cls"], "cls", "/x", gpus=2)
+    assert job.checkpoint().function.gpus == 2  # a requeued job keeps asking

@@ -247,3 +247,12 @@ def test_sweep_chains_each_point_after_the_shared_shards_and_reports_a_failed_po
     res = json.loads((tmp_path / "grid" / "report" / "results.json").read_text())
     status = {p["name"]: p["status"] for p in res["runs"]}
     assert status == {"bg_threshold0.15": "incomplete: no aff", "bg_threshold0.99": "incomplete: no cam"}, status
+
+
+@pytest.mark.parametrize("arg, words", [("slurm.partition=nope", ["slurm.partition=nope", "debug"]),
+                                        ("slurm.seg.partition=gpuz", ["slurm.partition=gpuz"]),
+                                        ("slurm.account=nobody-acct", ["slurm.account=nobody-acct"])])
+def test_unknown_partition_or_account_fails_in_one_line_before_any_job(tmp_path, arg, words):
+    r, ids = submit_slurm(["stage=[shards,cls]", f"run={tmp_path}/run", arg], tmp_path)
+    assert r.returncode == 2 and ids == [] and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
+    assert all(w in r.stderr for w in words), r.stderr

@@ -397,7 +397,7 @@ def test_missing_or_misfit_weights_file_is_a_config_error(tmp_path, r18_file, mo
         make_config(VOC + ["stage=cls", "model.weights=/nope/r38.safetensors"])
     with pytest.raises(ConfigError, match=r"seg\.weights=.*weights file not found"):
         make_config(["stage=seg", "seg.init=imagenet", f"seg.weights={tmp_path / 'x.pth'}"])  # toy too: a given path
-    path, sd = r18_file
+    path, _ = r18_file
     import safetensors.torch
 
     def no_full_read(*a, **k):

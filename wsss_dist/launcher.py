@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -130,10 +131,11 @@ def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
 class StageJob:
     """The submitit job callable: run one stage from its ``key=value`` overrides; checkpointable."""
 
-    def __init__(self, overrides: list[str], stage: str, cwd: str) -> None:
+    def __init__(self, overrides: list[str], stage: str, cwd: str, gpus: int = 0) -> None:
         self.overrides = list(overrides)
         self.stage = stage
         self.cwd = cwd
+        self.gpus = gpus  # GPUs per node the job asked for: finding no CUDA is an error, never a silent CPU run
 
     def __call__(self) -> dict[str, Any]:
         """Set up the distributed env and logging, bind the requeue handler, run the stage."""
@@ -145,6 +147,8 @@ class StageJob:
             submitit.helpers.TorchDistributedEnvironment().export()
         cfg = make_config(self.overrides)
         setup_logging(cfg.log_level)
+        if self.gpus:
+            check_cuda(self.gpus)
         requeue = submitit_requeue_handler(env)
         if requeue is not None:  # time-out (USR2) and preemption (TERM) both checkpoint and requeue
             for sig in (signal.SIGUSR2, signal.SIGTERM):
@@ -168,7 +172,18 @@ class StageJob:
         import submitit
 
         logger.info("stage %s: requeued; it resumes from its newest checkpoint / finished shards", self.stage)
-        return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.stage, self.cwd))
+        return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.stage, self.cwd, self.gpus))
+
+
+def check_cuda(gpus: int) -> None:
+    """UserError (one line) when a job that asked for ``gpus`` GPUs per node finds no usable CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"this job asked for {gpus} GPU(s) per node but torch finds no usable CUDA device "
+                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): an old driver or no GPU on the node; "
+                        "refusing to train on the CPU")
 
 
 def _signum(e: Interrupted) -> int:
@@ -241,16 +256,35 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     if points:
         return submit_sweep(launch, Path(root), points, out)
     cfg = make_config(words)
-    _check_cluster(cfg)
+    _check_cluster(cfg, launch)
     save_config(cfg)
     jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)
     _finish(cfg, launch, jobs, out)
     return jobs
 
 
-def _check_cluster(cfg: Config) -> None:
-    if cfg.cluster == "slurm" and shutil.which("sbatch") is None:
+def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
+    """Before any job: sbatch exists, and every partition and account asked for is one SLURM knows (where sinfo and
+    sacctmgr answer)."""
+    if cfg.cluster != "slurm":
+        return
+    if shutil.which("sbatch") is None:
         raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
+    per_stage = (launch.stage_slurm if launch else {}).values()
+    for key, cmd in (("partition", ["sinfo", "-h", "-o", "%P"]),
+                     ("account", ["sacctmgr", "-n", "-P", "show", "assoc", f"user={os.environ.get('USER', '')}", "format=account"])):
+        wanted = {v for v in [getattr(cfg.slurm, key)] + [d.get(key) for d in per_stage] if v}
+        if not wanted or shutil.which(cmd[0]) is None:
+            continue
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        known = {line.strip().rstrip("*") for line in r.stdout.splitlines() if line.strip()}
+        if r.returncode != 0 or not known:
+            continue  # e.g. no accounting database: nothing to check against
+        for name in sorted(wanted - known):
+            raise UserError(f"slurm.{key}={name}: SLURM knows no such {key} (known: {', '.join(sorted(known))})")
 
 
 def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str], None]) -> None:
@@ -284,7 +318,7 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
         ex = make_executor(cluster, folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
         t0 = time.time()
         with _job_env():
-            job = ex.submit(StageJob(step.overrides, step.stage, cwd))
+            job = ex.submit(StageJob(step.overrides, step.stage, cwd, step.resources.gpus_per_node))
         jobs.append(job)
         if cluster == "slurm":
             _set_aside_stale(job, t0)
@@ -317,7 +351,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
     (on SLURM ``afterany``: a failed point is shown as failed). Every point's config is checked before any job."""
     cfgs = [make_config(list(p.words)) for p in points]
     first = cfgs[0]
-    _check_cluster(first)
+    _check_cluster(first, launch)
     stages = first.stages()
     runs.write_json(root / SWEEP_FILE, {"points": [{"name": p.name, "run": str(c.run_dir), "values": dict(p.values)}
                                                    for p, c in zip(points, cfgs)]})
@@ -373,7 +407,7 @@ def _submit_one(cfg: Config, step: Step, launch: LaunchCfg, out: Callable[[str],
     ex = make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
     t0 = time.time()
     with _job_env():
-        job = ex.submit(StageJob(step.overrides, step.stage, os.getcwd()))
+        job = ex.submit(StageJob(step.overrides, step.stage, os.getcwd(), step.resources.gpus_per_node))
     _set_aside_stale(job, t0)
     out(f"{head}: submitted slurm job {job.job_id}{' after ' + dep if dep else ''} (logs: {job.paths.stdout} / .err)")
     return [job]

@@ -91,7 +91,7 @@ def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
     with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
         t0 = time.time()
-        logger.info("stage %s: starting (run %s)", stage, cfg.run_dir)
+        logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
         metrics.setdefault("seconds", round(time.time() - t0, 1))
         if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
@@ -101,6 +101,28 @@ def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
+
+
+def stage_setup(cfg: Config, stage: str) -> str:
+    """What a stage runs with, for its first log line: device, world size, precision, backbone and weights."""
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    precision = {"teacher": cfg.teacher.train.mixed_precision, "cls": cfg.cls.train.mixed_precision,
+                 "cam": cfg.cam.mixed_precision, "aff": cfg.aff.train.mixed_precision,
+                 "seg": cfg.seg.train.mixed_precision}.get(stage, "no")
+    if stage == "teacher":
+        net, weights = cfg.teacher.arch, cfg.teacher.weights
+    elif stage in ("seg", "eval"):
+        net, weights = cfg.seg.backbone, cfg.seg.weights if cfg.seg.init == "imagenet" else "the classifier's backbone"
+    else:
+        net = cfg.model.backbone
+        weights = "the classifier's backbone" if stage == "aff" and cfg.aff.init == "cls" else cfg.model.weights
+    if stage in ("cam", "pseudo", "eval"):
+        weights = "this run's trained model"
+    if stage in ("shards", "report"):
+        return f"device {device}, world {world_size()}"
+    return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"
 
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ in the first 1×1 conv (timm: in the 3×3), and its max-pool rounds up.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
