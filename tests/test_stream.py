@@ -178,3 +178,13 @@ def test_missing_shard_is_a_clear_error(toy_shards, tmp_path):
         train_loader(_urls(toy_shards) + [str(tmp_path / "nope.tar")], **KW)
     with pytest.raises(DataError, match="shard not found"):
         list(read_shard(str(tmp_path / "nope.tar"), ("jpg",)))
+
+
+def test_renormalize_gives_another_models_normalisation():
+    from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD, renormalize
+
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    x = normalize(img)[None]
+    want = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    assert torch.allclose(renormalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[0], want, atol=1e-5)
+    assert renormalize(x, IMAGENET_MEAN, IMAGENET_STD) is x

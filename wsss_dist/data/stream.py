@@ -43,6 +43,16 @@ def normalize(img: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.sub_(mean).div_(std)
 
 
+def renormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A batch normalised with ImageNet's mean/std, normalised with ``mean``/``std`` instead (the same tensor when
+    they are ImageNet's)."""
+    if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
+        return x
+    m0, s0 = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    m1, s1 = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1) for v in (mean, std))
+    return (x * s0 + m0 - m1) / s1
+
+
 def denormalize(x: torch.Tensor) -> np.ndarray:
     """float [..., 3, H, W] normalised → uint8 [..., H, W, 3] RGB (inverse of :func:`normalize`)."""
     x = x.detach().float().cpu()

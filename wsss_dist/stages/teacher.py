@@ -1,7 +1,8 @@
 """Stage teacher (method=teach): fine-tune a ViT multi-label teacher and write its image embeddings.
 
-Inputs: the ``cls.split`` shards. Model: timm ``teacher.arch`` (local ``teacher.weights`` only) with a 20-way
-head. Objective: multilabel soft-margin loss. Engine: :func:`wsss_dist.engine.fit`. Outputs:
+Inputs: the ``cls.split`` shards, normalised with the mean/std timm's data config gives for the teacher's weights
+(ImageNet's when it trains from scratch). Model: timm ``teacher.arch`` (``teacher.weights``: docs/usage.md#weights)
+with a 20-way head, position embedding resampled to ``teacher.img_size``. Objective: multilabel soft-margin loss. Engine: :func:`wsss_dist.engine.fit`. Outputs:
 ``teacher/model.safetensors``, ``teacher/model.json`` and ``teacher/embeddings.npz`` (keys, pooled pre-logit features, labels) from which
 stage cls clusters sub-categories with FINCH (Sub-category Teaching).
 """
@@ -14,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import runs
-from ..config import Config
-from ..data.stream import train_loader_for
+from ..config import Config, parse_weights
+from ..data.stream import IMAGENET_MEAN, IMAGENET_STD, renormalize, train_loader_for
 from ..engine import dist, fit, split_features
 from ..methods.losses import multilabel_loss
-from ..models.build import build_teacher, load_model, teacher_spec, write_spec
+from ..models.build import build_teacher, load_model, teacher_normalization, teacher_spec, write_spec
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,14 @@ def run(cfg: Config) -> dict:
     size = cfg.teacher.img_size
     make_loader = train_loader_for(cfg, t, cfg.cls.split)
 
+    pretrained = parse_weights(cfg.teacher.weights)[0] not in ("unset", "none")
+    mean, std = teacher_normalization(cfg) if pretrained else (IMAGENET_MEAN, IMAGENET_STD)  # what its weights expect
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return resize(renormalize(x, mean, std), size)
+
     def loss_fn(model, batch, step):
-        return multilabel_loss(model(resize(batch["image"], size)).float(), batch["labels"]), {}
+        return multilabel_loss(model(prepare(batch["image"])).float(), batch["labels"]), {}
 
     metrics = fit(model=model, param_groups=param_groups(model, cfg.teacher.optim.lr, cfg.teacher.optim.weight_decay),
                   loss_fn=loss_fn, make_loader=make_loader, out_dir=out, train=t, optim=cfg.teacher.optim, log_name="teacher")
@@ -58,7 +65,7 @@ def run(cfg: Config) -> dict:
     if d.main:  # not data-parallel: rank 0 writes the embeddings, the other ranks wait
         model = load_model(out).to(d.device)  # the trained weights, also when fit() found the stage already trained
         emb = split_features(cfg, cfg.cls.split,
-                             lambda x: model.forward_head(model.forward_features(resize(x, size)), pre_logits=True))
+                             lambda x: model.forward_head(model.forward_features(prepare(x)), pre_logits=True))
         runs.write_npz(out / "embeddings.npz", **emb)
     d.barrier()
     emb = np.load(out / "embeddings.npz", allow_pickle=False)
