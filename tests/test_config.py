@@ -136,3 +136,15 @@ def test_cli_bad_value_is_one_line_before_any_work(tmp_path, args):
                        text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_one_precision_switch_and_accelerates_default(monkeypatch):
+    from wsss_dist.config import PRECISION_KEYS, get
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert {get(make_config([]), k) for k in PRECISION_KEYS} == {"no"}
+    assert {get(make_config(["precision=bf16"]), k) for k in PRECISION_KEYS} == {"bf16"}
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    cfg = make_config(["cam.mixed_precision=no"])
+    assert cfg.cls.train.mixed_precision == cfg.seg.train.mixed_precision == "bf16" and cfg.cam.mixed_precision == "no"
+    assert make_config(["precision=no"]).cls.train.mixed_precision == "no"

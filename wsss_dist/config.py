@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,8 +396,10 @@ VOC_PRESET: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
 # words that set several keys at once: data=NAME, train.seed=N (the seed of every trainer)
+PRECISION_KEYS = tuple(f"{t}.train.mixed_precision" for t in ("teacher", "cls", "aff", "seg")) + ("cam.mixed_precision",)
 ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
-                                       "train.seed": tuple(f"{t}.train.seed" for t in ("teacher", "cls", "aff", "seg"))}
+                                       "train.seed": tuple(f"{t}.train.seed" for t in ("teacher", "cls", "aff", "seg")),
+                                       "precision": PRECISION_KEYS}  # one precision for every trainer and the CAMs
 
 
 def parse_stages(stage: str, method: str) -> list[str]:
@@ -444,6 +447,10 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
         raise ConfigError(f"data={name!r}: allowed values are {', '.join(PRESETS)}")
     cfg = OmegaConf.structured(Config)
     _merge(cfg, _nested(PRESETS[name].items()), "the preset")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch --mixed_precision / accelerate config
+    if launched:
+        for key in PRECISION_KEYS:
+            _set(cfg, key, launched, "accelerate's --mixed_precision (ACCELERATE_MIXED_PRECISION)")
     for f, layer in zip(files, layers):
         _merge(cfg, layer, f)
     for key, value in pairs:
