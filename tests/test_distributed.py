@@ -62,3 +62,25 @@ def test_stages_that_are_not_data_parallel_run_once_under_two_processes(tmp_path
     for name in ("shards", "report"):
         assert (tmp_path / "runs" / f"ranks-{name}.txt").read_text().split() == ["0"], name
         assert json.loads((tmp_path / "runs" / "r" / name / "DONE").read_text())["ran"] == name
+
+
+def _first_step(tmp_path: Path, name: str, args: list[str], processes: int) -> subprocess.CompletedProcess:
+    script = [str(ROOT / "tests" / "dist_first_step.py"), str(tmp_path / f"{name}.json"), *args, f"run={tmp_path / name}"]
+    launch = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                        str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                                        "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    return subprocess.run([sys.executable, *launch, *script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_one_and_two_processes_see_the_same_global_batch(shards, tmp_path):  # noqa: F811
+    """train.batch_size is the global batch: the first step's mean loss over it is the same on 1 process and on
+    2 gloo processes (each takes half of it), and the lr does not change with the world size."""
+    args = shards + ["cls.train.steps=1", "cls.train.batch_size=8", "cls.train.log_every=1", "cls.train.ckpt_every=0"]
+    for name, n in (("one", 1), ("two", 2)):
+        r = _first_step(tmp_path, name, args, n)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["world"], b["world"]) == (1, 2)
+    assert abs(a["loss"] - b["loss"]) < 1e-5, (a["loss"], b["loss"])
+    odd = _first_step(tmp_path, "odd", args + ["cls.train.batch_size=7"], 2)
+    assert odd.returncode != 0 and "batch_size=7 is the global batch and must divide over 2 process(es)" in odd.stderr

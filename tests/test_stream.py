@@ -75,12 +75,33 @@ def test_start_batch_equals_dropping_batches(toy_shards, workers, start):
     assert _same(full[start:], resumed)
 
 
-def test_ranks_split_the_shards(toy_shards):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_split_the_global_batch(toy_shards, workers):
+    """With the global batch split over ranks, rank r's batch j is samples r, r+W, ... of the one-process batch j
+    (same images, same augmentation): the recipe does not change with the number of processes; resume too."""
     urls = _urls(toy_shards)
-    keys = [set(k for b in _take(train_loader(urls, rank=r, world=2, **KW), 3) for k in b["key"]) for r in range(2)]
-    assert not keys[0] & keys[1]
-    with pytest.raises(DataError, match="shards for"):
-        train_loader(urls[:1], world=2, **KW)
+    kw = {**KW, "batch_size": 2, "num_workers": workers}
+    one = _take(train_loader(urls, **{**kw, "batch_size": 4}), 5)
+    two = [_take(train_loader(urls, rank=r, world=2, **kw), 5) for r in range(2)]
+    for j in range(5):
+        assert two[0][j]["key"] + two[1][j]["key"] != one[j]["key"]  # interleaved, not halves
+        assert two[0][j]["key"] == one[j]["key"][0::2] and two[1][j]["key"] == one[j]["key"][1::2]
+        assert torch.equal(two[1][j]["image"], one[j]["image"][1::2])
+    resumed = _take(train_loader(urls, rank=1, world=2, start_batch=3, **kw), 2)
+    assert _same(two[1][3:], resumed)
+
+
+def test_global_batch_must_divide_over_processes_and_accumulation():
+    from wsss_dist.data.stream import micro_batch
+    from wsss_dist.errors import ConfigError
+
+    assert micro_batch(10, 1, 2) == 5 and micro_batch(16, 4, 1) == 4
+    with pytest.raises(ConfigError, match=r"batch_size=10 is the global batch and must divide over 4 process\(es\)"):
+        micro_batch(10, 4, 1)
+    with pytest.raises(ConfigError, match=r"cls.train.batch_size=16 .* over 3 process"):
+        from wsss_dist.config import check_batches, make_config
+
+        check_batches(make_config(["stage=cls"]), 3)
 
 
 def test_ground_truth_is_never_decoded(toy_shards, tmp_path, monkeypatch):

@@ -84,12 +84,12 @@ class TrainCfg:
     """Loop settings for a trainer."""
 
     steps: int = 2000  # optimiser steps
-    batch_size: int = 16  # images per step and process
+    batch_size: int = 16  # the global batch: images per optimiser step over all processes (each takes batch_size / (processes × grad_accum))
     crop: int = 448  # square training crop in px
     resize_long: tuple[int, int] = (256, 512)  # random resize of the long side in [lo, hi]; [0,0] = off
     mixed_precision: Precision = "no"  # autocast precision of the training step
     channels_last: bool = True  # channels-last memory format for model and input
-    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    grad_accum: int = 1  # micro-batches accumulated per optimiser step (they split batch_size, never add to it)
     ckpt_every: int = 200  # steps between checkpoints (0 = only at the end)
     log_every: int = 20  # steps between log lines (0 = only at the end)
     seed: int = 0  # seed of initial weights, data order and augmentation
@@ -981,6 +981,20 @@ def validate(cfg: Config) -> None:
     if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     _check_weights(cfg, stages)
+    check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+TRAINERS = ("teacher", "cls", "aff", "seg")
+
+
+def check_batches(cfg: Config, world: int, stages: Iterable[str] | None = None) -> None:
+    """Every trainer's global ``batch_size`` divides over ``world`` processes × its ``grad_accum`` (ConfigError)."""
+    for stage in [s for s in (stages or cfg.stages()) if s in TRAINERS]:
+        t = get(cfg, f"{stage}.train")
+        if t.batch_size % (world * t.grad_accum):
+            raise ConfigError(f"{stage}.train.batch_size={t.batch_size} is the global batch and must divide over "
+                              f"{world} process(es) × {stage}.train.grad_accum={t.grad_accum}; choose a multiple of "
+                              f"{world * t.grad_accum}")
 
 
 __all__ = ["Config", "METHOD_NAMES", "PRESETS", "STAGES", "ConfigError", "keys", "load_yaml", "make_config",

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import runs
 from .compat import submitit_requeue_handler
-from .config import STAGES, Config, Point, SlurmCfg, make_config, parse_words, sweep_points, typed_value
+from .config import STAGES, Config, Point, SlurmCfg, check_batches, make_config, parse_words, sweep_points, typed_value
 from .errors import ConfigError, Interrupted, UserError
 from .pipeline import EXIT_USER_ERROR, describe_fault, environment_fault, redo, run_stage, save_config, setup_logging, summary
 from .registry import METHODS
@@ -118,6 +118,7 @@ def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
     for stage in cfg.stages():
         base = [*words, f"stage={stage}"]
         res = stage_resources(cfg, launch, stage)
+        check_batches(cfg, max(1, res.gpus_per_node) * res.nodes, [stage])  # the job's processes, before any job
         done = runs.is_done(cfg.run_dir, stage) and not (redo(cfg, stage) and stage != "report")
         if stage == "cls" and METHODS[cfg.method].rounds and not done:
             for r in cfg.cls_rounds():

@@ -162,7 +162,9 @@ def shard_shuffle(seed: int, epoch: int) -> Callable[[Iterable[dict]], Iterator[
 
 
 def split_by_node(rank: int, world: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """Stage: shard i → rank i % world (explicit rank/world, unlike webdataset's torch.distributed lookup)."""
+    """Stage: item i → rank i % world (explicit rank/world, unlike webdataset's torch.distributed lookup). The
+    training stream splits *samples* this way, after the (rank-independent) shuffles: the global batch of a step is
+    the same whatever the number of processes."""
     return lambda src: itertools.islice(src, rank, None, world)
 
 
@@ -225,7 +227,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         shards = wds.DataPipeline(wds.SimpleShardList(self.urls), shard_shuffle(self.seed, epoch),
-                                  split_by_node(self.rank, self.world), split_by_worker(worker, workers))
+                                  split_by_worker(worker, workers))
         return [d["url"] for d in shards]
 
     def prepare(self, sample: dict, epoch: int) -> dict:
@@ -264,6 +266,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             urls = self.worker_urls(epoch, worker, workers)
             counts = [sizes[u] if u in sizes else sizes.setdefault(u, count_samples(u)) for u in urls]
             total = None if None in counts else sum(counts)  # this worker's samples per epoch, from the tar headers
+            if total is not None:
+                total = len(range(self.rank, total, self.world))  # this rank's share: every world-th sample
             if left[0] > 0 and total is not None and left[0] >= total:  # a whole epoch skipped: nothing read or decoded
                 left[0] -= total
                 continue
@@ -275,8 +279,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             buf = self.shuffle_buffer
             if buf > 1:
                 stages.append(wds.shuffle(buf, initial=min(100, buf), rng=random.Random(
-                    _seed(self.seed, epoch, self.rank, worker, "buffer"))))
-            stages += [drop, wds.map(lambda s, e=epoch: self.prepare(s, e), handler=counter.handler)]
+                    _seed(self.seed, epoch, 0, worker, "buffer"))))  # the same order on every rank
+            stages += [split_by_node(self.rank, self.world), drop,
+                       wds.map(lambda s, e=epoch: self.prepare(s, e), handler=counter.handler)]
             n, skipped_before = 0, counter.skipped
             for sample in wds.DataPipeline(*stages):
                 counter.seen += 1
@@ -324,7 +329,9 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
                  mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
                  scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500,
                  max_skip_fraction: float = 0.01) -> Iterator[dict]:
-    """Infinite deterministic batches for rank ``rank`` of ``world``: {key, image, labels, [mask], skipped}.
+    """Infinite deterministic batches of ``batch_size`` for rank ``rank`` of ``world``: {key, image, labels, [mask],
+    skipped}. Every rank reads the same shuffled sample sequence and keeps every ``world``-th sample (decoding only
+    those), so the union of the ranks' batch j is the batch j of one process with ``world × batch_size``.
 
     The ground-truth ``seg`` member is never read. ``mask`` (int64, 255 = ignore) comes from the same-named tars in
     ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank. Broken
@@ -335,13 +342,9 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
     if missing:
         raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(urls)} missing); run stage=shards again")
-    if len(urls) < world:
-        raise DataError(f"{len(urls)} training shards for {world} processes: every process needs one; "
-                        "rebuild the shards with a smaller data.shard_size")
-    mine = len(range(rank, len(urls), world))
-    workers = min(num_workers, mine)
+    workers = min(num_workers, len(urls))
     if workers < num_workers:
-        logger.info("train stream: %d shards for this rank, using %d DataLoader workers instead of %d", mine, workers, num_workers)
+        logger.info("train stream: %d shards, using %d DataLoader workers instead of %d", len(urls), workers, num_workers)
     ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
                      seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
                      jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer,
@@ -370,6 +373,17 @@ def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
     return normalize(sample["jpg"]).unsqueeze(0).to(device)
 
 
+def micro_batch(batch_size: int, world: int, grad_accum: int) -> int:
+    """Images per process and micro-batch: the global ``batch_size`` over ``world`` processes × ``grad_accum``
+    accumulation steps (ConfigError when it does not divide: the recipe never changes with the number of GPUs)."""
+    from ..errors import ConfigError
+
+    if batch_size % (world * grad_accum):
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must divide over {world} process(es) × "
+                          f"grad_accum={grad_accum}; choose a multiple of {world * grad_accum}")
+    return batch_size // (world * grad_accum)
+
+
 def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable[[int, int, int], Iterator[dict]]:
     """The engine's ``make_loader(rank, world, start_batch)`` over ``split``'s shards with ``train``'s augmentation
     (``cfg``: the run's Config, ``train``: one trainer's TrainCfg; ``extra``: mask_dir, scale_range, ...)."""
@@ -378,7 +392,8 @@ def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable
     urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir))
 
     def make_loader(rank: int, world: int, start_batch: int) -> Iterator[dict]:
-        return train_loader(urls, batch_size=train.batch_size, crop=train.crop, resize_long=train.resize_long,
+        return train_loader(urls, batch_size=micro_batch(train.batch_size, world, train.grad_accum),
+                            crop=train.crop, resize_long=train.resize_long,
                             seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
                             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer,
                             max_skip_fraction=cfg.data.max_skip_fraction, **extra)
