@@ -15,7 +15,7 @@ import pytest
 
 from wsss_dist import launcher, runs
 from wsss_dist.config import make_config
-from wsss_dist.errors import ConfigError
+from wsss_dist.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "launch" / "submit.py"
@@ -274,3 +274,26 @@ def test_a_job_that_asked_for_gpus_and_finds_no_cuda_fails_in_one_line(monkeypat
         launcher.check_cuda(2)
     job = launcher.StageJob(["stage=cls"], "cls", "/x", gpus=2)
     assert job.checkpoint().function.gpus == 2  # a requeued job keeps asking
+
+
+VOC = ["data=voc", "data.voc_root=/nowhere/VOC2012", "model.weights=none", "seg.weights=none", "teacher.weights=none",
+       "cluster=slurm"]
+
+
+def test_voc_stage_resources_and_the_time_check(tmp_path):
+    """data=voc: per-stage SLURM defaults sized for the real run (under the user's own slurm keys), data.num_workers
+    from the job's CPUs, and a stage that cannot finish within time_min × (requeues + 1) fails before any job."""
+    launch, rest = launcher.split_args(["stage=all", f"run={tmp_path}/r", *VOC])
+    steps = {s.name: s for s in launcher.plan(make_config(rest), launch, rest)}
+    cls, shards = steps["cls"].resources, steps["shards"].resources
+    assert (cls.gpus_per_node, cls.cpus_per_task, cls.time_min) == (1, 8, 240) and shards.gpus_per_node == 0
+    assert "data.num_workers=7" in steps["cls"].overrides
+    hours = launcher.stage_hours(make_config(rest), "cls", 1)
+    assert 0.5 < hours < 3  # 9,915 steps × 16 images at 40 images/s
+    launch, rest = launcher.split_args(["stage=all", f"run={tmp_path}/r", *VOC, "slurm.gpus_per_node=1", "slurm.time_min=10"])
+    with pytest.raises(UserError, match=r"stage cls needs about .* h on 1 GPU\(s\) .* allows 0\.7 h; raise slurm\.cls\.time_min"):
+        launcher.plan(make_config(rest), launch, rest)
+    launch, rest = launcher.split_args(["stage=all", f"run={tmp_path}/r", *VOC, "slurm.time_min=10", "slurm.cls.time_min=600",
+                                        "slurm.aff.time_min=600", "slurm.teacher.time_min=600", "slurm.cam.time_min=600",
+                                        "slurm.pseudo.time_min=600", "slurm.seg.time_min=600"])
+    assert launcher.plan(make_config(rest), launch, rest)[1].resources.time_min == 600

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from . import runs
 from .compat import submitit_requeue_handler
-from .config import STAGES, Config, Point, SlurmCfg, check_batches, make_config, parse_words, sweep_points, typed_value
+from .config import STAGES, Config, Point, SlurmCfg, check_batches, get, make_config, parse_words, sweep_points, typed_value
 from .errors import ConfigError, Interrupted, UserError
 from .pipeline import EXIT_USER_ERROR, describe_fault, environment_fault, redo, run_stage, save_config, setup_logging, summary
 from .registry import METHODS
@@ -53,6 +53,24 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "shards": {"gpus_per_node": 0, "nodes": 1},
     "report": {"gpus_per_node": 0, "nodes": 1},
 }
+# Per-stage resources of a dataset's real runs (one modern GPU per job; docs/cluster.md#gpu-hours), under the user's
+# own slurm.<key> and slurm.<stage>.<key>. time_min × (MAX_REQUEUES + 1) must cover a stage at STAGE_RATES.
+DATASET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"voc": {
+    "shards": {"cpus_per_task": 8, "mem_gb": 16, "time_min": 120},
+    "teacher": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 240},
+    "cls": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 240},
+    "cam": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 120},
+    "aff": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 240},
+    "pseudo": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 120},
+    "seg": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 240},
+    "eval": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 60},
+    "report": {"cpus_per_task": 2, "mem_gb": 8, "time_min": 30},
+}}
+# Images per second and GPU that the submit-time check assumes: about a quarter of bench/flops.py's rates at 40 %
+# of an H100's bf16 peak (fp32 and older GPUs are slower): (images of the stage, rate).
+STAGE_RATES: dict[str, float] = {"teacher": 400.0, "cls": 40.0, "aff": 40.0, "cam": 9.0, "pseudo": 10.0, "seg": 200.0,
+                                 "eval": 200.0}
+MAX_REQUEUES = 3  # submitit's max_num_timeout: a job may time out and requeue this often
 PREEMPT_ENV = "export SUBMITIT_PREEMPT_SIGNAL=TERM"  # in the job: submitit binds TERM (preemption) too
 
 
@@ -64,6 +82,7 @@ class LaunchCfg:
     wait: bool = False  # cluster=slurm: wait for the chain to finish
     poll_s: float = 5.0  # cluster=slurm with wait: seconds between state polls
     stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
+    typed: list[str] = field(default_factory=list)  # the config keys the user typed (they beat dataset defaults)
 
 
 @dataclass
@@ -103,12 +122,39 @@ def split_args(argv: list[str]) -> tuple[LaunchCfg, list[str]]:
             launch.stage_slurm.setdefault(stage, {})[name] = typed_value(f"slurm.{name}", value)  # checked now, before any work
         else:
             rest.append(f"{key}={value}")
+            launch.typed.append(key)
     return launch, rest
 
 
 def stage_resources(cfg: Config, launch: LaunchCfg, stage: str) -> SlurmCfg:
-    """The SLURM resources of ``stage``: ``slurm.*``, then :data:`STAGE_DEFAULTS`, then ``slurm.<stage>.*``."""
-    return dataclasses.replace(cfg.slurm, **{**STAGE_DEFAULTS.get(stage, {}), **launch.stage_slurm.get(stage, {})})
+    """The SLURM resources of ``stage``: ``slurm.*``, the dataset's per-stage defaults (where the user typed no
+    ``slurm.<key>``), :data:`STAGE_DEFAULTS`, then ``slurm.<stage>.*``."""
+    dataset = {k: v for k, v in DATASET_STAGE_DEFAULTS.get(cfg.data.name, {}).get(stage, {}).items()
+               if f"slurm.{k}" not in launch.typed}
+    return dataclasses.replace(cfg.slurm, **{**dataset, **STAGE_DEFAULTS.get(stage, {}), **launch.stage_slurm.get(stage, {})})
+
+
+def stage_hours(cfg: Config, stage: str, gpus: int) -> float | None:
+    """Hours ``stage`` needs on ``gpus`` GPUs at :data:`STAGE_RATES` (None for stages without a GPU estimate)."""
+    if stage not in STAGE_RATES or gpus < 1:
+        return None
+    if stage in ("teacher", "cls", "aff", "seg"):
+        t = get(cfg, f"{stage}.train")
+        images = t.steps * t.batch_size
+    else:
+        images = {"eval": 1449}.get(stage, 10582) if cfg.data.name == "voc" else 0
+    return images / (STAGE_RATES[stage] * gpus) / 3600
+
+
+def check_time(cfg: Config, stage: str, res: SlurmCfg) -> None:
+    """UserError when ``slurm.time_min`` × (requeues + 1) cannot cover the stage at the stated rate (SLURM only)."""
+    hours = stage_hours(cfg, stage, res.gpus_per_node * res.nodes)
+    budget = res.time_min * (MAX_REQUEUES + 1) / 60
+    if cfg.cluster == "slurm" and hours is not None and hours > budget:
+        raise UserError(f"stage {stage} needs about {hours:.1f} h on {res.gpus_per_node * res.nodes} GPU(s) at "
+                        f"{STAGE_RATES[stage]:g} images/s per GPU, but slurm time_min={res.time_min} × "
+                        f"({MAX_REQUEUES} requeues + 1) allows {budget:.1f} h; raise slurm.{stage}.time_min or "
+                        f"slurm.{stage}.gpus_per_node")
 
 
 def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
@@ -119,6 +165,9 @@ def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
         base = [*words, f"stage={stage}"]
         res = stage_resources(cfg, launch, stage)
         check_batches(cfg, max(1, res.gpus_per_node) * res.nodes, [stage])  # the job's processes, before any job
+        check_time(cfg, stage, res)
+        if cfg.data.name in DATASET_STAGE_DEFAULTS and "data.num_workers" not in launch.typed and cfg.cluster == "slurm":
+            base.append(f"data.num_workers={max(0, res.cpus_per_task - 1)}")  # the job's CPUs feed its GPU
         done = runs.is_done(cfg.run_dir, stage) and not (redo(cfg, stage) and stage != "report")
         if stage == "cls" and METHODS[cfg.method].rounds and not done:
             for r in cfg.cls_rounds():
@@ -196,7 +245,7 @@ def make_executor(cluster: str, folder: Path, step: Step, job_name: str, depende
     import submitit
 
     r = step.resources
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
     tasks = max(1, r.gpus_per_node)
     params: dict[str, Any] = {"name": job_name, "tasks_per_node": tasks}
     if r.gpus_per_node:

@@ -1,0 +1,38 @@
+"""Model FLOPs per image, counted with torch's FlopCounterMode (forward; training ≈ 3× forward), and the GPU time
+they imply: python bench/flops.py [--peak_tflops=989] [--mfu=0.4]."""
+from __future__ import annotations
+
+import fire
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def forward_flops(model: torch.nn.Module, *shape: int) -> float:
+    """FLOPs of one forward pass on a zero input of ``shape`` (batch 1)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, *shape))
+    return float(fc.get_total_flops())
+
+
+def main(peak_tflops: float = 989.0, mfu: float = 0.4) -> None:
+    """Print TFLOP per image for each stage's model and the images/s one GPU reaches at ``mfu`` of ``peak_tflops``."""
+    from wsss_dist.models import create_model
+
+    rate = peak_tflops * mfu
+    rows = []
+    cam = create_model("cam", "resnet38d", num_classes=20).eval()
+    train38 = 3 * forward_flops(cam, 3, 448, 448) / 1e12
+    rows.append(("cls / aff train, ResNet-38d, 448 crop", train38))
+    ms = sum(2 * forward_flops(cam.backbone, 3, round(375 * s), round(500 * s)) for s in (1.0, 0.5, 1.5, 2.0)) / 1e12
+    rows.append(("cam, ResNet-38d, 500x375, 4 scales + flip", ms))
+    deeplab = create_model("deeplab", "resnet101", num_classes=21).eval()
+    rows.append(("seg train, DeepLab-v2 R101, 321 crop", 3 * forward_flops(deeplab, 3, 321, 321) / 1e12))
+    rows.append(("eval, DeepLab-v2 R101, 500x375, 3 scales", sum(
+        forward_flops(deeplab, 3, round(375 * s), round(500 * s)) for s in (1.0, 0.75, 0.5)) / 1e12))
+    print(f"{'model':<46} {'TFLOP/img':>9} {'img/s @ ' + str(mfu) + ' of ' + str(peak_tflops) + ' TFLOP/s':>26}")
+    for name, tf in rows:
+        print(f"{name:<46} {tf:9.2f} {rate / tf:26.1f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
