@@ -160,15 +160,19 @@ def test_mxnet_format_variants_and_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ timm names
-@pytest.fixture(scope="module")
-def r18_file(tmp_path_factory):
+def _timm_weights_file(folder: Path, arch: str, name: str, seed: int) -> tuple[Path, dict]:
+    """A safetensors file of a randomly initialised timm model's state dict (what a downloaded file looks like)."""
     import timm
 
-    torch.manual_seed(3)
-    sd = {k: v.contiguous() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
-    path = tmp_path_factory.mktemp("timm") / "resnet18_a1_in1k.safetensors"
-    save_file(sd, str(path))
-    return path, sd
+    torch.manual_seed(seed)
+    sd = {k: v.contiguous() for k, v in timm.create_model(arch, pretrained=False).state_dict().items()}
+    save_file(sd, str(folder / name))
+    return folder / name, sd
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory):
+    return _timm_weights_file(tmp_path_factory.mktemp("timm"), "resnet18", "resnet18_a1_in1k.safetensors", 3)
 
 
 def test_parse_weights_forms():
@@ -238,13 +242,7 @@ def test_timm_names_never_build_random_weights(r18_file, monkeypatch):
 # ------------------------------------------------------------------------------------------------ the ViT teacher
 @pytest.fixture(scope="module")
 def vit224(tmp_path_factory):
-    import timm
-
-    torch.manual_seed(5)
-    sd = {k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict().items()}
-    path = tmp_path_factory.mktemp("vit") / "vit_tiny_224.safetensors"
-    save_file(sd, str(path))
-    return path, sd
+    return _timm_weights_file(tmp_path_factory.mktemp("vit"), "vit_tiny_patch16_224", "vit_tiny_224.safetensors", 5)
 
 
 @pytest.mark.parametrize("form", ["{}", "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k@{}"])
