@@ -83,3 +83,13 @@ def test_run_or_shards_dir_pointing_at_a_file(tmp_path, key):
     r = wsss(["stage=shards", *(f"{k}={v}" for k, v in args.items()), f"data.toy.root={tmp_path / 'src'}", *TOY], tmp_path)
     one_line_error(r, str(afile))
     assert afile.read_text() == "not a directory"
+
+
+@needs_root
+def test_launcher_refuses_a_read_only_shards_dir_before_any_job(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "stage=shards", f"run={tmp_path / 'run'}",
+                            f"data.shards_dir={ro / 'shards'}", f"data.toy.root={tmp_path / 'src'}", *TOY],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {ro / 'shards'}: "), r.stderr
+        assert "not writable" in r.stderr and not (tmp_path / "run" / "logs").exists()  # no job was started

@@ -307,10 +307,25 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
         return submit_sweep(launch, Path(root), points, out)
     cfg = make_config(words)
     _check_cluster(cfg, launch)
+    check_writable(cfg)
     save_config(cfg)
     jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)
     _finish(cfg, launch, jobs, out)
     return jobs
+
+
+def check_writable(cfg: Config) -> None:
+    """Before any job: the run directory and, when stage shards runs, the shards directory can be written (the
+    nearest existing folder of each); an environment fault in one line otherwise."""
+    paths = [cfg.run_dir] + ([cfg.shards_dir] if "shards" in cfg.stages() else [])
+    for path in paths:
+        here = Path(path).resolve()
+        while not here.exists() and here != here.parent:
+            here = here.parent
+        if here.exists() and not here.is_dir():
+            raise UserError(f"{path}: {here} is a file, not a directory")
+        if not os.access(here, os.W_OK | os.X_OK):
+            raise UserError(f"{path}: {here} is not writable (permissions or a read-only file system)")
 
 
 def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
