@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
-from .registry import BACKBONES, METHOD_NAMES, METHODS, MethodName
+from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, MethodName
 
 STAGES = ("shards", "teacher", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
 Precision = Literal["no", "fp16", "bf16"]
@@ -934,7 +934,7 @@ def _check_safetensors(key: str, file: str, arch: str, img_size: int | None) -> 
         shapes = {k[len("module."):]: v for k, v in shapes.items()}
     if any(p + "layer1.conv1.conv.weight" in shapes for p in ("", "base.")):
         return
-    heads = ("fc.", "fc8.", "linear1000.", "head.", "classifier.", "aspp.")  # backbones.HEAD_PREFIXES
+    heads = HEAD_PREFIXES
     if arch == "resnet38d":
         own = {"conv1a.weight": (64, 3, 3, 3), "b7.conv_branch2b2.weight": (4096, 2048, 1, 1), "bn7.running_var": (4096,)}
         foreign = [k for k in shapes if not re.match(r"(conv1a|bn7|b[2-7](_[1-5])?)\.", k) and not k.startswith(heads)]

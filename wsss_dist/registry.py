@@ -52,7 +52,9 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's type of ``method``: the registry's names
 
 
-BACKBONES: tuple[str, ...] = ("resnet38d",)  # our own backbones (wsss_dist/models); any other name is a timm model
+BACKBONES: tuple[str, ...] = ("resnet38d",)
+# Classifier heads of ImageNet/psa/deeplab-pytorch checkpoints that a backbone never has: optional when loading
+HEAD_PREFIXES: tuple[str, ...] = ("fc.", "fc8.", "linear1000.", "head.", "classifier.", "aspp.")  # our own backbones (wsss_dist/models); any other name is a timm model
 
 
 def get_method(name: str) -> Method:

@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from wsss_dist.config import parse_weights
 from wsss_dist.errors import WeightsError
+from wsss_dist.registry import HEAD_PREFIXES
 
 logger = logging.getLogger(__name__)
 
-# Classifier heads of ImageNet/psa checkpoints that a backbone never has: dropped when loading.
-# (deeplab-pytorch's ASPP ``aspp.*`` too: DeepLabV2 loads it itself.) wsss_dist.config's header check keeps a copy.
-HEAD_PREFIXES: tuple[str, ...] = ("fc.", "fc8.", "linear1000.", "head.", "classifier.", "aspp.")
+# Classifier heads a backbone never has (deeplab-pytorch's ASPP ``aspp.*`` too: DeepLabV2 loads it itself): dropped
+# when loading; the registry holds the one list, which the config's header check reads too.
 
 
 class WeightsNotFoundError(WeightsError, FileNotFoundError):
