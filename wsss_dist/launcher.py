@@ -365,21 +365,22 @@ def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str]
 
 
 def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callable[[str], None], label: str = "",
-                 after: Optional[str] = None) -> list[Any]:
+                 first_dep: Optional[str] = None) -> list[Any]:
     """Submit the ``steps`` of one run: local/debug jobs one after another (RuntimeError when one fails), SLURM jobs
-    chained with ``afterok`` (the first after ``after``, a job id). ``label`` prefixes every progress line."""
+    chained with ``afterok``, the first one with the SLURM dependency ``first_dep`` (e.g. ``afterok:<shards job>``,
+    ``afterany:<a>:<b>``). ``label`` prefixes every progress line."""
     cluster = cfg.cluster
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
     jobs: list[Any] = []
-    prev: Optional[str] = after
+    prev: Optional[str] = None
     n = len(steps)
     for i, step in enumerate(steps, 1):
         head = f"{label}{step.name}" if label else f"[{i}/{n}] {step.name}"
         if step.done:
             out(f"{head}: skipped (done)")
             continue
-        dep = f"afterok:{prev}" if cluster == "slurm" and prev else None
+        dep = (f"afterok:{prev}" if prev else first_dep) if cluster == "slurm" else None
         ex = make_executor(cluster, folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
         t0 = time.time()
         with _job_env():
@@ -431,7 +432,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
                  for st in plan(scfg, launch, list(points[0].words) + [f"run={root / 'shards'}", "stage=shards"])]
         got = submit_chain(scfg, steps, launch, out, label="[shared] ")
         jobs += got
-        after = got[-1].job_id if got and first.cluster == "slurm" else None
+        after = f"afterok:{got[-1].job_id}" if got and first.cluster == "slurm" else None
     failed, last_jobs = [], []
     for k, (p, cfg) in enumerate(zip(points, cfgs), 1):
         own = [s for s in stages if s not in SHARED_STAGES and s != "report"]
@@ -441,7 +442,8 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         pcfg = make_config(words)
         save_config(pcfg)
         try:
-            got = submit_chain(pcfg, plan(pcfg, launch, words), launch, out, label=f"[point {k}/{n}] {p.name}: ", after=after)
+            got = submit_chain(pcfg, plan(pcfg, launch, words), launch, out, label=f"[point {k}/{n}] {p.name}: ",
+                               first_dep=after)
         except RuntimeError as e:
             failed.append(p.name)
             out(f"[point {k}/{n}] {p.name}: FAILED; the other points go on ({str(e).splitlines()[0]})")
@@ -454,8 +456,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         rcfg = make_config(words)
         save_config(rcfg)
         dep = f"afterany:{':'.join(last_jobs)}" if first.cluster == "slurm" and last_jobs else None
-        step = plan(rcfg, launch, words)[0]
-        jobs += _submit_one(rcfg, step, launch, out, "[sweep] report", dep)
+        jobs += submit_chain(rcfg, plan(rcfg, launch, words)[:1], launch, out, label="[sweep] ", first_dep=dep)
     _finish(first, launch, jobs, out)
     if failed:
         raise RuntimeError(f"{len(failed)} of {n} points failed: {', '.join(failed)}; the report in {root / 'report'} "
@@ -463,24 +464,12 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
     return jobs
 
 
-def _submit_one(cfg: Config, step: Step, launch: LaunchCfg, out: Callable[[str], None], head: str,
-                dep: Optional[str]) -> list[Any]:
-    """One job with an explicit SLURM dependency (e.g. the sweep's ``afterany`` report); local: run it now."""
-    if cfg.cluster != "slurm":
-        return submit_chain(cfg, [step], launch, out, label=head.split("]")[0] + "] ")
-    folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
-    ex = make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
-    t0 = time.time()
-    with _job_env():
-        job = ex.submit(StageJob(step.overrides, step.stage, os.getcwd(), step.resources.gpus_per_node))
-    _set_aside_stale(job, t0)
-    out(f"{head}: submitted slurm job {job.job_id}{' after ' + dep if dep else ''} (logs: {job.paths.stdout} / .err)")
-    return [job]
-
-
 def _prev_dep(dep: Optional[str]) -> str:
-    """``afterok:123`` → ``job 123``."""
-    return f"job {dep.split(':', 1)[1]}" if dep else ""
+    """``afterok:123`` → ``job 123``; any other dependency as SLURM writes it (``afterany:12:13``)."""
+    if not dep:
+        return ""
+    kind, _, ids = dep.partition(":")
+    return f"job {ids}" if kind == "afterok" and ":" not in ids else dep
 
 
 def wait_slurm(jobs: list[Any], poll_s: float = 5.0, out: Callable[[str], None] = print) -> None:
