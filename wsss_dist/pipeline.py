@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -86,14 +87,21 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     return _run_stage(cfg, stage)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and its finished children (e.g. DataLoader workers), in seconds."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
     with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
         metrics.setdefault("seconds", round(time.time() - t0, 1))
+        metrics.setdefault("cpu_seconds", round(cpu_seconds() - c0, 1))  # comparable across loaded machines
         if metrics.pop("partial", False):  # e.g. one round of method=sc: not finished yet
             logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
             return metrics
@@ -136,7 +144,7 @@ def summary(metrics: Any) -> str:
     """The headline figures of a stage's metrics on one line (``miou=0.5400 loss=0.2546 ...``)."""
     if not isinstance(metrics, dict):
         return ""
-    keys = [k for k in ("miou", "best_miou", "best_threshold", "loss", "samples", "skipped", "seconds") if k in metrics]
+    keys = [k for k in ("miou", "best_miou", "best_threshold", "loss", "samples", "skipped") if k in metrics]
     return " ".join(f"{k}={metrics[k]:.4f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
 
 

@@ -63,6 +63,14 @@ def groups(points: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def class_means(ious: np.ndarray) -> list[float | None]:
+    """Per-class mean over runs [R, C] of the IoUs that exist (NaN: class absent); None where no run has one."""
+    seen = ~np.isnan(ious)
+    n = seen.sum(0)
+    total = np.where(seen, ious, 0.0).sum(0)
+    return [float(t / k) if k else None for t, k in zip(total, n)]
+
+
 def summary_rows(grouped: dict[tuple[str, str], list[dict]]) -> list[dict]:
     """Per group: every headline figure as mean ± std over its runs, and per stage the per-class IoU means."""
     rows = []
@@ -73,7 +81,7 @@ def summary_rows(grouped: dict[tuple[str, str], list[dict]]) -> list[dict]:
         for stage in ("cam", "pseudo", "eval"):
             ious = [p["done"].get(stage, {}).get("iou") for p in ps]
             ious = [np.array([np.nan if x is None else x for x in v], float) for v in ious if v]
-            row[f"iou_{stage}"] = None if not ious else [None if np.isnan(x) else float(x) for x in np.nanmean(ious, 0)]
+            row[f"iou_{stage}"] = None if not ious else class_means(np.stack(ious))
         rows.append(row)
     return rows
 
