@@ -228,25 +228,116 @@ def test_real_cls_preempted_twice_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
 
 
-def test_sweep_chains_each_point_after_the_shared_shards_and_reports_a_failed_point(tmp_path):
-    """A 2-point sweep on SLURM: one shards job, each point's chain after it (afterok), one report after every
-    point (afterany): the point made to fail is cancelled there, yet the report runs and shows it as not finished."""
+def submitted(stdout: str) -> tuple[list[str], dict[str, str]]:
+    """The plain job ids the launcher printed (in order) and its job arrays: {label stage: array job id}."""
+    return re.findall(r"submitted slurm job (\d+)", stdout), dict(re.findall(r"(\S+): submitted slurm job array (\d+)", stdout))
+
+
+def dependency(job_id: str) -> str:
+    """``scontrol show job``'s Dependency= of a (pending) job or array."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return (re.findall(r"Dependency=(\S+)", out) or [""])[0]
+
+
+FAIL_IN_CLS = SLEEPING.replace('"{name}" == "cam" and', '"{name}" == "cls" and').replace("boom in cam", "boom in cls")
+
+
+def test_sweep_submits_one_job_array_per_stage_with_elementwise_dependencies(tmp_path):
+    """3 points with the same stages: one shards job, a cls array afterok on it, a cam array aftercorr on the cls
+    array (task i after task i), at most slurm.array_parallelism tasks at once, the report afterany on the cam array;
+    the point whose cls fails loses only its own cam task, and the report still runs and shows it."""
     import json
 
-    env = fake_stages(tmp_path, {n: SLEEPING.format(name=n) for n in ("shards", "cls", "cam")})
-    r, ids = submit_slurm(["stage=[shards,cls,cam,report]", "cam.bg_threshold=[0.15,0.99]", f"run={tmp_path}/grid"],
-                          tmp_path, env)
-    assert r.returncode == 0 and len(ids) == 1 + 2 + 2 + 1, r.stdout + r.stderr
-    shards, cls1, cam1, cls2, cam2, report = ids
-    assert "[point 2/2] bg_threshold0.99: cam: submitted" in r.stdout and "afterany" in r.stdout
-    states = wait_end(ids, 600)
-    assert states[cam2].startswith("FAILED") and states[report].startswith("COMPLETED"), states
-    assert_afterok_order([shards, cls1, cam1])
-    assert_afterok_order([shards, cls2, cam2])
-    assert ts(sacct(report)[-1]["start"]) >= max(ts(sacct(j)[-1]["end"]) for j in (cam1, cam2))
+    env = fake_stages(tmp_path, {n: FAIL_IN_CLS.format(name=n) for n in ("shards", "cls", "cam")})
+    r, _ = submit_slurm(["stage=[shards,cls,cam,report]", "cam.bg_threshold=[0.15,0.5,0.99]", f"run={tmp_path}/grid",
+                         "slurm.array_parallelism=2"], tmp_path, env)
+    (shards, report), arrays = submitted(r.stdout)
+    assert r.returncode == 0 and list(arrays) == ["cls", "cam"], r.stdout + r.stderr
+    cls, cam = arrays["cls"], arrays["cam"]
+    assert dependency(cam) == f"aftercorr:{cls}_*(unfulfilled)" and dependency(report) == f"afterany:{cam}_*(unfulfilled)"
+    script = (tmp_path / "logs" / f"{cls}_submission.sh").read_text()
+    assert "#SBATCH --array=0-2%2" in script and f"#SBATCH --dependency=afterok:{shards}" in script, script
+    tasks = [f"{a}_{i}" for a in (cls, cam) for i in range(3)]
+    states = wait_end([shards, *tasks, report], 600)
+    assert states[f"{cls}_2"] == "FAILED" and states[f"{cam}_2"].startswith("CANCELLED"), states
+    assert {states[t] for t in tasks if not t.endswith("_2")} == {"COMPLETED"} == {states[shards], states[report]}, states
+    for i in range(2):
+        assert_afterok_order([shards, f"{cls}_{i}", f"{cam}_{i}"])
+    assert ts(sacct(report)[-1]["start"]) >= max(ts(sacct(t)[-1]["end"]) for t in tasks)
+    assert "boom in cls" in (tmp_path / "logs" / f"{cls}_2_0_log.err").read_text()
     res = json.loads((tmp_path / "grid" / "report" / "results.json").read_text())
     status = {p["name"]: p["status"] for p in res["runs"]}
-    assert status == {"bg_threshold0.15": "incomplete: no aff", "bg_threshold0.99": "incomplete: no cam"}, status
+    assert status == {"bg_threshold0.15": "incomplete: no aff", "bg_threshold0.5": "incomplete: no aff",
+                      "bg_threshold0.99": "incomplete: no cls"}, status
+    sweep = json.loads((tmp_path / "grid" / "sweep.json").read_text())
+    assert [p["jobs"] for p in sweep["points"]] == [{"cls": f"{cls}_{i}", "cam": f"{cam}_{i}"} for i in range(3)]
+
+
+def test_a_task_of_a_job_array_checkpoints_requeues_and_resumes_alone(tmp_path):
+    """USR2 to one task of an eval array: that task checkpoints, is requeued (same task id) and resumes; the other
+    task runs once."""
+    env = fake_stages(tmp_path, {"eval": COUNTING.replace("while i < 12", "while i < 40")})
+    r, _ = submit_slurm(["stage=eval", "cam.bg_threshold=[0.1,0.2]", f"run={tmp_path}/grid"], tmp_path, env)
+    ids, arrays = submitted(r.stdout)
+    assert r.returncode == 0 and ids == [] and list(arrays) == ["eval"], r.stdout + r.stderr
+    a = arrays["eval"]
+    traces = [tmp_path / "grid" / name / "eval" / "trace.txt" for name in ("bg_threshold0.1", "bg_threshold0.2")]
+
+    def steps(trace: Path) -> list[int]:
+        return [int(x.split()[2]) for x in trace.read_text().splitlines() if x.startswith("step")] if trace.exists() else []
+
+    wait_for(lambda: len(steps(traces[1])) >= 3, 600, "task 1 to make 3 steps")
+    subprocess.run(["scancel", "--signal=USR2", f"{a}_1"], check=True)
+    states = wait_end([f"{a}_0", f"{a}_1"], 600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    starts = [[int(x.split()[2]) for x in t.read_text().splitlines() if x.startswith("start")] for t in traces]
+    assert starts[0] == [0] and len(starts[1]) == 2 and starts[1][1] > 0, starts  # task 1 resumed from its checkpoint
+    assert steps(traces[0]) == steps(traces[1]) == list(range(1, 41))
+    assert "requeueing through submitit" in (tmp_path / "logs" / f"{a}_1_0_log.err").read_text()
+    assert len(sacct(f"{a}_1")) >= 2 and len(sacct(f"{a}_0")) == 1
+
+
+TEACHER_ONCE = """
+    import time
+    def run(cfg):
+        with open(cfg.run_dir.parent / "teachers.txt", "a") as f:
+            f.write(f"{cfg.run_dir.name} {cfg.teacher.train.seed}\\n")
+        time.sleep(2)
+        return {}
+"""
+CLS_READS_TEACHER = """
+    from wsss_dist import runs
+    def run(cfg):
+        runs.require_done_at(cfg.teacher_dir, "teacher", "cls")
+        runs.atomic_write(cfg.run_dir / "cls" / "teacher.txt", str(cfg.teacher_dir))
+        return {}
+"""
+
+
+def test_sweep_trains_one_shared_teacher_per_split_and_seed(tmp_path):
+    """4 method=teach points, 2 seeds: one teacher array of 2 tasks (one per seed) after the shards, the points' cls
+    array after the shards job and both teacher tasks; each point reads its seed's teacher; resubmitting skips them."""
+    env = fake_stages(tmp_path, {"shards": SLEEPING.format(name="shards"), "teacher": TEACHER_ONCE,
+                                 "cls": CLS_READS_TEACHER})
+    args = ["stage=[shards,teacher,cls,report]", "method=teach", "train.seed=[0,1]", "cam.bg_threshold=[0.1,0.2]",
+            f"run={tmp_path}/grid"]
+    r, _ = submit_slurm(args, tmp_path, env)
+    (shards, report), arrays = submitted(r.stdout)
+    assert r.returncode == 0 and list(arrays) == ["teacher", "cls"], r.stdout + r.stderr
+    t, c = arrays["teacher"], arrays["cls"]
+    assert "teacher-train_aug-s0" in r.stdout and "teacher-train_aug-s1" in r.stdout
+    assert dependency(t) == f"afterok:{shards}(unfulfilled)"
+    assert dependency(c) == f"afterok:{shards}(unfulfilled),afterok:{t}_0(unfulfilled),afterok:{t}_1(unfulfilled)"
+    states = wait_end([shards, f"{t}_0", f"{t}_1", *(f"{c}_{i}" for i in range(4)), report], 600)
+    assert set(states.values()) == {"COMPLETED"}, states
+    grid = tmp_path / "grid"
+    assert sorted((grid / "teachers.txt").read_text().splitlines()) == ["teacher-train_aug-s0 0", "teacher-train_aug-s1 1"]
+    for name in ("s0-bg_threshold0.1", "s0-bg_threshold0.2", "s1-bg_threshold0.1", "s1-bg_threshold0.2"):
+        seen = (grid / name / "cls" / "teacher.txt").read_text()
+        assert seen == str(grid / f"teacher-train_aug-{name[:2]}" / "teacher") and not (grid / name / "teacher").exists()
+    r2, _ = submit_slurm(args, tmp_path, env)
+    assert r2.returncode == 0 and submitted(r2.stdout) == ([], {}), r2.stdout + r2.stderr
+    assert r2.stdout.count(": teacher: skipped (done)") == 2 and "nothing to do" in r2.stdout
 
 
 @pytest.mark.parametrize("arg, words", [("slurm.partition=nope", ["slurm.partition=nope", "debug"]),

@@ -70,3 +70,51 @@ def test_local_sweep_two_methods_two_seeds_reports_mean_and_std(tmp_path):
     rebuilt = subprocess.run([sys.executable, "-m", "wsss_dist", "report", str(sweep), f"data.shards_dir={tmp_path}/shards"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert rebuilt.returncode == 0 and "(n=2)" in (sweep / "report" / "report.md").read_text(), rebuilt.stderr[-2000:]
+
+
+def test_points_with_the_same_teacher_config_share_one_teacher():
+    from wsss_dist.launcher import shared_teachers
+
+    root, points = sweep_points(["method=[teach,fmix]", "train.seed=[0,1]", "cam.bg_threshold=[0.1,0.2]"])
+    words, teachers = shared_teachers(Path(root), points)
+    assert [(t.name, [points[i].name for i in t.points]) for t in teachers] == [
+        ("teacher-train_aug-s0", ["teach-s0-bg_threshold0.1", "teach-s0-bg_threshold0.2"]),
+        ("teacher-train_aug-s1", ["teach-s1-bg_threshold0.1", "teach-s1-bg_threshold0.2"])]
+    cfgs = [make_config(w) for w in words]
+    assert str(cfgs[0].teacher_dir) == f"{root}/teacher-train_aug-s0/teacher" == str(cfgs[1].teacher_dir)
+    assert str(cfgs[4].teacher_dir) == f"{root}/fmix-s0-bg_threshold0.1/teacher"  # no teacher: nothing shared
+    tcfg = make_config(teachers[1].words)
+    assert (str(tcfg.run_dir), tcfg.stages(), tcfg.teacher.dir, tcfg.teacher.train.seed) == \
+        (f"{root}/teacher-train_aug-s1", ["teacher"], "", 1)
+    # two teacher configs with the same split and seed get distinct names; a teacher.dir of the user's is kept
+    _, pts = sweep_points(["method=teach", "teacher.img_size=[32,64]"])
+    names = [t.name for t in shared_teachers(Path("runs/x"), pts)[1]]
+    assert len(set(names)) == 2 and all(n.startswith("teacher-train_aug-s0-") for n in names)
+    _, pts = sweep_points(["method=teach", "teacher.dir=/t/teacher", "cam.bg_threshold=[0.1,0.2]"])
+    assert shared_teachers(Path("runs/x"), pts)[1] == []
+
+
+@pytest.mark.slow  # ~2.5 min on 2 busy CPU cores
+def test_local_sweep_trains_the_shared_teacher_once(tmp_path, monkeypatch):
+    """Two method=teach points with the same split and seed (cluster=debug: in this process): one teacher in
+    <sweep>/teacher-<split>-s<seed>/teacher, both classifiers cluster its embeddings; resubmitting skips it."""
+    from wsss_dist import launcher
+
+    monkeypatch.chdir(tmp_path)
+    words = ["cluster=debug", "stage=[shards,teacher,cls]", "method=teach", "cam.bg_threshold=[0.1,0.2]",
+             "sweep.name=tg", f"data.shards_dir={tmp_path}/shards", f"data.toy.root={tmp_path}/src", *TINY,
+             "cls.train.steps=4", "teacher.train.steps=2"]
+    lines: list[str] = []
+    launcher.submit(words, out=lines.append)
+    text = "\n".join(lines)
+    assert text.count("[shared] teacher-train_aug-s0: teacher: done") == 1, text
+    sweep = tmp_path / "runs" / "tg"
+    teacher = sweep / "teacher-train_aug-s0" / "teacher"
+    assert (teacher / "DONE").is_file() and (teacher / "embeddings.npz").is_file()
+    for name in ("bg_threshold0.1", "bg_threshold0.2"):
+        assert f"[point {1 if name.endswith('1') else 2}/2] {name}: cls: done" in text, text
+        assert (sweep / name / "cls" / "subcategories.npz").is_file() and not (sweep / name / "teacher").exists()
+    assert json.loads((sweep / "sweep.json").read_text())["points"][0]["teacher"] == str(Path("runs/tg") / teacher.relative_to(sweep))
+    lines.clear()
+    launcher.submit(words, out=lines.append)
+    assert "[shared] teacher-train_aug-s0: teacher: skipped (done)" in lines and "nothing to do: every stage is done" in lines, lines

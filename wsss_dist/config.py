@@ -124,6 +124,7 @@ class TeacherCfg:
     arch: str = "vit_base_patch16_224"  # a timm ViT name
     weights: Optional[str] = ""  # the ViT's init: FILE (pos-embed resampled to img_size) | timm | timm:NAME[@FILE] | hf-hub:ID | none; unset: required with data=voc
     img_size: int = 224  # ViT input size
+    dir: str = ""  # where the teacher stage's outputs live (a sweep shares one per split and seed); "" = <run>/teacher
     train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=1000, batch_size=16, crop=224))
     optim: OptimCfg = field(default_factory=lambda: OptimCfg(lr=0.01, warmup_steps=100))
 
@@ -215,6 +216,7 @@ class SlurmCfg:
     time_min: int = 60  # time limit per job in minutes (a job that hits it checkpoints and requeues)
     signal_delay_s: int = 120  # seconds before the time limit that the job is warned
     extra: tuple[str, ...] = ()  # extra sbatch flags, "key=value"
+    array_parallelism: int = 0  # a sweep's job arrays: at most this many tasks of one array run at once (0 = no limit)
 
 
 @dataclass
@@ -247,6 +249,11 @@ class Config:
     def shards_dir(self) -> Path:
         """Where shards are written and read."""
         return Path(self.data.shards_dir or f"shards/{self.data.name}")
+
+    @property
+    def teacher_dir(self) -> Path:
+        """Where the teacher stage's outputs (model, embeddings, DONE) live: ``teacher.dir`` or ``<run>/teacher``."""
+        return Path(self.teacher.dir) if self.teacher.dir else self.run_dir / "teacher"
 
     def stages(self) -> list[str]:
         """The stages this config asks for, in pipeline order."""
@@ -790,7 +797,7 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         add(key, at_least(1))
     add("data.toy.size", at_least(24))
     add("cls.sc_rounds", at_least(1))
-    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt"):
+    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "slurm.array_parallelism"):
         add(key, at_least(0))
     for key in ("data.max_skip_fraction", "cam.bg_threshold", "aff.conf_fg", "aff.conf_bg"):
         add(key, unit)

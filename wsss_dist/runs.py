@@ -159,6 +159,16 @@ def round_dir(run_dir: str | os.PathLike, r: int) -> Path:
     return Path(run_dir) / "cls" / f"round{r}"
 
 
+def require_done_at(stage_path: str | os.PathLike, stage: str, needed_by: str) -> None:
+    """As :func:`require_done` for a stage whose outputs live in ``stage_path`` (e.g. a sweep's shared teacher)."""
+    from .errors import StageNotDone
+
+    path = Path(stage_path)
+    if not (path / "DONE").is_file():
+        raise StageNotDone(f"stage {needed_by!r} needs stage {stage!r} in {path} to be finished (no {path / 'DONE'}); "
+                           f"run stage={stage} run={path.parent} first")
+
+
 def require_done(run_dir: str | os.PathLike, stage: str, needed_by: str) -> None:
     """Fail with a clear message (:class:`StageNotDone`, a user error) if an upstream stage has not finished."""
     from .errors import StageNotDone

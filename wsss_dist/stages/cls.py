@@ -120,8 +120,8 @@ def run(cfg: Config) -> dict:
     out = runs.stage_dir(cfg.run_dir, "cls")
     method = METHODS[cfg.method]
     if method.subcategories == "teacher":
-        runs.require_done(cfg.run_dir, "teacher", "cls")
-        sub, k = subcategories(cfg, lambda: dict(np.load(cfg.run_dir / "teacher" / "embeddings.npz", allow_pickle=False)),
+        runs.require_done_at(cfg.teacher_dir, "teacher", "cls")  # teacher.dir: a sweep's shared teacher
+        sub, k = subcategories(cfg, lambda: dict(np.load(cfg.teacher_dir / "embeddings.npz", allow_pickle=False)),
                                out / "subcategories.npz")
         return {**train_classifier(cfg, out, sub, k), "num_sub": k}
     if not method.rounds:

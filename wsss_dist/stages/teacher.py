@@ -40,7 +40,11 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def run(cfg: Config) -> dict:
-    """Fine-tune the teacher, then write its embeddings."""
+    """Fine-tune the teacher, then write its embeddings (or, with ``teacher.dir`` elsewhere, use that finished one)."""
+    if cfg.teacher_dir.resolve() != (cfg.run_dir / "teacher").resolve():  # a sweep's shared teacher: trained once
+        runs.require_done_at(cfg.teacher_dir, "teacher", "teacher")
+        logger.info("teacher: using the finished teacher in %s (teacher.dir)", cfg.teacher_dir)
+        return runs.read_json(cfg.teacher_dir / "DONE")
     out = runs.stage_dir(cfg.run_dir, "teacher")
     t = cfg.teacher.train
     torch.manual_seed(t.seed)  # initial weights are a function of the seed
