@@ -170,87 +170,95 @@ void walk(T* buf0, T* buf1, const T* weights, const int64_t* shifts, int64_t K, 
   for (auto& w : workers) w.join();
 }
 // The transition stencil W [K, m] in the walk's padded flat layout (row width wp, the map's
-// pixel (y, x) at j = y * wp + pad + x), K = 1 + 2P: row 0 the self loop, rows 1..P the
-// half-plane offsets o_p (A(j, j + o_p)^beta), rows P+1..2P their mirror images
-// (A(j, j - o_p)^beta = the value stored at source j - o_p), each column divided by its sum;
-// 0 at pad pixels and wherever the pair leaves the map. feat is [D, L] with the same layout.
-inline bool in_map(int64_t j, int64_t h, int64_t w, int64_t wp, int64_t pad) {
-  if (j < 0) return false;
-  const int64_t row = j / wp, col = j % wp;
-  return row < h && col >= pad && col < pad + w;
-}
+// pixel (y, x) at J = y * wp + pad + x), K = 1 + 2P: row 0 the self loop, rows 1..P the
+// half-plane offsets o_p = (dy_p, dx_p) (A(j, j + o_p)^beta), rows P+1..2P their mirror
+// images (A(j, j - o_p)^beta = the value stored at source j - o_p), each column divided by
+// its sum; 0 at pad pixels and wherever the pair leaves the map. Phase 1 writes
+// aff [P, n0] = A^beta at every source pixel of the unpadded map (features [D, h*w] read in
+// place, no padded copy); phase 2 assembles and normalises W's columns from it.
 template <typename T>
-void affinity_range(const T* feat, T* weights, const int64_t* shifts, int64_t P, int64_t D,
-                    int64_t L, int64_t base, int64_t m, int64_t h, int64_t w, int64_t wp,
-                    int64_t pad, T scale, int64_t tile_lo, int64_t tile_hi) {
+void affinity_range(const T* feat, T* aff, const int64_t* dys, const int64_t* dxs, int64_t P,
+                    int64_t D, int64_t h, int64_t w, int64_t n0, T scale, int64_t tile_lo,
+                    int64_t tile_hi) {
+  const int64_t n = h * w;
+  std::vector<int64_t> shifts(static_cast<size_t>(P));
+  int64_t lo_shift = 0, hi_shift = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    shifts[p] = dys[p] * w + dxs[p];
+    lo_shift = std::min(lo_shift, shifts[p]);
+    hi_shift = std::max(hi_shift, shifts[p]);
+  }
   std::vector<T> acc(static_cast<size_t>(P * TILE));
   for (int64_t i = tile_lo; i < tile_hi; ++i) {
     const int64_t j0 = i * TILE;
     std::fill(acc.begin(), acc.end(), T(0));
-    for (int64_t d = 0; d < D; ++d) {  // sum_d |f_j - f_(j+o)|, TILE pixels x P offsets at a time
-      const T* c = feat + d * L + base + j0;
-      for (int64_t p = 0; p < P; ++p) {
-        const T* x = c + shifts[p];
-        T* a = acc.data() + p * TILE;
-        for (int64_t t = 0; t < TILE; ++t) a[t] += std::fabs(c[t] - x[t]);
+    if (j0 + lo_shift >= 0 && j0 + TILE + hi_shift <= n) {  // every read inside the map's buffer
+      for (int64_t d = 0; d < D; ++d) {  // sum_d |f_j - f_(j+o)|, TILE pixels x P offsets at a time
+        const T* c = feat + d * n + j0;
+        for (int64_t p = 0; p < P; ++p) {
+          const T* x = c + shifts[p];
+          T* a = acc.data() + p * TILE;
+          for (int64_t t = 0; t < TILE; ++t) a[t] += std::fabs(c[t] - x[t]);
+        }
+      }
+    } else {  // border tiles: only the reads that exist
+      for (int64_t d = 0; d < D; ++d) {
+        const T* c = feat + d * n;
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t t = 0; t < TILE; ++t) {
+            const int64_t j = j0 + t, k = j + shifts[p];
+            if (j < n && k >= 0 && k < n) acc[p * TILE + t] += std::fabs(c[j] - c[k]);
+          }
       }
     }
-    for (int64_t p = 0; p < P; ++p) {
-      T* out = weights + (1 + p) * m + j0;
+    for (int64_t p = 0; p < P; ++p)
       for (int64_t t = 0; t < TILE; ++t) {
-        const int64_t j = j0 + t;
-        const bool valid = in_map(j, h, w, wp, pad) && in_map(j + shifts[p], h, w, wp, pad);
-        out[t] = valid ? std::exp(acc[p * TILE + t] * scale) : T(0);
+        const int64_t j = j0 + t, y = j / w, x = j % w;
+        const bool valid = j < n && y + dys[p] < h && x + dxs[p] >= 0 && x + dxs[p] < w;
+        aff[p * n0 + j] = valid ? std::exp(acc[p * TILE + t] * scale) : T(0);
       }
-    }
   }
 }
 template <typename T>
-void mirror_range(T* weights, const int64_t* shifts, int64_t P, int64_t m, int64_t tile_lo,
-                  int64_t tile_hi) {
-  for (int64_t p = 0; p < P; ++p) {  // reads rows 1..P only, which this phase does not write
-    const T* half = weights + (1 + p) * m;
-    T* out = weights + (1 + P + p) * m;
-    for (int64_t j = tile_lo * TILE; j < tile_hi * TILE; ++j) {
-      const int64_t src = j - shifts[p];  // shifts > 0 (half plane), so src < j < m
-      out[j] = src >= 0 ? half[src] : T(0);
-    }
-  }
-}
-template <typename T>
-void normalise_range(T* weights, int64_t P, int64_t m, int64_t h, int64_t w, int64_t wp,
-                     int64_t pad, int64_t tile_lo, int64_t tile_hi) {
-  for (int64_t j = tile_lo * TILE; j < tile_hi * TILE; ++j) {
-    if (!in_map(j, h, w, wp, pad)) {
-      for (int64_t k = 0; k < 2 * P + 1; ++k) weights[k * m + j] = T(0);
+void assemble_range(const T* aff, T* weights, const int64_t* dys, const int64_t* dxs, int64_t P,
+                    int64_t h, int64_t w, int64_t wp, int64_t pad, int64_t m, int64_t n0,
+                    int64_t tile_lo, int64_t tile_hi) {
+  const int64_t K = 2 * P + 1;
+  for (int64_t J = tile_lo * TILE; J < tile_hi * TILE; ++J) {
+    const int64_t y = J / wp, x = J % wp - pad;
+    if (y >= h || x < 0 || x >= w) {
+      for (int64_t k = 0; k < K; ++k) weights[k * m + J] = T(0);
       continue;
     }
+    const int64_t j = y * w + x;
+    for (int64_t p = 0; p < P; ++p) {
+      weights[(1 + p) * m + J] = aff[p * n0 + j];
+      const int64_t ys = y - dys[p], xs = x - dxs[p];
+      weights[(1 + P + p) * m + J] = ys >= 0 && xs >= 0 && xs < w ? aff[p * n0 + ys * w + xs] : T(0);
+    }
     T sum = T(1);  // the self loop, then k = 1..K-1 in order (as torch's sum over dim 0)
-    for (int64_t k = 1; k < 2 * P + 1; ++k) sum += weights[k * m + j];
-    weights[j] = T(1) / sum;
-    for (int64_t k = 1; k < 2 * P + 1; ++k) weights[k * m + j] /= sum;
+    for (int64_t k = 1; k < K; ++k) sum += weights[k * m + J];
+    weights[J] = T(1) / sum;
+    for (int64_t k = 1; k < K; ++k) weights[k * m + J] /= sum;
   }
 }
 template <typename T>
-void stencil(const T* feat, T* weights, const int64_t* shifts, int64_t P, int64_t D, int64_t L,
-             int64_t base, int64_t m, int64_t h, int64_t w, int64_t wp, int64_t pad, T scale,
-             int64_t nthreads) {
-  const int64_t ntiles = m / TILE;
-  if (nthreads > ntiles) nthreads = ntiles;
-  if (nthreads < 1) nthreads = 1;
-  for (int phase = 0; phase < 3; ++phase) {  // each phase reads other tiles' results of the last: join between
+void stencil(const T* feat, T* aff, T* weights, const int64_t* dys, const int64_t* dxs, int64_t P,
+             int64_t D, int64_t h, int64_t w, int64_t wp, int64_t pad, int64_t m, int64_t n0,
+             T scale, int64_t nthreads) {
+  for (int phase = 0; phase < 2; ++phase) {  // phase 2 reads other tiles' phase-1 results: join between
+    const int64_t ntiles = (phase == 0 ? n0 : m) / TILE;
+    const int64_t nt = std::max<int64_t>(1, std::min(nthreads, ntiles));
     std::vector<std::thread> workers;
-    for (int64_t t = 0; t < nthreads; ++t) {
-      const int64_t lo = ntiles * t / nthreads, hi = ntiles * (t + 1) / nthreads;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t lo = ntiles * t / nt, hi = ntiles * (t + 1) / nt;
       auto run = [=] {
         if (phase == 0)
-          affinity_range<T>(feat, weights, shifts, P, D, L, base, m, h, w, wp, pad, scale, lo, hi);
-        else if (phase == 1)
-          mirror_range<T>(weights, shifts, P, m, lo, hi);
+          affinity_range<T>(feat, aff, dys, dxs, P, D, h, w, n0, scale, lo, hi);
         else
-          normalise_range<T>(weights, P, m, h, w, wp, pad, lo, hi);
+          assemble_range<T>(aff, weights, dys, dxs, P, h, w, wp, pad, m, n0, lo, hi);
       };
-      if (t + 1 < nthreads) workers.emplace_back(run); else run();
+      if (t + 1 < nt) workers.emplace_back(run); else run();
     }
     for (auto& wk : workers) wk.join();
   }
@@ -266,15 +274,15 @@ void rw_walk_f64(double* b0, double* b1, const double* w, const int64_t* s, int6
                  int64_t L, int64_t base, int64_t m, int64_t steps, int64_t nthreads) {
   walk<double>(b0, b1, w, s, K, C, L, base, m, steps, nthreads);
 }
-void rw_stencil_f32(const float* f, float* out, const int64_t* s, int64_t P, int64_t D, int64_t L,
-                    int64_t base, int64_t m, int64_t h, int64_t w, int64_t wp, int64_t pad, double scale,
-                    int64_t nthreads) {
-  stencil<float>(f, out, s, P, D, L, base, m, h, w, wp, pad, static_cast<float>(scale), nthreads);
+void rw_stencil_f32(const float* f, float* aff, float* out, const int64_t* dy, const int64_t* dx, int64_t P,
+                    int64_t D, int64_t h, int64_t w, int64_t wp, int64_t pad, int64_t m, int64_t n0,
+                    double scale, int64_t nthreads) {
+  stencil<float>(f, aff, out, dy, dx, P, D, h, w, wp, pad, m, n0, static_cast<float>(scale), nthreads);
 }
-void rw_stencil_f64(const double* f, double* out, const int64_t* s, int64_t P, int64_t D, int64_t L,
-                    int64_t base, int64_t m, int64_t h, int64_t w, int64_t wp, int64_t pad, double scale,
-                    int64_t nthreads) {
-  stencil<double>(f, out, s, P, D, L, base, m, h, w, wp, pad, scale, nthreads);
+void rw_stencil_f64(const double* f, double* aff, double* out, const int64_t* dy, const int64_t* dx, int64_t P,
+                    int64_t D, int64_t h, int64_t w, int64_t wp, int64_t pad, int64_t m, int64_t n0,
+                    double scale, int64_t nthreads) {
+  stencil<double>(f, aff, out, dy, dx, P, D, h, w, wp, pad, m, n0, scale, nthreads);
 }
 }
 """
@@ -428,7 +436,7 @@ def _native_library() -> ctypes.CDLL | None:
         fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64]
         fn.restype = None
     for fn in (lib.rw_stencil_f32, lib.rw_stencil_f64):
-        fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_double, i64]
+        fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_double, i64]
         fn.restype = None
     lib.rw_tile.argtypes, lib.rw_tile.restype = [], i64
     return lib
@@ -457,16 +465,18 @@ def _stencil_native(
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Offsets o_k and W [K, m] as :func:`_transition_stencil`, in the native walk's padded flat layout."""
     d, h, w = features.shape
-    pad = radius - 1
-    wp, base, m, length = _native_layout(h, w, pad, lib.rw_tile())
-    flat = features.new_zeros(d, length)
-    flat[:, base : base + h * wp].view(d, h, wp)[:, :, pad : pad + w] = features
+    features = features.contiguous()  # read in place by the kernel: no padded copy of the D channels
+    tile = lib.rw_tile()
+    wp, _, m, _ = _native_layout(h, w, radius - 1, tile)
+    n0 = -(-h * w // tile) * tile
     half = affinity_offsets(radius)
-    shifts = torch.tensor([dy * wp + dx for dy, dx in half], dtype=torch.int64)
+    dys = torch.tensor([dy for dy, _ in half], dtype=torch.int64)
+    dxs = torch.tensor([dx for _, dx in half], dtype=torch.int64)
+    aff = features.new_empty(len(half), n0)
     weights = features.new_empty(2 * len(half) + 1, m)
     fn = lib.rw_stencil_f64 if features.dtype == torch.float64 else lib.rw_stencil_f32
-    fn(flat.data_ptr(), weights.data_ptr(), shifts.data_ptr(), len(half), d, length, base, m, h, w, wp, pad,
-       -beta / d, _threads(d * m * len(half)))
+    fn(features.data_ptr(), aff.data_ptr(), weights.data_ptr(), dys.data_ptr(), dxs.data_ptr(), len(half), d, h, w,
+       wp, radius - 1, m, n0, -beta / d, _threads(d * h * w * len(half)))
     return [(0, 0)] + half + [(-dy, -dx) for dy, dx in half], weights
 
 
