@@ -68,3 +68,34 @@ def test_matrices_sum_across_parts():
     whole = confusion_matrix(pred, gt, num_classes=5)
     parts = confusion_matrix(pred[:2], gt[:2], num_classes=5) + confusion_matrix(pred[2:], gt[2:], num_classes=5)
     assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 2**18])
+def test_batched_tensors_equal_per_image_loop(monkeypatch, chunk):
+    """A [B, H, W] batch (torch or numpy, any int dtype, chunked or not) counts what the per-image loop counts."""
+    import wsss_dist.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_CHUNK", chunk)
+    rng = np.random.default_rng(2)
+    gt = rng.integers(0, 21, size=(5, 19, 23)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    pred = rng.integers(0, 21, size=gt.shape).astype(np.uint8)
+    ref = np.zeros((21, 21), np.int64)
+    for p, g in zip(pred, gt):
+        keep = g < 21
+        ref += np.bincount(21 * g[keep].astype(np.int64) + p[keep], minlength=441).reshape(21, 21)
+    tp, tg = torch.from_numpy(pred), torch.from_numpy(gt)
+    for p, g in ((tp, tg), (tp.long(), tg), (tp.long(), tg.long()), (pred, gt), (tp.transpose(1, 2), tg.transpose(1, 2))):
+        assert np.array_equal(confusion_matrix(p, g).numpy(), ref)
+    # negative ground truth and an in-range ignore index are dropped in every chunk
+    g64 = tg.long().clone()
+    g64[0, 0, :5] = -1
+    keep = (g64 >= 0) & (g64 < 21) & (g64 != 3)
+    cm = confusion_matrix(tp, g64, ignore_index=3)
+    assert cm.sum() == keep.sum() and cm[3].sum() == 0
+    # a bad prediction in the last chunk still raises
+    bad = tp.clone()
+    bad[-1, -1, -1] = 21
+    with pytest.raises(ValueError):
+        confusion_matrix(bad, tg)
+    assert confusion_matrix(np.zeros((0, 4), np.uint8), np.zeros((0, 4), np.uint8)).sum() == 0

@@ -15,6 +15,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
+_CHUNK = 2**18  # pixels per np.bincount: its int64 index (2 MiB) stays in cache and is reused, also for batches
 IGNORE = 255  # the label of pixels that are neither scored nor trained on (VOC's void band, unsure affinity labels)
 
 
@@ -36,26 +37,32 @@ def _check_pred_range(lo: int, hi: int, num_classes: int) -> None:
 def _confusion_numpy(
     pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int
 ) -> np.ndarray:
-    """Confusion matrix of integer numpy arrays with one ``np.bincount``."""
+    """Confusion matrix of integer numpy arrays: ``np.bincount`` over cache-sized chunks of pixels."""
     for name, x in (("pred", pred), ("gt", gt)):
         if not np.issubdtype(x.dtype, np.integer):
             raise TypeError(f"{name} must hold integers, got {x.dtype}")
     c2 = num_classes * num_classes
-    if pred.size == 0:
-        return np.zeros((num_classes, num_classes), np.int64)
-    _check_pred_range(int(pred.min()), int(pred.max()), num_classes)
     gt = gt.reshape(-1)
     pred = pred.reshape(-1)
-    if np.issubdtype(gt.dtype, np.signedinteger) and gt.min() < 0:
-        keep = gt >= 0  # negative labels are invalid: drop them explicitly
-        gt, pred = gt[keep], pred[keep]
-    if 0 <= ignore_index < num_classes:
-        keep = gt != ignore_index
-        gt, pred = gt[keep], pred[keep]
-    # gt >= num_classes (incl. the ignore label) maps past C*C and is cut off below,
-    # which is cheaper than a boolean mask on every pixel.
-    index = gt.astype(np.int64) * num_classes + pred
-    return np.bincount(index, minlength=c2)[:c2].reshape(num_classes, num_classes)
+    signed_gt = np.issubdtype(gt.dtype, np.signedinteger)
+    mask_ignore = 0 <= ignore_index < num_classes
+    # Chunks of _CHUNK pixels share one preallocated index buffer and are range-checked while in
+    # cache: a batch of masks [B, H, W] costs what B single masks cost, instead of whole-batch
+    # int64 temporaries and extra passes over memory. gt >= num_classes (incl. the ignore label)
+    # maps past C*C and is cut off after the count, cheaper than a boolean mask on every pixel.
+    counts = np.zeros(c2, np.int64)
+    buf = np.empty(min(gt.size, _CHUNK), np.int64)
+    for start in range(0, gt.size, _CHUNK):
+        g, p = gt[start : start + _CHUNK], pred[start : start + _CHUNK]
+        _check_pred_range(int(p.min()), int(p.max()), num_classes)
+        if (signed_gt and g.min() < 0) or mask_ignore:
+            keep = (g >= 0) & (g != ignore_index)  # negative labels are invalid: drop them explicitly
+            g, p = g[keep], p[keep]
+        index = buf[: g.size]
+        np.multiply(g, num_classes, out=index, dtype=np.int64)
+        np.add(index, p, out=index, dtype=np.int64)
+        counts += np.bincount(index, minlength=c2)[:c2]
+    return counts.reshape(num_classes, num_classes)
 
 
 def _confusion_torch(
