@@ -118,3 +118,68 @@ def test_local_sweep_trains_the_shared_teacher_once(tmp_path, monkeypatch):
     lines.clear()
     launcher.submit(words, out=lines.append)
     assert "[shared] teacher-train_aug-s0: teacher: skipped (done)" in lines and "nothing to do: every stage is done" in lines, lines
+
+
+def test_slurm_sweep_is_one_chain_of_job_arrays_per_group_of_points_with_the_same_jobs(tmp_path, monkeypatch):
+    """Without a cluster (submission recorded): points with the same jobs share arrays, task by task (aftercorr);
+    sc (cls rounds) is its own group, so are the points that wait for a teacher (task i after teacher i when they
+    match one to one); a point with a finished stage is a plain chain; the teachers are one array."""
+    from wsss_dist import launcher
+
+    calls: list[tuple] = []
+    ids = iter(range(100, 200))
+
+    class Job:
+        def __init__(self, job_id: str) -> None:
+            self.job_id = job_id
+
+    def fake_array(launch, root, items, dep, label, out):
+        a = next(ids)
+        calls.append((items[0][1].name, [name for name, _ in items], dep))
+        return [Job(f"{a}_{i}") for i in range(len(items))] if len(items) > 1 else [Job(str(a))]
+
+    def fake_chain(cfg, steps, launch, out, label="", first_dep=None):
+        got, dep = [], first_dep
+        for st in steps:
+            if not st.done:
+                got.append(Job(str(next(ids))))
+                calls.append((st.name, label.strip(), dep))
+                dep = f"afterok:{got[-1].job_id}"
+        return got
+
+    monkeypatch.setattr(launcher, "_submit_array", fake_array)
+    monkeypatch.setattr(launcher, "submit_chain", fake_chain)
+    monkeypatch.setattr(launcher, "_check_cluster", lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "g" / "fmix-s2" / "cls").mkdir(parents=True)
+    (tmp_path / "runs" / "g" / "fmix-s2" / "cls" / "DONE").write_text("{}")
+    launcher.submit(["cluster=slurm", "stage=all", "method=[fmix,sc,teach]", "train.seed=[0,1,2]", "cls.sc_rounds=2",
+                     "sweep.name=g"], out=lambda line: None)
+    chain = ["cam", "aff", "pseudo", "seg", "eval"]
+    assert calls == [
+        ("shards", "[shared]", None),
+        ("teacher", ["teacher-train_aug-s0", "teacher-train_aug-s1", "teacher-train_aug-s2"], "afterok:100"),
+        ("cls", ["fmix-s0", "fmix-s1"], "afterok:100"),  # no teacher to wait for
+        *[(st, ["fmix-s0", "fmix-s1"], f"aftercorr:{102 + i}") for i, st in enumerate(chain)],
+        *[(st, "[point 3/9] fmix-s2:", "afterok:100" if i == 0 else f"afterok:{107 + i}") for i, st in enumerate(chain)],
+        ("cls.round0", ["sc-s0", "sc-s1", "sc-s2"], "afterok:100"),
+        *[(st, ["sc-s0", "sc-s1", "sc-s2"], f"aftercorr:{113 + i}") for i, st in enumerate(["cls.round1", *chain])],
+        ("cls", ["teach-s0", "teach-s1", "teach-s2"], "afterok:100,aftercorr:101"),  # point i after teacher i
+        *[(st, ["teach-s0", "teach-s1", "teach-s2"], f"aftercorr:{120 + i}") for i, st in enumerate(chain)],
+        ("report", "[sweep]", "afterany:107:112:119:125"),
+    ], calls
+    points = json.loads((tmp_path / "runs" / "g" / "sweep.json").read_text())["points"]
+    assert points[6]["teacher"] == "runs/g/teacher-train_aug-s0/teacher" and "teacher" not in points[0]
+    assert points[7]["jobs"]["cls"] == "120_1" and points[2]["jobs"] == {st: str(108 + i) for i, st in enumerate(chain)}
+
+
+def test_a_points_teacher_stage_uses_the_finished_shared_teacher(tmp_path):
+    from wsss_dist import runs
+    from wsss_dist.errors import StageNotDone
+    from wsss_dist.stages import teacher
+
+    runs.mark_done(tmp_path / "t", "teacher", {"embeddings": 5})
+    cfg = make_config(["method=teach", f"run={tmp_path}/p", f"teacher.dir={tmp_path}/t/teacher"])
+    assert teacher.run(cfg) == {"embeddings": 5} and not (tmp_path / "p" / "teacher").exists()
+    with pytest.raises(StageNotDone, match=f"run stage=teacher run={tmp_path}/none first"):
+        teacher.run(make_config(["method=teach", f"run={tmp_path}/p", f"teacher.dir={tmp_path}/none/teacher"]))

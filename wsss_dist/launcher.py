@@ -8,6 +8,10 @@ Each stage (and, for a method that trains in rounds, ``sc``, each classifier rou
 - ``debug``: submitit's DebugExecutor, in this process (for pdb).
 - ``slurm``: one sbatch job per stage, chained with ``afterok`` (+ ``kill-on-invalid-dep``); returns at once.
 
+A key given a list makes a sweep (:func:`submit_sweep`): the shards and one teacher per (split, seed) run once; on
+SLURM each stage of the points that have the same jobs is one job array (task by task ``aftercorr``, at most
+``slurm.array_parallelism`` tasks at once), and one report runs ``afterany`` over all points.
+
 Besides every key of :mod:`wsss_dist.config`, the launcher takes its own keys:
 
 - ``slurm.<stage>.<key>=value``: resources of one stage (``slurm.seg.gpus_per_node=4``, ``slurm.cls.time_min=600``);
@@ -352,10 +356,10 @@ def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
             raise UserError(f"slurm.{key}={name}: SLURM knows no such {key} (known: {', '.join(sorted(known))})")
 
 
-def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str], None]) -> None:
+def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str], None], logs: Optional[Path] = None) -> None:
     """The last lines: how to follow SLURM jobs (and wait for them with launch.wait=true), or that nothing ran."""
     if cfg.cluster == "slurm" and jobs:
-        folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
+        folder = Path(launch.logs or logs or cfg.run_dir / "logs").resolve()
         out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
             f"cancel with: scancel {' '.join(dict.fromkeys(_array_id(j.job_id) for j in jobs))}")
         if launch.wait:
@@ -519,7 +523,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         waits = last_jobs or [_array_id(j.job_id) for j in jobs]
         dep = f"afterany:{':'.join(dict.fromkeys(waits))}" if slurm and waits else None
         jobs += submit_chain(rcfg, plan(rcfg, launch, rwords)[:1], launch, out, label="[sweep] ", first_dep=dep)
-    _finish(first, launch, jobs, out)
+    _finish(first, launch, jobs, out, logs=root / "logs")  # the arrays' logs; a point alone logs in its run
     if failed:
         raise RuntimeError(f"{len(failed)} of {n} points failed: {', '.join(failed)}; the report in {root / 'report'} "
                            "shows them as failed; rerun the same command to continue them")
@@ -560,17 +564,22 @@ def _submit_point_arrays(launch: LaunchCfg, root: Path, points: list[Point], pla
     """SLURM: each group of points with the same jobs as a chain of job arrays (``aftercorr``), a group of one point
     as a plain chain: (jobs, the last job or array of each group, point index → {step: job id})."""
     groups: dict[tuple, list[tuple[int, Config, list[Step]]]] = {}
-    for k, pcfg, steps in plans:
-        key = tuple((st.name, st.done, dataclasses.astuple(st.resources)) for st in steps)
+    for k, pcfg, steps in plans:  # the same jobs, and waiting for a teacher job or not (other points start earlier)
+        waits_teacher = k in teacher_of and teacher_of[k].name in teacher_job
+        key = (waits_teacher, *((st.name, st.done, dataclasses.astuple(st.resources)) for st in steps))
         groups.setdefault(key, []).append((k, pcfg, steps))
     jobs: list[Any] = []
     last: list[str] = []
     ids: dict[int, dict[str, str]] = {}
     n = len(points)
     for members in groups.values():
-        waits = list(after) + [teacher_job[teacher_of[k].name] for k, _, _ in members
-                               if k in teacher_of and teacher_of[k].name in teacher_job]
-        dep = f"afterok:{':'.join(dict.fromkeys(waits))}" if waits else None
+        tasks = [teacher_job[teacher_of[k].name] for k, _, _ in members if k in teacher_of and teacher_of[k].name in teacher_job]
+        array = _array_id(tasks[0]) if tasks else ""
+        if len(members) > 1 and tasks == [f"{array}_{i}" for i in range(len(members))] == list(teacher_job.values()):
+            dep = ",".join([f"afterok:{':'.join(after)}"] * bool(after) + [f"aftercorr:{array}"])  # point i: teacher i
+        else:
+            waits = list(dict.fromkeys(list(after) + tasks))
+            dep = f"afterok:{':'.join(waits)}" if waits else None
         if len(members) == 1:
             k, pcfg, steps = members[0]
             got = submit_chain(pcfg, steps, launch, out, label=f"[point {k + 1}/{n}] {points[k].name}: ", first_dep=dep)

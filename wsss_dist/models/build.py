@@ -170,7 +170,10 @@ def load_trained(cfg: Config, stage: str, needed_by: str) -> nn.Module:
     """The trained model of ``stage`` (cls, aff, seg, teacher) of this run, in eval mode; a StageNotDone naming
     ``needed_by`` when that stage has not finished."""
     where = cfg.teacher_dir if stage == "teacher" else cfg.run_dir / stage  # teacher.dir: a sweep's shared teacher
-    runs.require_done_at(where, stage, needed_by)
+    if stage == "teacher":
+        runs.require_done_at(where, stage, needed_by)
+    else:
+        runs.require_done(cfg.run_dir, stage, needed_by)
     fallback = {"cls": classifier_spec(cfg), "aff": affinity_spec(cfg), "seg": deeplab_spec(cfg),
                 "teacher": teacher_spec(cfg)}[stage]
     return load_model(where, fallback)
