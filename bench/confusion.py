@@ -1,13 +1,16 @@
 """Benchmark: confusion matrix over 1449 masks of 500×375 (VOC val size); prints times.
 
-    python bench/confusion.py [--images 1449] [--repeats 3]
+    python bench/confusion.py [--images 1449] [--repeats 3] [--batch 64] [--torch-images 145]
 
 Compares, on the same random uint8 masks (21 classes, ~5 % ignore label 255):
   * wsss_dist.metrics.confusion_matrix called per image (numpy arrays and CPU tensors),
+  * confusion_matrix on CPU tensors in batches of --batch masks [B, H, W] (as an
+    inference loop hands them over): uint8 predictions, and int64 predictions (argmax output),
   * the usual per-image numpy loop (psa/irn/deeplab ``fast_hist``):
     keep = gt < C; np.bincount(C * gt[keep] + pred[keep], minlength=C*C),
-  * the same loop with torch.bincount.
-Each figure is the best of --repeats passes over all images.
+  * the same loop with torch.bincount (on the first --torch-images masks, time scaled up).
+Each figure is the best of --repeats passes over all images; the variants are interleaved
+pass by pass (the machine is shared) and all results are checked equal.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ def ours(preds, gts) -> torch.Tensor:
     return cm
 
 
+def ours_batched(preds: torch.Tensor, gts: torch.Tensor, batch: int) -> torch.Tensor:
+    """wsss_dist.metrics.confusion_matrix per batch of masks [B, H, W], summed."""
+    cm = torch.zeros(C, C, dtype=torch.int64)
+    for s in range(0, len(preds), batch):
+        cm += confusion_matrix(preds[s : s + batch], gts[s : s + batch], num_classes=C)
+    return cm
+
+
 def best_of(fn, repeats: int, *args) -> tuple[float, object]:
     """Fastest wall time of `repeats` calls and the last result."""
     times = []
@@ -62,11 +73,18 @@ def best_of(fn, repeats: int, *args) -> tuple[float, object]:
     return min(times), out
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: figures need them)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> None:
     """Build the masks, time every variant, check they agree."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1449)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--torch-images", type=int, default=145, help="images for the torch.bincount loop (scaled up)")
     args = p.parse_args()
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -75,16 +93,37 @@ def main() -> None:
     gts[rng.random(shape, dtype=np.float32) < 0.05] = 255
     preds = rng.integers(0, C, size=shape, dtype=np.uint8)
     print(f"{args.images} masks of 500x375, torch {torch.__version__}, numpy {np.__version__}, "
-          f"2 threads, {time.strftime('%Y-%m-%d')}")
-    t_np, ref = best_of(numpy_loop, args.repeats, preds, gts)
-    t_ours, cm = best_of(ours, args.repeats, preds, gts)
-    t_ours_t, cm_t = best_of(ours, args.repeats, torch.from_numpy(preds), torch.from_numpy(gts))
-    t_torch, cm_tb = best_of(torch_loop, 1, torch.from_numpy(preds), torch.from_numpy(gts))
-    assert np.array_equal(cm.numpy(), ref) and torch.equal(cm, cm_t) and torch.equal(cm, cm_tb)
-    print(f"  numpy bincount loop (baseline)      : {t_np:.2f} s")
-    print(f"  confusion_matrix, numpy inputs      : {t_ours:.2f} s ({t_ours / t_np:.2f}x baseline)")
-    print(f"  confusion_matrix, CPU tensor inputs : {t_ours_t:.2f} s ({t_ours_t / t_np:.2f}x baseline)")
-    print(f"  torch.bincount loop                 : {t_torch:.2f} s ({t_torch / t_np:.2f}x baseline)")
+          f"2 threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average {load_average()}")
+    tp, tg = torch.from_numpy(preds), torch.from_numpy(gts)
+    tp64 = tp.long()
+    variants = {
+        "numpy bincount loop (baseline)": (numpy_loop, preds, gts),
+        "confusion_matrix, numpy, per image": (ours, preds, gts),
+        "confusion_matrix, CPU tensors, per image": (ours, tp, tg),
+        f"confusion_matrix, CPU tensors, batches of {args.batch} (uint8)": (
+            lambda p, g: ours_batched(p, g, args.batch), tp, tg),
+        f"confusion_matrix, CPU tensors, batches of {args.batch} (int64 pred)": (
+            lambda p, g: ours_batched(p, g, args.batch), tp64, tg),
+    }
+    times: dict[str, float] = {name: float("inf") for name in variants}
+    ref = None
+    for _ in range(args.repeats):  # interleaved: each pass runs every variant once
+        for name, (fn, p_, g_) in variants.items():
+            t, cm = best_of(fn, 1, p_, g_)
+            times[name] = min(times[name], t)
+            cm = np.asarray(cm)
+            ref = cm if ref is None else ref
+            assert np.array_equal(cm, ref), name
+    n_torch = min(args.images, args.torch_images)  # ~100x slower than the rest on a loaded machine: a subset, scaled
+    t_torch, cm_tb = best_of(torch_loop, 1, tp[:n_torch], tg[:n_torch])
+    assert np.array_equal(cm_tb.numpy(), numpy_loop(preds[:n_torch], gts[:n_torch]))
+    t_torch *= args.images / n_torch
+    base = times["numpy bincount loop (baseline)"]
+    for name, t in times.items():
+        print(f"  {name:58s}: {t:.2f} s ({t / base:.2f}x baseline)")
+    what = f"torch.bincount loop ({n_torch} images, scaled)" if n_torch < args.images else "torch.bincount loop"
+    print(f"  {what:58s}: {t_torch:.2f} s ({t_torch / base:.2f}x baseline)")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Benchmark: sparse random walk vs psa's dense matrix powers (prints figures; not a test).
 
-    python bench/random_walk.py            # all cases, ~1 min on 2 CPU cores
-    python bench/random_walk.py --runs 5   # more timing repeats
+    python bench/random_walk.py                       # all cases, ~2 min on 2 quiet CPU cores
+    python bench/random_walk.py --runs 5 --rounds 2   # more timing repeats, variants interleaved twice
+    python bench/random_walk.py --threads 1           # 1 thread everywhere (less sensitive to a busy machine)
 
 Each variant runs in a fresh subprocess: once its inputs exist, the kernel's peak-RSS
 counter is reset (/proc/self/clear_refs, else ru_maxrss is used) and the figure is the
@@ -10,7 +11,10 @@ Time is the median of --runs calls. Inputs are a synthetic scene (a few regions 
 their own feature vector plus noise, CAM-like blobs), seeded, identical in every child.
 
 (a) 56×56 feature map (448-px crop), D = 448, 21 score channels: dense (psa: n×n
-    matrix, ^β, column-normalised, squared logt = 8 times, float32) vs sparse.
+    matrix, ^β, column-normalised, squared logt = 8 times, float32) vs sparse, with
+    both backends of random_walk side by side: "torch" (eager stencil) and "native"
+    (compiled C++ kernel; its first call in a process, which loads the cached library,
+    is reported separately, and once the cold build into an empty cache directory).
     Two score stacks: "psa-like" (background + the image's 2 classes, the other 18
     channels zero, as psa's infer_aff builds them) and "all-21" (every channel non-zero).
 (b) 1024×1024 image → 128×128 map, sparse only: propagate_labels end to end
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -34,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from wsss_dist.methods.random_walk import propagate_labels, random_walk, random_walk_dense
+from wsss_dist.methods.random_walk import native_available, propagate_labels, random_walk, random_walk_dense
 
 DIM = 448
 
@@ -86,13 +91,18 @@ def peak_above(base: float, reset_ok: bool) -> float:
 
 def child(args: argparse.Namespace) -> None:
     """Run one variant, print JSON (times, peak memory delta), save labels to args.out."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.case == "a":
         features, scores, _ = scene(56, 56, args.live, seed=0)
-        fn = {"dense": random_walk_dense, "sparse": random_walk}[args.variant]
+        if args.variant == "dense":
 
-        def run():
-            return fn(scores, features, radius=5, beta=8, logt=8).argmax(0)
+            def run():
+                return random_walk_dense(scores, features, radius=5, beta=8, logt=8).argmax(0)
+        else:
+            backend = args.variant.split("-")[1]  # sparse-torch | sparse-native
+
+            def run():
+                return random_walk(scores, features, radius=5, beta=8, logt=8, backend=backend).argmax(0)
     else:
         features, scores, classes = scene(128, 128, args.live, seed=1)
         k = 20 if args.live > 3 else 2
@@ -108,6 +118,10 @@ def child(args: argparse.Namespace) -> None:
 
             def run():
                 return random_walk(walk_scores, features).argmax(0)
+    t0 = time.perf_counter()
+    if "native" in args.variant or args.case == "b":
+        native_available()  # loads (or, in an empty cache, builds) the kernel: timed apart from the calls
+    load_s = time.perf_counter() - t0
     base, reset_ok = memory_baseline()
     times = []
     for _ in range(args.runs):
@@ -115,21 +129,34 @@ def child(args: argparse.Namespace) -> None:
         labels = run()
         times.append(time.perf_counter() - t0)
     np.save(args.out, labels.numpy())
-    print(json.dumps({"median_s": statistics.median(times), "times": times, "peak_mib": peak_above(base, reset_ok)}))
+    print(json.dumps({"median_s": statistics.median(times), "times": times, "peak_mib": peak_above(base, reset_ok),
+                      "load_s": load_s}))
 
 
-def launch(variant: str, case: str, live: int, runs: int, out: Path) -> dict:
+def launch(variant: str, case: str, live: int, runs: int, out: Path, threads: int, env: dict | None = None) -> dict:
     """Run one variant in a fresh interpreter and parse its JSON line."""
-    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--case", case,
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--case", case, "--threads", str(threads),
            "--live", str(live), "--runs", str(runs), "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: figures need them)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def fmt_times(times: list[float]) -> str:
+    """Median (min–max) of a list of seconds."""
+    return f"{statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f})"
 
 
 def main() -> None:
     """Run all variants and print the comparison."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="times to repeat the interleaved variants of (a)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every variant (native kernel: the same)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="sparse", help=argparse.SUPPRESS)
     p.add_argument("--case", default="a", help=argparse.SUPPRESS)
@@ -139,28 +166,42 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"torch {torch.__version__}, 2 threads, {time.strftime('%Y-%m-%d')}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("\n(a) 56x56 map, D=448, 21 channels, radius 5, beta 8, logt 8, float32")
-        dense = launch("dense", "a", 3, args.runs, tmp / "dense.npy")
-        dense_labels = np.load(tmp / "dense.npy")
-        print(f"  dense  : {dense['median_s']:.3f} s (min {min(dense['times']):.3f}), peak +{dense['peak_mib']:.0f} MiB")
-        for live, name in ((3, "psa-like: bg + 2 classes live"), (21, "all 21 channels live")):
-            sparse = launch("sparse", "a", live, args.runs, tmp / "sparse.npy")
-            if live != 3:
-                launch("dense", "a", live, 1, tmp / "dense.npy")
-                dense_labels = np.load(tmp / "dense.npy")
-            agree = (np.load(tmp / "sparse.npy") == dense_labels).mean() * 100
-            print(f"  sparse ({name}): {sparse['median_s']:.3f} s (min {min(sparse['times']):.3f}), peak +{sparse['peak_mib']:.1f} MiB"
-                  f" -> {dense['median_s'] / sparse['median_s']:.1f}x faster,"
-                  f" {dense['peak_mib'] / max(sparse['peak_mib'], 0.1):.0f}x less memory, labels {agree:.3f}% equal")
+        cold = launch("sparse-native", "a", 3, 1, tmp / "cold.npy", args.threads, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp / "ext")})
+        print(f"  native kernel build into an empty cache (once per source and CPU): {cold['load_s']:.2f} s")
+        res: dict[tuple[str, int], list[dict]] = {}
+        labels: dict[tuple[str, int], np.ndarray] = {}
+        for r in range(args.rounds):  # variants interleaved, each in its own process
+            for live in (3, 21):
+                for variant in ("dense", "sparse-torch", "sparse-native"):
+                    out = tmp / f"{variant}-{live}.npy"
+                    runs = 1 if variant == "dense" and live != 3 else args.runs  # dense time does not depend on the scores
+                    res.setdefault((variant, live), []).append(launch(variant, "a", live, runs, out, args.threads))
+                    labels[variant, live] = np.load(out)
+        dense_t = [t for live in (3, 21) for x in res["dense", live] for t in x["times"]]
+        dense_mem = max(x["peak_mib"] for live in (3, 21) for x in res["dense", live])
+        dense_med = statistics.median(dense_t)
+        print(f"  dense (psa)            : {fmt_times(dense_t)}, peak +{dense_mem:.0f} MiB")
+        for live, name in ((3, "psa-like: bg + 2 classes live"), (21, "worst case: all 21 channels live")):
+            print(f"  {name}")
+            for variant in ("sparse-torch", "sparse-native"):
+                times = [t for x in res[variant, live] for t in x["times"]]
+                mem = max(x["peak_mib"] for x in res[variant, live])
+                agree = (labels[variant, live] == labels["dense", live]).mean() * 100
+                first = ", ".join(f"{x['load_s'] * 1000:.0f}" for x in res[variant, live])
+                extra = f", library load {first} ms" if variant == "sparse-native" else ""
+                print(f"    {variant:14s}: {fmt_times(times)}, peak +{mem:.1f} MiB -> {dense_med / statistics.median(times):.1f}x"
+                      f" faster, {dense_mem / max(mem, 0.1):.0f}x less memory, labels {agree:.3f}% equal{extra}")
         print("\n(b) 1024x1024 image -> 128x128 map, sparse only")
         for live, name in ((3, "2 classes"), (21, "20 classes")):
             for variant in ("propagate", "walk"):
-                r = launch(variant, "b", live, args.runs, tmp / "b.npy")
+                r = launch(variant, "b", live, args.runs, tmp / "b.npy", args.threads)
                 what = "propagate_labels" if variant == "propagate" else "random_walk     "
-                print(f"  {what} ({name}): {r['median_s']:.3f} s (min {min(r['times']):.3f}), peak +{r['peak_mib']:.0f} MiB")
+                print(f"  {what} ({name}, backend auto): {fmt_times(r['times'])}, peak +{r['peak_mib']:.0f} MiB")
+        print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":
