@@ -141,6 +141,7 @@ class CamCfg:
     sweep: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)  # thresholds swept
     out_stride: int = 4  # CAMs are stored at 1/out_stride of the image size (float16)
     mixed_precision: Precision = "no"  # autocast precision of the CAM forwards
+    batch_images: int = 1  # images per CAM forward when consecutive images of a shard have the same size (VOC: many 500×375); >1 may change CAM floats in the last bits (the conv algorithm can depend on the batch size)
 
 
 @dataclass

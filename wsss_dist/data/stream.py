@@ -24,8 +24,8 @@ from PIL import Image, ImageEnhance
 
 from ..compat import close_loader
 from ..errors import DataError
-from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, selector,
-                     verify_against_manifest)
+from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, read_shard, refuse_pickles,
+                     selector, verify_against_manifest)
 from ..metrics import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -369,8 +369,10 @@ def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
 
 
 def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
-    """The sample's normalised image as [1, 3, H, W] on ``device``."""
-    return normalize(sample["jpg"]).unsqueeze(0).to(device)
+    """The sample's normalised image as [1, 3, H, W] on ``device``: its ``image`` made by :func:`prepare_image` in a
+    reader worker (copied without blocking: pinned memory on CUDA), else from its ``jpg``."""
+    x = sample["image"] if "image" in sample else normalize(sample["jpg"])
+    return x.unsqueeze(0).to(device, non_blocking=True)
 
 
 def micro_batch(batch_size: int, world: int, grad_accum: int) -> int:
@@ -399,3 +401,92 @@ def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable
                             max_skip_fraction=cfg.data.max_skip_fraction, **extra)
 
     return make_loader
+
+
+# ---------------------------------------------------------------- inference reads (engine.map_shards, split_features)
+def prepare_image(sample: dict) -> dict:
+    """The sample with ``image``: its ``jpg`` as a normalised float32 [3, H, W] (runs in a reader worker)."""
+    sample["image"] = normalize(sample["jpg"])
+    return sample
+
+
+class ShardSamples(torch.utils.data.IterableDataset):
+    """Decoded samples of whole shards for inference: DataLoader worker w of n reads the shards j with j % n == w,
+    each in its order, then yields the shard's end marker ``{"__shard__", "__end__": True, "samples", "skipped"}``.
+
+    Every sample carries ``__shard__`` (its shard's name); the members of the same-named shards in the ``paired``
+    folders (earlier stages' outputs) are merged in by key; ``prepare(sample) → sample`` runs last, in the worker
+    (a module-level function or a ``functools.partial`` of one: it travels to the worker processes).
+    """
+
+    def __init__(self, urls: Sequence[str], keys: Sequence[str], paired: Sequence[tuple[str, Sequence[str]]] = (),
+                 prepare: Callable[[dict], dict] | None = None) -> None:
+        super().__init__()
+        self.urls = [str(u) for u in urls]
+        self.keys = tuple(keys)
+        self.paired = [(str(d), tuple(k)) for d, k in paired]
+        self.prepare = prepare
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[worker::workers]:
+            yield from self.shard(url)
+
+    def shard(self, url: str) -> Iterator[dict]:
+        """One shard's samples (paired members merged, prepared), then its end marker."""
+        name = Path(url).name
+        counter = SkipCounter()
+        others = [{s["__key__"]: s for s in read_shard(str(Path(d) / name), k, counter)} for d, k in self.paired]
+        n = 0
+        for sample in read_shard(url, self.keys, counter):
+            for other in others:
+                if sample["__key__"] not in other:
+                    raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier "
+                                    "stage; rerun that stage")
+                sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
+            if self.prepare is not None:
+                sample = self.prepare(sample)
+            sample["__shard__"] = name
+            n += 1
+            yield sample
+        yield {"__shard__": name, "__end__": True, "samples": n, "skipped": counter.skipped}
+
+
+def _as_is(sample: dict) -> dict:
+    """The DataLoader's collate for single samples: none (its default would turn numpy arrays into tensors)."""
+    return sample
+
+
+def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[tuple[str, Sequence[str]]] = (),
+                  prepare: Callable[[dict], dict] | None = None, num_workers: int = 0,
+                  pin_memory: bool = False) -> _Samples:
+    """The samples and end markers of :class:`ShardSamples` over ``urls``, decoded and prepared in ``num_workers``
+    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA).
+
+    Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
+    when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
+    """
+    workers = min(num_workers, len(urls))
+    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare), batch_size=None, collate_fn=_as_is,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         prefetch_factor=4 if workers else None)
+    return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
+
+
+class _Samples:
+    """A reader's iterator with one-line worker errors; :meth:`close` stops its workers now."""
+
+    def __init__(self, it: Iterator[dict]) -> None:
+        self.it = it
+        self.lines = _one_line_errors(it)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.lines)
+
+    def close(self) -> None:
+        """Stop the workers (a no-op once the samples are exhausted)."""
+        close_loader(self.it)

@@ -2,10 +2,16 @@
 
 Shards are the unit of distributed inference and of resume: rank r of w takes shards i with i % w == r; an output
 shard (with its per-shard records) appears only whole, by rename, so a rerun does only the shards that are missing.
+Within a rank the model never waits for data: ``data.num_workers`` DataLoader workers decode and prepare the inputs
+(worker k of n takes the rank's shards j with j % n == k), and one writer thread encodes the records, evaluates
+the predictions and writes the finished shards while the next forward runs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -14,29 +20,37 @@ import torch
 
 from .. import runs
 from ..config import Config
-from ..data.shards import (SkipCounter, check_skip_fraction, load_manifest, read_shard, record_path, record_problem,
-                           sha256_bytes, split_urls, tar_bytes)
-from ..data.stream import image_tensor
-from ..errors import DataError
+from ..data.shards import (check_skip_fraction, load_manifest, record_path, record_problem, sha256_bytes, split_urls,
+                           tar_bytes)
+from ..data.stream import image_tensor, prepare_image, shard_samples
 from .dist import dist
 
 logger = logging.getLogger(__name__)
 
-Process = Callable[[dict], "tuple[dict | None, Any]"]  # sample → (output record or None, prediction)
+# sample → (output record or None, or a zero-argument function returning it: called in the writer thread, prediction)
+Process = Callable[[dict], "tuple[dict | Callable[[], dict | None] | None, Any]"]
 Evaluate = Callable[[dict, Any], "np.ndarray | None"]  # (sample, prediction) → confusion matrix or None
+Prepare = Callable[[dict], dict]  # sample → sample, in a reader worker (module-level function or a partial of one)
+WRITE_QUEUE = 8  # samples waiting for the writer thread at most (their predictions stay in memory until written)
 
 
 def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], process: Process,
                evaluate: Evaluate | None = None, paired: Iterable[tuple[Path, tuple[str, ...]]] = (),
-               desc: str = "", stage: str = "") -> dict:
+               desc: str = "", stage: str = "", prepare: Prepare | None = None, batch: int | None = None) -> dict:
     """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
 
-    ``process(sample)`` returns ``(record, prediction)``: the record (``__key__`` + members, or None) goes into the
-    output shard, the prediction to ``evaluate(sample, prediction)``, whose confusion matrices are summed per shard.
-    ``paired`` adds the members of same-named shards of earlier stages (merged by key). Each output shard's record
-    ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to rerun to repair it); readers
-    check the sha256. Shards already written and matching their record are skipped; a damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on every rank); more
-    broken samples than ``data.max_skip_fraction`` is a DataError.
+    ``process(sample)`` returns ``(record, prediction)``: the record (``__key__`` + members, None, or a function
+    making it, called off the critical path) goes into the output shard, the prediction to ``evaluate(sample,
+    prediction)``, whose confusion matrices are summed per shard; both run in the writer thread, so a prediction
+    must not change after ``process`` returned it. ``paired`` adds the members of same-named shards of earlier
+    stages (merged by key). ``prepare(sample)`` runs in the ``data.num_workers`` reader workers before ``process``
+    (e.g. :func:`wsss_dist.data.stream.prepare_image`, whose ``image`` :func:`image_tensor` moves to the device).
+    With ``batch=n``, ``process`` takes a list of up to n consecutive samples of one shard whose images have the
+    same size and returns a list of ``(record, prediction)``.
+    Each output shard's record ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to
+    rerun to repair it); readers check the sha256. Shards already written and matching their record are skipped; a
+    damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
+    every rank); more broken samples than ``data.max_skip_fraction`` is a DataError.
     """
     from tqdm import tqdm
 
@@ -51,43 +65,112 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
-    with tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
-        for url in todo:
-            _map_shard(url, out_dir, keys, process, evaluate, paired, bar, stage or desc)
+    if todo:
+        samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+        with contextlib.closing(samples), \
+                tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
+            writer = _ShardWriter(out_dir, evaluate, stage or desc)
+            pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
+
+            def run(group: list[dict]) -> None:
+                outs = process(group) if batch is not None else [process(group[0])]
+                for sample, (record, prediction) in zip(group, outs):
+                    kept = {k: v for k, v in sample.items() if k != "image"} if evaluate is not None else None
+                    writer.put(("sample", sample["__shard__"], record, kept, prediction))
+                bar.update(len(group))
+
+            try:
+                for sample in samples:
+                    name = sample["__shard__"]
+                    group = pending.get(name, [])
+                    if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
+                        run(pending.pop(name))
+                    if sample.get("__end__"):
+                        writer.put(("end", name, sample["samples"], sample["skipped"]))
+                    elif batch is None:
+                        run([sample])
+                    else:
+                        pending.setdefault(name, []).append(sample)
+                        if len(pending[name]) >= batch:
+                            run(pending.pop(name))
+            except BaseException:
+                writer.close(check=False)  # the shards already whole are still written; this error is the one raised
+                raise
+            writer.close()
     d.barrier()
     result = _gather(out_dir, urls)
     check_skip_fraction(result["skipped"], result["samples"] + result["skipped"], cfg.data.max_skip_fraction, desc)
     return result
 
 
-def _map_shard(url: str, out_dir: Path, keys: tuple[str, ...], process: Process, evaluate: Evaluate | None,
-               paired: Iterable[tuple[Path, tuple[str, ...]]], bar: Any, stage: str) -> None:
-    """One input shard of :func:`map_shards`: its output shard, written after its records."""
-    name = Path(url).name
-    counter = SkipCounter()
-    others = [{s["__key__"]: s for s in read_shard(str(pdir / name), pk, counter)} for pdir, pk in paired]
-    outputs, cms, n = [], [], 0
-    for sample in read_shard(url, keys, counter):
-        for other in others:
-            if sample["__key__"] not in other:
-                raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier stage; rerun that stage")
-            sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
-        record, prediction = process(sample)
+class _ShardWriter:
+    """One background thread that encodes records, evaluates predictions and writes each output shard when its end
+    marker arrives (per-shard records first, the shard itself last). Its error is raised in the caller's thread, by
+    the next :meth:`put` or by :meth:`close`."""
+
+    def __init__(self, out_dir: Path, evaluate: Evaluate | None, stage: str) -> None:
+        self.out_dir, self.evaluate, self.stage = out_dir, evaluate, stage
+        self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="map_shards-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: tuple) -> None:
+        """Queue one item (waits while the queue is full); raises the writer's error if it failed."""
+        self._check()
+        self.queue.put(item)  # a failed writer keeps draining its queue, so this never blocks for good
+
+    def close(self, check: bool = True) -> None:
+        """Wait until everything queued is written; with ``check``, raise the writer's error if it failed."""
+        self.queue.put(None)
+        self.thread.join()
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        shards: dict[str, tuple[list, list]] = {}  # name → (records, confusion matrices) of a shard being read
+        with torch.inference_mode():
+            while (item := self.queue.get()) is not None:
+                if self.error is not None:
+                    continue  # drain: the caller sees the error at its next put
+                try:
+                    if item[0] == "sample":
+                        self._sample(shards.setdefault(item[1], ([], [])), *item[2:])
+                    else:
+                        self._write(item[1], *shards.pop(item[1], ([], [])), *item[2:])
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = e
+
+    def _sample(self, shard: tuple[list, list], record: Any, sample: dict | None, prediction: Any) -> None:
+        outputs, cms = shard
+        if callable(record):
+            record = record()
         if record is not None:
             outputs.append(record)
-        if evaluate is not None:
-            cm = evaluate(sample, prediction)
+        if self.evaluate is not None:
+            cm = self.evaluate(sample, prediction)
             if cm is not None:
                 cms.append(cm)
-        n += 1
-        bar.update(1)
-    # the per-shard records first, the shard itself last: a shard on disk is a finished shard
-    if evaluate is not None:
-        runs.write_npy(out_dir / f"{name}.cm.npy", np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64))
-    data, records = tar_bytes(outputs)
-    runs.write_json(record_path(out_dir / name), {"samples": n, "skipped": counter.skipped, "records": records,
-                                                  "sha256": sha256_bytes(data), "stage": stage})
-    runs.atomic_write(out_dir / name, data)
+
+    def _write(self, name: str, outputs: list, cms: list, samples: int, skipped: int) -> None:
+        """An output shard: the per-shard records first, the shard itself last (a shard on disk is a finished one)."""
+        if self.evaluate is not None:
+            runs.write_npy(self.out_dir / f"{name}.cm.npy", np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64))
+        data, records = tar_bytes(outputs)
+        runs.write_json(record_path(self.out_dir / name), {"samples": samples, "skipped": skipped, "records": records,
+                                                           "sha256": sha256_bytes(data), "stage": self.stage})
+        runs.atomic_write(self.out_dir / name, data)
+
+
+def _size(sample: dict) -> tuple[int, ...]:
+    """The image size of a sample (the batching key of :func:`map_shards`)."""
+    image = sample.get("image", sample.get("jpg"))
+    return tuple(image.shape) if image is not None else ()
 
 
 def _shard_done(out_dir: Path, name: str, with_cm: bool) -> bool:
@@ -129,12 +212,17 @@ def _gather(out_dir: Path, urls: list[str]) -> dict:
 @torch.no_grad()
 def split_features(cfg: Config, split: str, features: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, np.ndarray]:
     """``features(image [1, 3, H, W]) → [1, D]`` of every image of ``split``, in shard order, on this process's
-    device: ``{"keys", "features" [N, D], "labels" [N, 20]}``."""
+    device (images decoded in ``data.num_workers`` reader workers): ``{"keys", "features" [N, D], "labels" [N, 20]}``."""
     device = dist().device
-    keys, feats, labels = [], [], []
-    for url in split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir, verify=False)):
-        for s in read_shard(url, ("jpg", "cls.npy")):
-            keys.append(s["__key__"])
-            feats.append(features(image_tensor(s, device))[0].float().cpu().numpy())
-            labels.append(s["cls.npy"])
-    return {"keys": np.array(keys), "features": np.stack(feats), "labels": np.stack(labels).astype(np.float32)}
+    urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir, verify=False))
+    rows: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {Path(u).name: [] for u in urls}
+    samples = shard_samples(urls, ("jpg", "cls.npy"), prepare=prepare_image, num_workers=cfg.data.num_workers,
+                            pin_memory=device.type == "cuda")
+    with contextlib.closing(samples):
+        for s in samples:
+            if not s.get("__end__"):
+                f = features(image_tensor(s, device))[0].float().cpu().numpy()
+                rows[s["__shard__"]].append((s["__key__"], f, s["cls.npy"]))
+    ordered = [r for u in urls for r in rows[Path(u).name]]  # workers interleave shards: back to shard order
+    return {"keys": np.array([r[0] for r in ordered]), "features": np.stack([r[1] for r in ordered]),
+            "labels": np.stack([r[2] for r in ordered]).astype(np.float32)}

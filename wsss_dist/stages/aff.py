@@ -13,6 +13,7 @@ Engine: :func:`wsss_dist.engine.fit`. Outputs: ``aff/model.safetensors`` and ``a
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +30,22 @@ from ..models.build import affinity_spec, build_affinity, write_spec
 logger = logging.getLogger(__name__)
 
 
+def label_record(sample: dict, crf: bool, **options: float | str) -> dict:
+    """In a reader worker: the sample's affinity label record (``label``) from its CAM record (``options``: of
+    :func:`~wsss_dist.methods.affinity.affinity_labels`)."""
+    cams, classes = decode_cam(sample)
+    label = affinity_labels(cams, classes, crf=crf_for(sample["jpg"]) if crf else None, **options)
+    return {"__key__": sample["__key__"], "label": encode_label(sample["__key__"], label.numpy())}
+
+
 def write_labels(cfg: Config) -> dict:
-    """Affinity label shards from the CAM shards (one per CAM shard, resumable)."""
+    """Affinity label shards from the CAM shards (one per CAM shard, resumable; labels made in the reader workers)."""
     a = cfg.aff
-
-    def process(sample: dict) -> tuple[dict, None]:
-        cams, classes = decode_cam(sample)
-        label = affinity_labels(cams, classes, mode=a.label_mode, conf_fg=a.conf_fg, conf_bg=a.conf_bg,
-                                alpha_low=a.alpha_low, alpha_high=a.alpha_high,
-                                crf=crf_for(sample["jpg"]) if a.crf else None)
-        return encode_label(sample["__key__"], label.numpy()), None
-
+    prepare = partial(label_record, crf=a.crf, mode=a.label_mode, conf_fg=a.conf_fg, conf_bg=a.conf_bg,
+                      alpha_low=a.alpha_low, alpha_high=a.alpha_high)
     keys = ("cls.npy", "jpg") if a.crf else ("cls.npy",)
-    return map_shards(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", keys, process,
-                      paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="aff labels", stage="aff")
+    return map_shards(cfg, cfg.cam.split, cfg.run_dir / "aff" / "labels", keys, lambda sample: (sample["label"], None),
+                      paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="aff labels", stage="aff", prepare=prepare)
 
 
 def make_loss(radius: int):

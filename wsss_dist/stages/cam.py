@@ -1,7 +1,8 @@
 """Stage cam: multi-scale + flip class activation maps, and their mIoU.
 
 Inputs: the trained classifier (stage cls) and the ``cam.split`` shards. For each image and scale s in
-``cam.scales``: CAM(s) = ReLU(conv(f(resize(x, s)), W)) for the image and its mirror (one batch of two),
+``cam.scales``: CAM(s) = ReLU(conv(f(resize(x, s)), W)) for the image and its mirror (one batch of two; up to
+``cam.batch_images`` consecutive same-size images of a shard share it),
 upsampled to the image size, the mirror flipped back; CAM = Σ_s CAM(s) restricted to the image's classes,
 then divided by its per-class spatial maximum (psa/irn). Outputs: one CAM shard per input shard
 (``cam.npy`` float16 [K, ⌈H/out_stride⌉, ⌈W/out_stride⌉], ``cam.json`` {classes, size}) and ``cam/DONE`` with
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +21,10 @@ import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
+from ..errors import ConfigError
 from ..data.records import encode_cam
 from ..data.shards import load_manifest, split_ids
-from ..data.stream import image_tensor
+from ..data.stream import image_tensor, prepare_image
 from ..engine import autocast, dist, map_shards
 from ..metrics import miou_metrics, sweep_confusion
 from ..models.build import load_trained
@@ -34,17 +37,28 @@ def multiscale_cam(model: torch.nn.Module, image: torch.Tensor, labels: torch.Te
                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True) -> torch.Tensor:
     """Normalised CAMs [K, H, W] of the image's K classes (``labels``: 20 multi-hot), summed over scales and flips."""
     x = image if image.dim() == 4 else image.unsqueeze(0)
-    H, W = x.shape[-2:]
-    classes = torch.nonzero(torch.as_tensor(labels).flatten() > 0.5).flatten().to(x.device)
-    total = x.new_zeros((len(classes), H, W), dtype=torch.float32)
+    return multiscale_cams(model, x, [labels], scales, flip)[0]
+
+
+@torch.inference_mode()
+def multiscale_cams(model: torch.nn.Module, images: torch.Tensor, labels: Sequence[torch.Tensor],
+                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True) -> list[torch.Tensor]:
+    """:func:`multiscale_cam` of N same-size images [N, 3, H, W] in one forward per scale (``labels``: N multi-hot)."""
+    H, W = images.shape[-2:]
+    classes = [torch.nonzero(torch.as_tensor(y).flatten() > 0.5).flatten().to(images.device) for y in labels]
+    totals = [images.new_zeros((len(c), H, W), dtype=torch.float32) for c in classes]
+    views = 2 if flip else 1
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, size=(round(H * s), round(W * s)), mode="bilinear", align_corners=False)
-        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs  # image and mirror in one forward
-        cams = model.cam(batch.contiguous(memory_format=torch.channels_last))[:, classes].float()
-        # bilinear resizing commutes with the mirror: fold the flipped map back before upsampling (one resize, not two)
-        small = cams[0] + cams[1].flip(-1) if flip else cams[0]
-        total += F.interpolate(small[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-    return total / (total.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        xs = images if s == 1.0 else F.interpolate(images, size=(round(H * s), round(W * s)), mode="bilinear",
+                                                   align_corners=False)
+        batch = torch.stack([xs, xs.flip(-1)], 1).flatten(0, 1) if flip else xs  # each image, then its mirror
+        out = model.cam(batch.contiguous(memory_format=torch.channels_last))
+        for i, (c, total) in enumerate(zip(classes, totals)):
+            cams = out[i * views:(i + 1) * views, c].float()
+            # bilinear resizing commutes with the mirror: fold the flipped map back before upsampling (one resize)
+            small = cams[0] + cams[1].flip(-1) if flip else cams[0]
+            total += F.interpolate(small[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    return [t / (t.amax(dim=(1, 2), keepdim=True) + 1e-5) for t in totals]
 
 
 def cam_labels(cams: torch.Tensor, classes: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -62,22 +76,28 @@ def thresholds(cfg: Config) -> list[float]:
 
 def run(cfg: Config) -> dict:
     """Compute CAM shards for ``cam.split`` and the CAM mIoU (threshold sweep) on ``cam.eval_split``."""
+    if cfg.cam.batch_images < 1:
+        raise ConfigError(f"cam.batch_images={cfg.cam.batch_images}: images per CAM forward must be at least 1")
     d = dist()
     model = load_trained(cfg, "cls", "cam").to(d.device).to(memory_format=torch.channels_last)
     ids = set(split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cam.eval_split))
     ths = thresholds(cfg)
     c = cfg.cam
 
-    def process(sample: dict) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-        x = image_tensor(sample, d.device)
-        labels = torch.as_tensor(sample["cls.npy"])
+    def process(samples: list[dict]) -> list[tuple[Callable[[], dict], tuple[torch.Tensor, torch.Tensor]]]:
+        x = torch.cat([image_tensor(sample, d.device) for sample in samples])  # same-size images (map_shards' batch)
+        labels = [torch.as_tensor(sample["cls.npy"]) for sample in samples]
         with autocast(d.device, c.mixed_precision):
-            cams = multiscale_cam(model, x, labels, c.scales, c.flip)
-        classes = (torch.nonzero(labels > 0.5).flatten() + 1).to(d.device)
+            cams = multiscale_cams(model, x, labels, c.scales, c.flip)
         H, W = x.shape[-2:]
-        small = F.interpolate(cams[None], size=(math.ceil(H / c.out_stride), math.ceil(W / c.out_stride)),
-                              mode="bilinear", align_corners=False)[0] if c.out_stride > 1 else cams
-        return encode_cam(sample["__key__"], small, classes, (H, W)), (cams, classes)
+        out = []
+        for sample, y, cam in zip(samples, labels, cams):
+            classes = (torch.nonzero(y > 0.5).flatten() + 1).to(d.device)
+            small = F.interpolate(cam[None], size=(math.ceil(H / c.out_stride), math.ceil(W / c.out_stride)),
+                                  mode="bilinear", align_corners=False)[0] if c.out_stride > 1 else cam
+            record = partial(encode_cam, sample["__key__"], small, classes, (H, W))  # encoded by the writer thread
+            out.append((record, (cam, classes)))
+        return out
 
     def evaluate(sample: dict, prediction: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray | None:
         gt = sample.get("seg.png")
@@ -86,7 +106,7 @@ def run(cfg: Config) -> dict:
         return sweep_confusion(*prediction, gt, ths)
 
     result = map_shards(cfg, c.split, runs.stage_dir(cfg.run_dir, "cam"), ("jpg", "cls.npy", "seg.png?"), process,
-                        evaluate, desc="cam")
+                        evaluate, desc="cam", prepare=prepare_image, batch=c.batch_images)
     cm = result["cm"]
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": c.split,
                "eval_split": c.eval_split, "threshold": c.bg_threshold}

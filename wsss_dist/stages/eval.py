@@ -5,13 +5,14 @@ Inputs: the trained DeepLab (stage seg) and the val shards. Outputs: prediction 
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Callable
+
 import torch
 
 from .. import runs
 from ..config import Config
 from ..data.records import encode_label
-from ..data.stream import image_tensor
+from ..data.stream import image_tensor, prepare_image
 from ..engine import dist, map_shards
 from ..metrics import gt_confusion, miou_metrics
 from ..models.build import load_trained
@@ -24,13 +25,14 @@ def run(cfg: Config) -> dict:
     s = cfg.seg
 
     @torch.no_grad()
-    def process(sample: dict) -> tuple[dict, np.ndarray]:
+    def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
         logits = model.predict(image_tensor(sample, d.device), scales=s.eval_scales, flip=s.eval_flip)
-        pred = logits[0].argmax(0).cpu().numpy().astype(np.uint8)
-        return encode_label(sample["__key__"], pred), pred
+        pred = logits[0].argmax(0).to(torch.uint8)  # to the host in the writer thread, off the critical path
+        return lambda: encode_label(sample["__key__"], pred.cpu().numpy()), pred
 
     result = map_shards(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png?"), process,
-                        lambda sample, pred: gt_confusion(pred, sample), desc="eval")
+                        lambda sample, pred: gt_confusion(pred.cpu().numpy(), sample), desc="eval",
+                        prepare=prepare_image)
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": "val", **miou_metrics(result["cm"])}
     if d.main:
         runs.write_json(cfg.run_dir / "eval" / "metrics.json", metrics)
