@@ -129,3 +129,17 @@ def test_auto_backend_equals_torch_and_bad_backend_raises():
     )
     with pytest.raises(ValueError):
         random_walk(scores, features, backend="cuda")
+
+
+def test_without_native_kernel_auto_falls_back_and_native_raises(monkeypatch, tmp_path):
+    import wsss_dist.methods.random_walk as rw
+
+    assert rw._build_kernel("/bin/false", tmp_path / "k.so") is False  # a compiler that fails: no library
+    assert not (tmp_path / "k.so").exists()
+    monkeypatch.setattr(rw, "_native_library", lambda: None)
+    scores, features = _inputs(3, 8, 9, 13, seed=8)
+    torch.testing.assert_close(
+        random_walk(scores, features, logt=3), random_walk_dense(scores, features, logt=3), rtol=1e-9, atol=1e-12
+    )
+    with pytest.raises(RuntimeError):
+        random_walk(scores, features, backend="native")

@@ -22,16 +22,19 @@ every shift is a contiguous slice and a step is K fused multiply-adds (``addcmul
 over [C, h·(w + 2(r-1))], all preallocated. Nothing is looped over pixels.
 
 Backends (``backend=``): "torch" is the step above in eager PyTorch (any device; the
-reference in tests). "native" is the same sum, same order, as a small C++ kernel
-(:data:`_KERNEL_SOURCE`) that runs all 2^logt steps in one call: tiles of 32 pixels ×
-up to 4 channels stay in registers across the K offsets; ``torch.get_num_threads()``
-threads each take a range of tiles, with one barrier per step (it spins briefly, then
-sleeps, so a busy machine does not make waiting threads steal the worker's time). It replaces ~17,600 small
-eager calls per image (256 steps × 69 offsets) whose fixed dispatch cost dominated.
-The kernel is compiled with the system C++ compiler on first use (~1 s, once per
-process; the library is cached on disk per source and CPU) and loaded with ctypes; no
-torch headers are needed. "auto" (default) takes "native" for CPU tensors when it
-compiles and loads, else "torch" (accelerator tensors always use "torch").
+reference in tests). "native" is a small C++ kernel (:data:`_KERNEL_SOURCE`) that builds
+the stencil (affinities read from the features in place, mirrored, normalised) and runs
+all 2^logt steps in one call, with the walk's sum in the same order as "torch" (the
+affinities' Σ_d runs in another order: float32 results differ by ~1e-6). Tiles of 32
+pixels × up to 4 channels stay in registers across the K offsets; ``torch.get_num_threads()``
+threads each take a range of tiles, one barrier per step (it spins briefly, then sleeps,
+so on a busy machine waiting threads do not steal the time of the one they wait for).
+It replaces ~17,600 small eager calls per image (256 steps × 69 offsets) whose fixed
+dispatch cost dominated. The kernel is compiled with the system C++ compiler on first
+use (a few seconds, once per source and CPU model: the library is cached under
+$TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions) and loaded with ctypes once per
+process; no torch headers are needed. "auto" (default) takes "native" for CPU tensors
+when it builds and loads, else "torch" (accelerator tensors always use "torch").
 
 Pair set: every in-bounds pair closer than ``radius``, in both directions. (psa's own
 index helper only takes *sources* in rows [0, h-r+1) and columns [r-1, w-r+1), so its
