@@ -104,7 +104,7 @@ def test_shape_mismatch_raises():
 
 
 @pytest.mark.skipif(not native_available(), reason="native kernel unavailable")
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("channels", [1, 3, 6, 9])
 def test_native_matches_torch_walk_multithreaded(threads, channels):
     """Channel groups of 4 + remainder, uneven tile splits over threads, a map wider than a tile row."""
