@@ -73,7 +73,7 @@ def test_matrices_sum_across_parts():
 @pytest.mark.parametrize("chunk", [7, 1000, 2**18])
 def test_batched_tensors_equal_per_image_loop(monkeypatch, chunk):
     """A [B, H, W] batch (torch or numpy, any int dtype, chunked or not) counts what the per-image loop counts."""
-    import wsss_dist.metrics as metrics
+    from wsss_dist import metrics
 
     monkeypatch.setattr(metrics, "_CHUNK", chunk)
     rng = np.random.default_rng(2)

@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_dist.methods.random_walk import native_available, propagate_labels, random_walk, random_walk_dense
+from wsss_dist.methods.random_walk import (
+    native_available,
+    propagate_labels,
+    random_walk,
+    random_walk_dense,
+)
 
 # "torch" is the eager reference; "native" is the compiled kernel, skipped where no C++ compiler works.
 BACKENDS = [

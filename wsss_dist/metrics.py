@@ -7,7 +7,7 @@ writes one matrix per shard and sums them before :func:`miou` is called once on 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -417,7 +417,7 @@ def _build_kernel(cxx: str, out: Path) -> bool:
             lib = Path(tmp) / "kernel.so"
             cmd = [cxx, *flags, "-std=c++17", "-shared", "-fPIC", str(src), "-o", str(lib)]
             try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             except (OSError, subprocess.TimeoutExpired) as err:
                 logger.debug("random walk kernel: %s failed: %s", " ".join(cmd), err)
                 continue
