@@ -39,7 +39,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from wsss_dist.methods.random_walk import native_available, propagate_labels, random_walk, random_walk_dense
+from wsss_dist.methods.random_walk import (
+    native_available,
+    propagate_labels,
+    random_walk,
+    random_walk_dense,
+)
 
 DIM = 448
 
