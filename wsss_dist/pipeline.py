@@ -84,7 +84,12 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
         metrics = _run_stage(cfg, stage) if d.main else {}
         d.barrier()
         return metrics if d.main else runs.read_done(cfg.run_dir, stage)
-    return _run_stage(cfg, stage)
+    metrics = _run_stage(cfg, stage)
+    if world_size() > 1:  # rank 0 writes DONE: no rank starts the next stage (which checks it) before that
+        from .engine.dist import dist
+
+        dist().barrier()
+    return metrics
 
 
 def cpu_seconds() -> float:
