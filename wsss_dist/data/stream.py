@@ -453,6 +453,20 @@ class ShardSamples(torch.utils.data.IterableDataset):
         yield {"__shard__": name, "__end__": True, "samples": n, "skipped": counter.skipped}
 
 
+def _die_with_parent(parent: int, worker: int) -> None:
+    """A reader worker ends when its parent process does (Linux): a stage killed by SIGTERM or SIGKILL would
+    otherwise leave its workers blocked on a full queue for good."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _as_is(sample: dict) -> dict:
     """The DataLoader's collate for single samples: none (its default would turn numpy arrays into tensors)."""
     return sample
@@ -467,10 +481,14 @@ def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[
     Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
     when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
     """
+    import functools
+    import os
+
     workers = min(num_workers, len(urls))
     loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare), batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, pin_memory=pin_memory,
-                                         prefetch_factor=4 if workers else None)
+                                         prefetch_factor=4 if workers else None,
+                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
     return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
 
 
