@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wsss_dist.pipeline import cpu_seconds  # noqa: E402  (this process and its reaped children)
 
 # per-GPU rates the CPU side must keep up with (issue 13: one H100 at 40 % of its bf16 peak)
 GPU_RATES = {"cam": {"resnet38d": 35.0, "resnet50": 180.0}, "train": {"resnet38d": 180.0, "resnet50": 870.0}}
@@ -61,14 +62,6 @@ def make_cfg(work: Path, backbone: str, seg_backbone: str, n: int, workers: int,
         "pseudo.alpha=16", "seg.eval_scales=[1.0,0.75,0.5]", "aff.init=imagenet", "seg.init=imagenet",
         *[f"{t}.train.{k}" for t in ("cls", "aff", "seg") for k in ("steps=1", "batch_size=2", "ckpt_every=100")],
         "cls.train.crop=448", "aff.train.crop=448", "seg.train.crop=321", *extra])
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children."""
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_stage_fresh(cfg, stage: str) -> tuple[float, float]:
