@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wsss_dist.pipeline import cpu_seconds  # noqa: E402  (this process and its reaped children)
+from wsss_dist.pipeline import cpu_seconds
 
 # per-GPU rates the CPU side must keep up with (issue 13: one H100 at 40 % of its bf16 peak)
 GPU_RATES = {"cam": {"resnet38d": 35.0, "resnet50": 180.0}, "train": {"resnet38d": 180.0, "resnet50": 870.0}}
@@ -204,7 +204,13 @@ def host_work(cfg) -> dict[str, float]:
     decode the JPEG, convert it to the normalised tensor (input side); encode the float16 CAM record, tar it and hash
     it (output side, VOC's out_stride 4 and two classes)."""
     from wsss_dist.data.records import encode_cam
-    from wsss_dist.data.shards import load_manifest, read_shard, sha256_bytes, split_urls, tar_bytes
+    from wsss_dist.data.shards import (
+        load_manifest,
+        read_shard,
+        sha256_bytes,
+        split_urls,
+        tar_bytes,
+    )
     from wsss_dist.data.stream import image_tensor
 
     urls = split_urls(cfg.shards_dir, cfg.cam.split, load_manifest(cfg.shards_dir, verify=False))
