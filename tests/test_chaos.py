@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "launch" / "submit.py"
 STAGES = ("shards", "cls", "cam", "aff", "pseudo", "seg", "eval")
 # the only entries allowed to differ: timings, where the shards live, how much of the shards a rerun had to rebuild
-OPERATIONAL = {"seconds", "images_per_s", "verify_seconds", "shards_dir", "rebuilt", "verified"}
+OPERATIONAL = {"seconds", "cpu_seconds", "images_per_s", "verify_seconds", "shards_dir", "rebuilt", "verified"}
 KILLS = 4
 
 
