@@ -57,7 +57,7 @@ def overrides(workdir: Path, size: int, n_train: int, n_val: int, n_sbd: int, sh
 
 def prepare(keys: list[str], workdir: Path) -> None:
     """Toy data, shards and a briefly trained classifier in ``workdir/train`` (skipped when already there)."""
-    from wsss_dist import cli
+    from wsss_dist import pipeline as cli
     from wsss_dist.config import make_config
 
     cfg = make_config(keys + ["stage=[shards,cls]", f"run={workdir / 'train'}"])
@@ -82,9 +82,9 @@ def _keys(keys: str | list) -> list[str]:
 
 def worker_ours(keys: str, run: str, threads: int, precision: str = "no") -> None:
     """(subprocess, one rank) Time ``run_stage(cfg, 'cam')`` after a barrier; rank 0 prints a RESULT line."""
-    from wsss_dist import cli
+    from wsss_dist import pipeline as cli
     from wsss_dist.config import make_config
-    from wsss_dist.stages.common import dist
+    from wsss_dist.engine.dist import dist
 
     torch.set_num_threads(threads)
     cfg = make_config(_keys(keys) + [f"run={run}", "stage=cam", f"cam.mixed_precision={precision}"])
@@ -117,16 +117,17 @@ def worker_ref(keys: str, run: str, out: str) -> None:
     """(subprocess) Time the reference loop over the cam split, saving float32 CAMs per image; prints RESULT."""
     from wsss_dist.config import make_config
     from wsss_dist.data.shards import split_urls
-    from wsss_dist.data.stream import infer_samples, normalize
-    from wsss_dist.stages.cls import load_trained
+    from wsss_dist.data.shards import read_shard
+    from wsss_dist.data.stream import normalize
+    from wsss_dist.models.build import load_trained
 
     torch.set_num_threads(2)
     cfg = make_config(_keys(keys) + [f"run={run}"])
     t0 = time.perf_counter()
-    model = load_trained(cfg)  # fp32, NCHW, eval
+    model = load_trained(cfg, "cls", "bench")  # fp32, NCHW, eval
     n = 0
     for url in split_urls(cfg.shards_dir, cfg.cam.split):
-        for s in infer_samples(url, keys=("jpg", "cls.npy")):
+        for s in read_shard(url, ("jpg", "cls.npy")):
             cams = reference_cam(model, normalize(s["jpg"])[None], torch.as_tensor(s["cls.npy"]), cfg.cam.scales)
             np.save(Path(out) / f"{s['__key__']}.npy", cams.numpy())
             n += 1
@@ -152,23 +153,24 @@ def agreement(keys: list[str], workdir: Path, stored_run: Path, ref_dir: Path) -
     """% of pixels whose CAM label (bg threshold 0.15) equals the reference's: ours fp32, ours bf16, stored float16."""
     from wsss_dist.config import make_config
     from wsss_dist.data.shards import split_urls
-    from wsss_dist.data.stream import infer_samples, normalize
+    from wsss_dist.data.shards import read_shard
+    from wsss_dist.data.stream import normalize
     from wsss_dist.stages.cam import cam_labels, multiscale_cam
-    from wsss_dist.stages.cls import load_trained
-    from wsss_dist.stages.common import autocast
+    from wsss_dist.models.build import load_trained
+    from wsss_dist.engine.dist import autocast
 
     torch.set_num_threads(2)
     cfg = make_config(keys + [f"run={workdir / 'train'}"])
-    model = load_trained(cfg).to(memory_format=torch.channels_last)
+    model = load_trained(cfg, "cls", "bench").to(memory_format=torch.channels_last)
     stored = {}
     for url in split_urls(cfg.shards_dir, cfg.cam.split):
-        for s in infer_samples(str(stored_run / "cam" / Path(url).name), keys=("cam.npy", "cam.json")):
+        for s in read_shard(str(stored_run / "cam" / Path(url).name), ("cam.npy", "cam.json")):
             stored[s["__key__"]] = s
     equal = {"fp32": 0, "bf16": 0, "stored": 0}
     total = 0
     dev = torch.device("cpu")
     for url in split_urls(cfg.shards_dir, cfg.cam.split):
-        for s in infer_samples(url, keys=("jpg", "cls.npy")):
+        for s in read_shard(url, ("jpg", "cls.npy")):
             labels = torch.as_tensor(s["cls.npy"])
             classes = torch.nonzero(labels > 0.5).flatten() + 1
             x = normalize(s["jpg"])[None]

@@ -108,7 +108,7 @@ def run_reference(cfg, source, ids: list[str], warmup: int) -> float:
     """The plain loop (fp32, NCHW) for ``cfg.cls.train.steps`` steps; images/s after ``warmup`` steps."""
     from wsss_dist.engine.optim import poly_lr
     from wsss_dist.methods import losses, mixing
-    from wsss_dist.stages.cls import build_model
+    from wsss_dist.models.build import build_classifier as build_model
 
     t, o = cfg.cls.train, cfg.cls.optim
     torch.manual_seed(t.seed)
@@ -149,7 +149,7 @@ def run_reference(cfg, source, ids: list[str], warmup: int) -> float:
 def main(method: str = "cam", steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2, size: int = 80,
          n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
     """Build the data, time both sides interleaved, print a table."""
-    from wsss_dist import cli
+    from wsss_dist import pipeline as cli
     from wsss_dist.data.voc import VOCSource
 
     torch.set_num_threads(2)

@@ -43,7 +43,7 @@ def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:
     """Step times (s) of forward / loss / backward / step / zero_grad on a preloaded batch, after ``warmup`` steps."""
     from wsss_dist.engine.optim import build_optimizer
     from wsss_dist.methods.losses import multilabel_loss
-    from wsss_dist.stages.cls import build_model
+    from wsss_dist.models.build import build_classifier as build_model
 
     t, o = cfg.cls.train, cfg.cls.optim
     torch.manual_seed(t.seed)
@@ -69,7 +69,7 @@ def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:
 def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2,
          size: int = 80, n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
     """Build the data, time full and bare steps interleaved, print a table."""
-    from wsss_dist import cli
+    from wsss_dist import pipeline as cli
     from wsss_dist.data.shards import load_manifest, split_urls
     from wsss_dist.data.stream import train_loader
 
