@@ -92,9 +92,10 @@ def images(cfg, split: str, device: torch.device) -> list[dict]:
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of ``fn()``."""
+    """Wall seconds of ``fn()`` under inference mode (the forwards' inputs are inference tensors)."""
     t0 = time.perf_counter()
-    fn()
+    with torch.inference_mode():
+        fn()
     return time.perf_counter() - t0
 
 
@@ -313,6 +314,8 @@ def part_c(work: Path, backbone: str, steps: int, rounds: int, workers: int) -> 
     urls = split_urls(base.shards_dir, base.cls.split, load_manifest(base.shards_dir, verify=False))
     batch = next(train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed))
     warmup = 2
+    if steps < warmup + 2:
+        raise SystemExit(f"--train_steps must be at least {warmup + 2} (the first {warmup} steps are warm-up)")
     full, bare = [], []
     for r in range(rounds):
         shutil.rmtree(work / f"run-c{r}", ignore_errors=True)
