@@ -11,7 +11,7 @@ trained network: its CAMs are not good, but both sides run the same weights. CAM
 ``--scales`` with flips (the toy preset: 1.0 and 0.5).
 
 Timed, each in a fresh subprocess, rounds interleaved (A B C … A B C …), median of ``--repeats`` rounds:
-  * ours:      ``cli.run_stage(cfg, "cam")``, exactly what ``python -m wsss_dist stage=cam`` runs: model load,
+  * ours:      ``pipeline.run_stage(cfg, "cam")``, exactly what ``python -m wsss_dist stage=cam`` runs: model load,
                shard reading + JPEG decode, ``multiscale_cam`` (channels_last, image + mirror in one batch),
                float16 CAM shards written, and the CAM mIoU with its 12-threshold sweep; 1 process × 2 threads,
                2 processes × 1 thread (torchrun, one shard in two per rank), and 1 × 2 with bf16 autocast.
@@ -57,12 +57,12 @@ def overrides(workdir: Path, size: int, n_train: int, n_val: int, n_sbd: int, sh
 
 def prepare(keys: list[str], workdir: Path) -> None:
     """Toy data, shards and a briefly trained classifier in ``workdir/train`` (skipped when already there)."""
-    from wsss_dist import pipeline as cli
+    from wsss_dist import pipeline
     from wsss_dist.config import make_config
 
     cfg = make_config(keys + ["stage=[shards,cls]", f"run={workdir / 'train'}"])
-    cli.setup_logging("WARNING")
-    cli.run(cfg)
+    pipeline.setup_logging("WARNING")
+    pipeline.run(cfg)
 
 
 def run_dir(workdir: Path, name: str) -> Path:
@@ -82,17 +82,17 @@ def _keys(keys: str | list) -> list[str]:
 
 def worker_ours(keys: str, run: str, threads: int, precision: str = "no") -> None:
     """(subprocess, one rank) Time ``run_stage(cfg, 'cam')`` after a barrier; rank 0 prints a RESULT line."""
-    from wsss_dist import pipeline as cli
+    from wsss_dist import pipeline
     from wsss_dist.config import make_config
     from wsss_dist.engine.dist import dist
 
     torch.set_num_threads(threads)
     cfg = make_config(_keys(keys) + [f"run={run}", "stage=cam", f"cam.mixed_precision={precision}"])
-    cli.setup_logging("WARNING")
+    pipeline.setup_logging("WARNING")
     d = dist()
     d.barrier()
     t0 = time.perf_counter()
-    metrics = cli.run_stage(cfg, "cam")
+    metrics = pipeline.run_stage(cfg, "cam")
     d.barrier()
     if d.main:
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "images": metrics["samples"]}), flush=True)
@@ -116,8 +116,7 @@ def reference_cam(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
 def worker_ref(keys: str, run: str, out: str) -> None:
     """(subprocess) Time the reference loop over the cam split, saving float32 CAMs per image; prints RESULT."""
     from wsss_dist.config import make_config
-    from wsss_dist.data.shards import split_urls
-    from wsss_dist.data.shards import read_shard
+    from wsss_dist.data.shards import read_shard, split_urls
     from wsss_dist.data.stream import normalize
     from wsss_dist.models.build import load_trained
 
@@ -152,12 +151,11 @@ def launch(args: list[str], ranks: int = 1) -> dict:
 def agreement(keys: list[str], workdir: Path, stored_run: Path, ref_dir: Path) -> dict[str, float]:
     """% of pixels whose CAM label (bg threshold 0.15) equals the reference's: ours fp32, ours bf16, stored float16."""
     from wsss_dist.config import make_config
-    from wsss_dist.data.shards import split_urls
-    from wsss_dist.data.shards import read_shard
+    from wsss_dist.data.shards import read_shard, split_urls
     from wsss_dist.data.stream import normalize
-    from wsss_dist.stages.cam import cam_labels, multiscale_cam
-    from wsss_dist.models.build import load_trained
     from wsss_dist.engine.dist import autocast
+    from wsss_dist.models.build import load_trained
+    from wsss_dist.stages.cam import cam_labels, multiscale_cam
 
     torch.set_num_threads(2)
     cfg = make_config(keys + [f"run={workdir / 'train'}"])

@@ -149,11 +149,11 @@ def run_reference(cfg, source, ids: list[str], warmup: int) -> float:
 def main(method: str = "cam", steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2, size: int = 80,
          n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
     """Build the data, time both sides interleaved, print a table."""
-    from wsss_dist import pipeline as cli
+    from wsss_dist import pipeline
     from wsss_dist.data.voc import VOCSource
 
     torch.set_num_threads(2)
-    cli.setup_logging("WARNING")
+    pipeline.setup_logging("WARNING")
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="cls-bench-")
@@ -161,7 +161,7 @@ def main(method: str = "cam", steps: int = 30, warmup: int = 5, repeats: int = 3
     work = Path(workdir)
     cfg = make_cfg(work, method, steps, workers, size, n_train, n_sbd, shard_size)
     cfg.stage = "shards"
-    cli.run(cfg)
+    pipeline.run(cfg)
     from wsss_dist.data.toy import generate
 
     src = VOCSource(*generate(Path(cfg.data.toy.root), cfg.data.toy))  # the toy files: already there, returns the roots

@@ -69,12 +69,12 @@ def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:
 def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2,
          size: int = 80, n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
     """Build the data, time full and bare steps interleaved, print a table."""
-    from wsss_dist import pipeline as cli
+    from wsss_dist import pipeline
     from wsss_dist.data.shards import load_manifest, split_urls
     from wsss_dist.data.stream import train_loader
 
     torch.set_num_threads(2)
-    cli.setup_logging("WARNING")
+    pipeline.setup_logging("WARNING")
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     tmp = None
     if workdir is None:
@@ -83,7 +83,7 @@ def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, rep
     work = Path(workdir)
     base = make_cfg(work, methods[0], steps, workers, size, n_train, n_sbd, shard_size)
     base.stage = "shards"
-    cli.run(base)
+    pipeline.run(base)
     t = base.cls.train
     urls = split_urls(base.shards_dir, base.cls.split, load_manifest(base.shards_dir, verify=False))
     batch = next(train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed))
