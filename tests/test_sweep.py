@@ -66,6 +66,10 @@ def test_local_sweep_two_methods_two_seeds_reports_mean_and_std(tmp_path):
     again = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "[shared] shards: skipped (done)" in again.stdout, again.stdout
     assert "running as local job" not in again.stdout and "nothing to do" in again.stdout, again.stdout  # all done
+    fewer = [w.replace("method=[cam,fmix]", "method=[cam]") for w in words]  # other points: the report is rebuilt
+    sub = subprocess.run([sys.executable, str(SUBMIT), *fewer], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert sub.returncode == 0 and "[sweep] report: running" in sub.stdout, sub.stdout + sub.stderr[-2000:]
+    assert [g["method"] for g in _report(sweep)[1]["groups"]] == ["cam"]
     os.remove(sweep / "report" / "report.md")
     rebuilt = subprocess.run([sys.executable, "-m", "wsss_dist", "report", str(sweep), f"data.shards_dir={tmp_path}/shards"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -522,12 +522,21 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         save_config(rcfg)
         waits = last_jobs or [_array_id(j.job_id) for j in jobs]
         dep = f"afterany:{':'.join(dict.fromkeys(waits))}" if slurm and waits else None
-        jobs += submit_chain(rcfg, plan(rcfg, launch, rwords)[:1], launch, out, label="[sweep] ", first_dep=dep)
+        rstep = plan(rcfg, launch, rwords)[0]
+        if rstep.done and (jobs or failed or _report_stale(rcfg.run_dir, [str(c.run_dir) for c in cfgs])):
+            rstep = dataclasses.replace(rstep, done=False)  # points ran, or the report covers other points
+        jobs += submit_chain(rcfg, [rstep], launch, out, label="[sweep] ", first_dep=dep)
     _finish(first, launch, jobs, out, logs=root / "logs")  # the arrays' logs; a point alone logs in its run
     if failed:
         raise RuntimeError(f"{len(failed)} of {n} points failed: {', '.join(failed)}; the report in {root / 'report'} "
                            "shows them as failed; rerun the same command to continue them")
     return jobs
+
+
+def _report_stale(root: Path, point_runs: list[str]) -> bool:
+    """Whether the sweep's finished report covers other runs than ``point_runs`` or shows a failed point."""
+    done = runs.read_done(root, "report")
+    return done.get("runs") != point_runs or bool(done.get("failed"))
 
 
 def _submit_teachers(launch: LaunchCfg, root: Path, tplans: list[tuple[SharedTeacher, Config, list[Step]]],
