@@ -187,3 +187,18 @@ def test_a_points_teacher_stage_uses_the_finished_shared_teacher(tmp_path):
     assert teacher.run(cfg) == {"embeddings": 5} and not (tmp_path / "p" / "teacher").exists()
     with pytest.raises(StageNotDone, match=f"run stage=teacher run={tmp_path}/none first"):
         teacher.run(make_config(["method=teach", f"run={tmp_path}/p", f"teacher.dir={tmp_path}/none/teacher"]))
+
+
+def test_the_sweep_report_is_stale_when_it_covers_other_runs_or_predates_a_points_stage(tmp_path):
+    from wsss_dist import runs
+    from wsss_dist.launcher import _report_stale
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    runs.mark_done(a, "cls")
+    runs.mark_done(tmp_path, "report", {"runs": [a, b], "failed": ["b"]})  # b stopped before its stages: not stale
+    os.utime(tmp_path / "report" / "DONE", (2e9, 2e9))
+    assert not _report_stale(tmp_path, [a, b])
+    assert _report_stale(tmp_path, [a])  # other points
+    runs.mark_done(b, "cam")
+    os.utime(Path(b) / "cam" / "DONE", (2e9 + 1, 2e9 + 1))  # b went on after the report
+    assert _report_stale(tmp_path, [a, b])

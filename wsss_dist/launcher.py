@@ -524,7 +524,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         dep = f"afterany:{':'.join(dict.fromkeys(waits))}" if slurm and waits else None
         rstep = plan(rcfg, launch, rwords)[0]
         if rstep.done and (jobs or failed or _report_stale(rcfg.run_dir, [str(c.run_dir) for c in cfgs])):
-            rstep = dataclasses.replace(rstep, done=False)  # points ran, or the report covers other points
+            rstep = dataclasses.replace(rstep, done=False)  # points ran or changed, or it covers other points
         jobs += submit_chain(rcfg, [rstep], launch, out, label="[sweep] ", first_dep=dep)
     _finish(first, launch, jobs, out, logs=root / "logs")  # the arrays' logs; a point alone logs in its run
     if failed:
@@ -534,9 +534,11 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
 
 
 def _report_stale(root: Path, point_runs: list[str]) -> bool:
-    """Whether the sweep's finished report covers other runs than ``point_runs`` or shows a failed point."""
-    done = runs.read_done(root, "report")
-    return done.get("runs") != point_runs or bool(done.get("failed"))
+    """Whether the sweep's finished report covers other runs than ``point_runs`` or predates a stage DONE of one."""
+    if runs.read_done(root, "report").get("runs") != point_runs:
+        return True
+    written = (root / "report" / "DONE").stat().st_mtime
+    return any(d.stat().st_mtime > written for r in point_runs for d in Path(r).glob("*/DONE"))
 
 
 def _submit_teachers(launch: LaunchCfg, root: Path, tplans: list[tuple[SharedTeacher, Config, list[Step]]],
