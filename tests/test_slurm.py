@@ -48,7 +48,13 @@ def sacct(job_id: str) -> list[dict[str, str]]:
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,Start,End"],
                          capture_output=True, text=True, timeout=120).stdout
     rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
-    return [r for r in rows if r["id"] == job_id]
+    own = [r for r in rows if r["id"] == job_id]
+    if own or "_" not in job_id:
+        return own
+    # an array task that never started (cancelled while pending) has no row of its own: accounting keeps it in the
+    # array's pending record, e.g. 84_[2] or 84_[0-2%2], whose state is the task's
+    array = job_id.split("_")[0]
+    return [r for r in rows if r["id"].startswith(f"{array}_[")]
 
 
 def squeue_state(job_id: str) -> str:
@@ -68,7 +74,8 @@ def wait_end(job_ids: list[str], timeout: float = 600) -> dict[str, str]:
                 return states
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
-    raise AssertionError(f"jobs {job_ids} still queued after {timeout} s: {[squeue_state(j) for j in job_ids]}")
+    raise AssertionError(f"jobs {job_ids} not ended after {timeout} s: queue {[squeue_state(j) for j in job_ids]}, "
+                         f"accounting {[(sacct(j) or [{'state': '?'}])[-1]['state'] for j in job_ids]}")
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
