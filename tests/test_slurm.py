@@ -57,6 +57,11 @@ def sacct(job_id: str) -> list[dict[str, str]]:
     return [r for r in rows if r["id"].startswith(f"{array}_[")]
 
 
+def end_state(job_id: str) -> str:
+    """The state accounting holds for a job's latest allocation ('?' while it has none)."""
+    return (sacct(job_id) or [{"state": "?"}])[-1]["state"]
+
+
 def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
@@ -69,13 +74,13 @@ def wait_end(job_ids: list[str], timeout: float = 600) -> dict[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not any(squeue_state(j) for j in job_ids):  # out of the queue: wait until accounting has the end state
-            states = {j: (sacct(j) or [{"state": "?"}])[-1]["state"] for j in job_ids}
+            states = {j: end_state(j) for j in job_ids}
             if all(s.split()[0] in FINAL for s in states.values()):
                 return states
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
     raise AssertionError(f"jobs {job_ids} not ended after {timeout} s: queue {[squeue_state(j) for j in job_ids]}, "
-                         f"accounting {[(sacct(j) or [{'state': '?'}])[-1]['state'] for j in job_ids]}")
+                         f"accounting {[end_state(j) for j in job_ids]}")
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
