@@ -3,7 +3,8 @@ training step at a 448-px crop against the bare forward/backward/step.
 
     python bench/voc_size.py                               # all three parts, resnet18 (CPU-sized), ~15 min on 2 cores
     python bench/voc_size.py --parts=b --noop_images=96    # only the CPU side (no-op models)
-    python bench/voc_size.py --backbone=resnet50 --images=6 --rounds=3
+    python bench/voc_size.py --backbone=resnet50 --images_a=6 --rounds=3
+    python bench/voc_size.py --parts=a --images_a=4,24 --scales_a=1   # part (a) per extra image (fixed costs apart)
 
 Data: the toy generator at ``data.toy.size=437`` (sides 328-546 px, mean ≈ a VOC image of 500×375), packed into
 WebDataset shards of ``--shard_size`` images; VOC-preset inference settings (CAM scales 1, 0.5, 1.5, 2 + flip,
@@ -181,23 +182,36 @@ def patch_noop() -> None:
     pseudo.propagate_labels = noop_walk  # type: ignore[attr-defined]
 
 
-def stream_rate(cfg, batches: int) -> tuple[float, float]:
-    """Training stream at crop 448, batch 16 (VOC augmentation), no model: (images per wall second, per CPU second)."""
+def stream_rate(cfg, batches: int, on_device: bool = False) -> tuple[float, float, float]:
+    """Training stream at crop 448, batch 16 (VOC augmentation), no model: (images per wall second, per CPU second,
+    seconds per image of :func:`augment_on_device` on this process's device). ``on_device``: the stream of
+    ``data.augment_on=device``, whose host side only reads the samples and their JPEG headers."""
     from wsss_dist.data.shards import load_manifest, split_urls
-    from wsss_dist.data.stream import train_loader
+    from wsss_dist.data.stream import augment_on_device, train_loader
 
     urls = split_urls(cfg.shards_dir, "train", load_manifest(cfg.shards_dir, verify=False))
     t0, c0 = time.perf_counter(), cpu_seconds()
-    it = train_loader(urls, batch_size=16, crop=448, resize_long=(448, 768), seed=0, num_workers=cfg.data.num_workers)
-    n = 0
+    it = train_loader(urls, batch_size=16, crop=448, resize_long=(448, 768), seed=0, num_workers=cfg.data.num_workers,
+                      on_device=on_device)
+    n, kept = 0, []
     for _ in range(batches):
-        n += len(next(it)["image"])
+        b = next(it)
+        n += len(b["labels"])
+        if on_device and len(kept) < 2:
+            kept.append(b)
     del it
     import gc
 
     gc.collect()
     time.sleep(0.5)  # let the workers exit so their CPU time is counted
-    return n / (time.perf_counter() - t0), n / (cpu_seconds() - c0)
+    rate = n / (time.perf_counter() - t0), n / (cpu_seconds() - c0)
+    device_s = 0.0
+    if kept:
+        t0 = time.perf_counter()
+        for b in kept:
+            augment_on_device(b, torch.device("cpu"))
+        device_s = (time.perf_counter() - t0) / sum(len(b["labels"]) for b in kept)
+    return rate[0], rate[1], device_s
 
 
 def host_work(cfg) -> dict[str, float]:
@@ -239,11 +253,11 @@ def build_chain(cfg, stages: str = "[shards,cls,cam,aff,pseudo,seg]") -> None:
     pipeline.run(cfg)
 
 
-def part_a(cfg, rounds: int, device: torch.device) -> None:
-    """Stage wall time vs its pure forwards."""
+def part_a(cfg, rounds: int, device: torch.device) -> dict[str, tuple[int, float, float, float]]:
+    """Stage wall time vs its pure forwards: {stage: (images, stage s, forwards s, walk s)} (medians)."""
     n = {"cam": len(images(cfg, cfg.cam.split, device)), "eval": len(images(cfg, "val", device))}
     n["pseudo"] = n["cam"]
-    rows = []
+    rows = {}
     for stage in ("cam", "pseudo", "eval"):
         fw = forwards(cfg, stage, device)
         walk = forwards(cfg, "walk", device) if stage == "pseudo" else None
@@ -255,12 +269,26 @@ def part_a(cfg, rounds: int, device: torch.device) -> None:
                 wt.append(timed(walk))
         s, f = statistics.median(st), statistics.median(ft)
         w = statistics.median(wt) if wt else 0.0
-        rows.append((stage, n[stage], s, f, w))
-        print(f"  (a) {stage}: stage {s:.1f} s, forwards {f:.1f} s" + (f", walk {w:.1f} s" if wt else ""), flush=True)
+        rows[stage] = (n[stage], s, f, w)
+        print(f"  (a) {stage}: {n[stage]} images, stage {s:.1f} s, forwards {f:.1f} s" + (f", walk {w:.1f} s" if wt else ""),
+              flush=True)
     print("\n| stage | images | stage wall | pure forwards | stage / forwards | stage / (forwards + walk) |\n|---|---|---|---|---|---|")
-    for stage, k, s, f, w in rows:
+    for stage, (k, s, f, w) in rows.items():
         print(f"| {stage} | {k} | {s:.1f} s | {f:.1f} s | {s / f:.2f}× | {s / (f + w):.2f}× |" if w else
               f"| {stage} | {k} | {s:.1f} s | {f:.1f} s | {s / f:.2f}× | – |")
+    return rows
+
+
+def marginal(small: dict, large: dict) -> None:
+    """Per extra image between two part-(a) runs: what a VOC-length run pays once its fixed costs (model load,
+    reader start, shard open, the mIoU sweep) are spread over ~1,500-10,582 images."""
+    print("\n| stage | images | fixed cost | stage per extra image | forwards (+ walk) per extra image | ratio |\n"
+          "|---|---|---|---|---|---|")
+    for stage in large:
+        (n0, s0, f0, w0), (n1, s1, f1, w1) = small[stage], large[stage]
+        ds, df = (s1 - s0) / (n1 - n0), (f1 + w1 - f0 - w0) / (n1 - n0)
+        fixed = s0 - n0 * ds
+        print(f"| {stage} | {n0} → {n1} | {fixed:.1f} s | {1000 * ds:.0f} ms | {1000 * df:.0f} ms | {ds / df:.2f}× |")
 
 
 def part_b(cfg, rounds: int) -> None:
@@ -278,9 +306,16 @@ def part_b(cfg, rounds: int) -> None:
     rows.append(("cam, host work only (read + decode + tensor, encode + tar + sha256)", "", 1 / (hin + hout),
                  1 / (hin + hout), "cam"))
     print(f"  (b) host work per CAM image: input {1000 * hin:.1f} ms, output {1000 * hout:.1f} ms", flush=True)
-    rates = [stream_rate(cfg, max(4, len(images(cfg, "train", torch.device("cpu"))) // 16)) for _ in range(rounds)]
-    rows.append(("training stream, crop 448, batch 16", "", statistics.median(r[0] for r in rates),
-                 statistics.median(r[1] for r in rates), "train"))
+    batches = max(20, len(images(cfg, "train", torch.device("cpu"))) // 16)  # the workers' start-up amortised
+    for on_device in (False, True):
+        rates = [stream_rate(cfg, batches, on_device) for _ in range(rounds)]
+        what = ("training stream, data.augment_on=device: host side (read, JPEG header, draws)" if on_device else
+                "training stream, crop 448, batch 16 (augmentation on the host)")
+        rows.append((what, "", statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates), "train"))
+        if on_device:
+            dev = statistics.median(r[2] for r in rates)
+            print(f"  (b) augment_on_device on this CPU (the device's share, here on 2 threads): {1000 * dev:.1f} ms "
+                  "per image", flush=True)
     print("\n| CPU side | images | images/s | images per CPU-second | cores per GPU, ResNet-38d | cores per GPU, ResNet-50 |\n|---|---|---|---|---|---|")
     for what, n, per_s, per_cpu, kind in rows:
         cores = [f"{GPU_RATES[kind][b] / per_cpu:.2f}" if kind else "–" for b in ("resnet38d", "resnet50")]
@@ -328,10 +363,16 @@ def part_c(work: Path, backbone: str, steps: int, rounds: int, workers: int) -> 
     print(f"| full step (engine.fit, method=cam, {workers} workers) | {f:.2f} s | {f / b:.2f}× |")
 
 
-def main(parts: str = "a,b,c", backbone: str = "resnet18", seg_backbone: str = "resnet18", images_a: int = 6,
+def as_list(v: Any) -> list:
+    """A command-line value that fire gives as one value, a tuple or a comma-separated string, as a list."""
+    return list(v) if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x]
+
+
+def main(parts: str = "a,b,c", backbone: str = "resnet18", seg_backbone: str = "resnet18", images_a: Any = 6,
          noop_images: int = 64, workers: int = 2, rounds: int = 2, train_backbone: str = "resnet50",
-         train_steps: int = 6, workdir: str | None = None) -> None:
-    """Build VOC-size data and the chain's models, run the parts, print tables."""
+         train_steps: int = 6, workdir: str | None = None, scales_a: Any = None) -> None:
+    """Build VOC-size data and the chain's models, run the parts, print tables (``images_a=4,24``: part (a) at
+    each count, then the cost per extra image; ``scales_a=1``: CAM scales of part (a) instead of the VOC preset's)."""
     from wsss_dist.engine import dist
     from wsss_dist.pipeline import setup_logging
 
@@ -345,9 +386,15 @@ def main(parts: str = "a,b,c", backbone: str = "resnet18", seg_backbone: str = "
     print(f"voc_size bench {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, device {device}, "
           f"{torch.get_num_threads()} threads, CPU flags: {cpu}; load {os.getloadavg()}", flush=True)
     if "a" in parts_:
-        cfg = make_cfg(work / "a", backbone, seg_backbone, images_a, workers, max(1, images_a // 2))
-        build_chain(cfg)
-        part_a(cfg, rounds, device)
+        counts = [int(k) for k in as_list(images_a)]
+        extra = [f"cam.scales=[{','.join(str(float(v)) for v in as_list(scales_a))}]"] if scales_a else []
+        results = []
+        for k in counts:
+            cfg = make_cfg(work / f"a{k}", backbone, seg_backbone, k, workers, max(1, k // 2), *extra)
+            build_chain(cfg)
+            results.append(part_a(cfg, rounds, device))
+        if len(results) > 1:
+            marginal(results[0], results[-1])
     if "b" in parts_:
         cfg = make_cfg(work / "b", backbone, seg_backbone, noop_images, workers, max(1, noop_images // 8))
         build_chain(cfg, "shards")  # the no-op cam stage writes the CAM shards the no-op pseudo stage reads

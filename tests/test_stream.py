@@ -9,8 +9,8 @@ import torch
 
 from wsss_dist.data import shards as shards_mod
 from wsss_dist.data.shards import SkipCounter, load_manifest, read_shard, split_urls, write_shard
-from wsss_dist.data.stream import (augment, denormalize, normalize, split_by_node, split_by_worker,
-                                   train_loader)
+from wsss_dist.data.stream import (AUG_COLUMNS, aug_record, augment, augment_on_device, denormalize, draw_augment,
+                                   normalize, split_by_node, split_by_worker, train_loader)
 from wsss_dist.data.voc import PALETTE
 from wsss_dist.errors import DataError
 from conftest import raw_samples
@@ -209,3 +209,67 @@ def test_renormalize_gives_another_models_normalisation():
     want = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     assert torch.allclose(renormalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[0], want, atol=1e-5)
     assert renormalize(x, IMAGENET_MEAN, IMAGENET_STD) is x
+
+
+# ------------------------------------------------------------------------- data.augment_on=device (encoded batches)
+STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255  # normalised units → uint8 levels
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_augmentation_is_the_host_augmentation(toy_shards, toy_source, tmp_path, workers):
+    urls = _urls(toy_shards)
+    _mask_shards(toy_shards, toy_source, tmp_path / "pseudo", urls)
+    kw = {**KW, "mask_dir": tmp_path / "pseudo", "num_workers": workers}
+    host = _take(train_loader(urls, **kw), 9)  # past the end of the 40-image epoch
+    dev = _take(train_loader(urls, on_device=True, **kw), 9)
+    for h, d in zip(host, dev):
+        assert "image" not in d and len(d["jpeg"]) == 5 and d["aug"].shape == (5, len(AUG_COLUMNS))
+        assert all(t.dtype == torch.uint8 and bytes(t[:2].tolist()) == b"\xff\xd8" for t in d["jpeg"])  # still JPEG
+        d = augment_on_device(d, torch.device("cpu"))
+        assert set(d) == set(h) and d["key"] == h["key"] and d["skipped"] == h["skipped"]
+        assert torch.equal(d["labels"], h["labels"]) and torch.equal(d["mask"], h["mask"])
+        assert d["image"].shape == h["image"].shape and d["image"].dtype == torch.float32
+        lv = ((d["image"] - h["image"]) * STD255).abs()
+        assert lv.mean() < 0.05 and (lv > 1.5).float().mean() < 0.002, (lv.mean(), (lv > 1.5).float().mean())
+        assert torch.equal(d["image"] == 0, h["image"] == 0)  # the same padding
+
+
+def test_device_augmentation_of_a_voc_jpeg_at_a_448_crop():
+    from conftest import VOC_MINI
+    from wsss_dist.data.shards import decode_value
+
+    path = sorted((VOC_MINI / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
+    raw = path.read_bytes()
+    img = decode_value("jpg", raw)
+    H, W = img.shape[:2]
+    for seed in range(3):
+        x, _ = augment(img, None, np.random.default_rng(seed), crop=448, resize_long=(448, 768))
+        p = draw_augment(np.random.default_rng(seed), H, W, 448, (448, 768))
+        batch = {"key": [path.stem], "jpeg": [torch.frombuffer(bytearray(raw), dtype=torch.uint8)],
+                 "aug": aug_record(p, True)[None], "labels": torch.zeros(1, 20)}
+        y = augment_on_device(batch, torch.device("cpu"))["image"][0]
+        lv = ((y - x) * STD255[0]).abs()
+        assert lv.mean() < 0.05 and lv.max() <= 12, (path.name, seed, lv.mean(), lv.max())
+
+
+def test_the_engine_finishes_encoded_batches_on_its_device(toy_shards, tmp_path):
+    from wsss_dist.config import OptimCfg, TrainCfg
+    from wsss_dist.engine import fit
+
+    urls = _urls(toy_shards)
+    seen: list[torch.Tensor] = []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 20))
+
+    def loss_fn(m, batch, step):
+        seen.append(batch["image"].detach().clone())
+        return torch.nn.functional.multilabel_soft_margin_loss(m(batch["image"]), batch["labels"]), {}
+
+    fit(model=model, param_groups=[{"params": list(model.parameters())}], loss_fn=loss_fn,
+        make_loader=lambda rank, world, start: train_loader(urls, on_device=True, **KW),
+        out_dir=tmp_path / "fit", train=TrainCfg(steps=3, batch_size=5, crop=40, ckpt_every=100, mixed_precision="no"),
+        optim=OptimCfg(name="sgd", lr=0.01))
+    host = _take(train_loader(urls, **KW), 3)
+    assert len(seen) == 3
+    for x, h in zip(seen, host):
+        assert x.shape == h["image"].shape and ((x - h["image"]) * STD255).abs().mean() < 0.05

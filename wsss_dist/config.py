@@ -50,6 +50,7 @@ class DataCfg:
     shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>
     shard_size: int = 200  # samples per shard
     num_workers: int = 2  # DataLoader workers per process
+    augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
     shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer
     max_skip_fraction: float = 0.01  # a stream that skips more broken samples than this fails the stage
     toy: ToyCfg = field(default_factory=ToyCfg)

@@ -11,10 +11,12 @@ sample in the skipped part was broken: broken samples are dropped after decoding
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import logging
 import random
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -83,15 +85,16 @@ _JITTER_OPS = (
 )
 
 
-def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, crop: int,
-            resize_long: tuple[int, int] | None = None, scale_range: tuple[float, float] | None = None,
-            jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Joint random resize, h-flip, crop (image pad 0 after normalisation, mask pad 255); colour jitter on the image.
+# columns of a sample's augmentation record (``aug``), the geometry and jitter that :func:`draw_augment` chose
+AUG_COLUMNS = ("nh", "nw", "ch", "cw", "sy", "sx", "dy", "dx", "flip", "jitter", "f0", "f1", "f2", "f3", "o0", "o1",
+               "o2", "o3", "crop")
 
-    Returns the normalised image float32 [3, crop, crop] and the mask int64 [crop, crop] (or None).
-    """
-    H, W = img.shape[:2]
-    # every random number is drawn, in a fixed order, whatever the options: the stream stays comparable
+
+def draw_augment(rng: np.random.Generator, H: int, W: int, crop: int, resize_long: tuple[int, int] | None = None,
+                 scale_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One sample's random resize, h-flip, crop and colour jitter, drawn in a fixed order whatever the options (the
+    stream stays comparable): resized size (nh, nw), crop size (ch, cw) taken at (sy, sx) of the resized image and
+    pasted at (dy, dx) of the crop × crop canvas, flip, jitter factors and their order."""
     u_scale, flip = rng.random(), rng.random() < 0.5
     u_sy, u_sx, u_dy, u_dx = rng.random(4)
     factors = [rng.uniform(1 - JITTER[0], 1 + JITTER[0]), rng.uniform(1 - JITTER[1], 1 + JITTER[1]),
@@ -105,32 +108,154 @@ def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, 
     else:
         s = 1.0
     nh, nw = max(1, round(H * s)), max(1, round(W * s))
-    pil = Image.fromarray(img)
-    mpil = Image.fromarray(mask) if mask is not None else None
-    if (nh, nw) != (H, W):
-        pil = pil.resize((nw, nh), Image.BICUBIC)
-        mpil = mpil.resize((nw, nh), Image.NEAREST) if mpil is not None else None
     ch, cw = min(crop, nh), min(crop, nw)
-    sy, sx = int(u_sy * (nh - ch + 1)), int(u_sx * (nw - cw + 1))  # where the crop starts in the image
-    dy, dx = int(u_dy * (crop - ch + 1)), int(u_dx * (crop - cw + 1))  # where it lands on the padded canvas
-    box = (sx, sy, sx + cw, sy + ch)
-    piece = pil.crop(box)
-    if flip:
+    return {"nh": nh, "nw": nw, "ch": ch, "cw": cw,
+            "sy": int(u_sy * (nh - ch + 1)), "sx": int(u_sx * (nw - cw + 1)),  # where the crop starts in the image
+            "dy": int(u_dy * (crop - ch + 1)), "dx": int(u_dx * (crop - cw + 1)),  # where it lands on the canvas
+            "flip": bool(flip), "factors": [float(f) for f in factors], "order": [int(i) for i in order], "crop": crop}
+
+
+def augment_mask(mask: np.ndarray, p: dict[str, Any]) -> torch.Tensor:
+    """The mask int64 [crop, crop] of :func:`draw_augment`'s geometry (nearest resize, pad 255)."""
+    mpil = Image.fromarray(mask)
+    if (p["nh"], p["nw"]) != mask.shape[:2]:
+        mpil = mpil.resize((p["nw"], p["nh"]), Image.NEAREST)
+    m = torch.from_numpy(np.array(mpil.crop(_box(p)), dtype=np.uint8)).long()
+    if p["flip"]:
+        m = m.flip(-1)
+    out = torch.full((p["crop"], p["crop"]), IGNORE, dtype=torch.long)
+    out[p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = m
+    return out
+
+
+def _box(p: dict[str, Any]) -> tuple[int, int, int, int]:
+    return p["sx"], p["sy"], p["sx"] + p["cw"], p["sy"] + p["ch"]
+
+
+def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, crop: int,
+            resize_long: tuple[int, int] | None = None, scale_range: tuple[float, float] | None = None,
+            jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Joint random resize, h-flip, crop (image pad 0 after normalisation, mask pad 255); colour jitter on the image.
+
+    Returns the normalised image float32 [3, crop, crop] and the mask int64 [crop, crop] (or None).
+    """
+    H, W = img.shape[:2]
+    p = draw_augment(rng, H, W, crop, resize_long, scale_range)
+    pil = Image.fromarray(img)
+    if (p["nh"], p["nw"]) != (H, W):
+        pil = pil.resize((p["nw"], p["nh"]), Image.BICUBIC)
+    piece = pil.crop(_box(p))
+    if p["flip"]:
         piece = piece.transpose(Image.FLIP_LEFT_RIGHT)
     if jitter:
-        for i in order:
-            piece = _JITTER_OPS[i](piece, float(factors[i]))
+        for i in p["order"]:
+            piece = _JITTER_OPS[i](piece, p["factors"][i])
     x = np.array(piece, dtype=np.uint8)
     canvas = torch.zeros((3, crop, crop), dtype=torch.float32)
-    canvas[:, dy:dy + ch, dx:dx + cw] = normalize(x)
-    out_mask = None
-    if mpil is not None:
-        m = torch.from_numpy(np.array(mpil.crop(box), dtype=np.uint8)).long()
-        if flip:
-            m = m.flip(-1)
-        out_mask = torch.full((crop, crop), IGNORE, dtype=torch.long)
-        out_mask[dy:dy + ch, dx:dx + cw] = m
-    return canvas, out_mask
+    canvas[:, p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = normalize(x)
+    return canvas, (augment_mask(mask, p) if mask is not None else None)
+
+
+def aug_record(p: dict[str, Any], jitter: bool) -> torch.Tensor:
+    """:func:`draw_augment`'s choice as one float64 row of :data:`AUG_COLUMNS` (what the batch carries to the device)."""
+    v = {**p, "jitter": jitter, **{f"f{i}": f for i, f in enumerate(p["factors"])},
+         **{f"o{i}": o for i, o in enumerate(p["order"])}}
+    return torch.tensor([float(v[c]) for c in AUG_COLUMNS], dtype=torch.float64)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's "L" of integral RGB values [3, H, W] (its fixed-point ITU-R 601-2 luma): [1, H, W]."""
+    r, g, b = x.to(torch.int32)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16)[None].to(x.dtype)
+
+
+def _blend(a: torch.Tensor | float, x: torch.Tensor, f: float) -> torch.Tensor:
+    """PIL's ``Image.blend(a, x, f)`` on integral values: a + f·(x − a) in float32, clipped and truncated to 0..255."""
+    return (a + f * (x - a)).clamp_(0, 255).floor_()
+
+
+def _hue_t(x: torch.Tensor, h: float) -> torch.Tensor:
+    """:func:`_hue` on integral RGB values [3, H, W]: PIL's uint8 HSV (hue circle 0..255), hue + round(h·255) mod 256,
+    back to RGB as PIL converts."""
+    r, g, b = x
+    mx, mn = x.amax(0), x.amin(0)
+    cr = mx - mn
+    grey = cr == 0
+    crs = torch.where(grey, torch.ones_like(cr), cr)
+    rc, gc, bc = (mx - r) / crs, (mx - g) / crs, (mx - b) / crs
+    hue = torch.where(r == mx, bc - gc, torch.where(g == mx, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
+    H = torch.where(grey, torch.zeros_like(hue), (hue * 255.0).floor().clamp(0, 255))
+    S = torch.where(grey, torch.zeros_like(hue), (cr / torch.where(mx > 0, mx, torch.ones_like(mx)) * 255.0).floor().clamp(0, 255))
+    H = (H + round(h * 255) % 256) % 256
+    hh = H * 6.0 / 255.0
+    i = hh.floor()
+    f = hh - i
+    fs = S / 255.0
+    p, q, t = (mx * (1.0 - fs)).round(), (mx * (1.0 - fs * f)).round(), (mx * (1.0 - fs * (1.0 - f))).round()
+    i = i.long() % 6
+    out = torch.stack([mx, mx, mx])
+    for k, rgb in enumerate(((mx, t, p), (q, mx, p), (p, mx, t), (p, q, mx), (t, p, mx), (mx, p, q))):
+        out = torch.where((i == k) & ~grey, torch.stack(rgb), out)
+    return out.clamp_(0, 255)
+
+
+# the tensor twins of _JITTER_OPS (brightness, contrast, saturation, hue) on integral float RGB values [3, H, W]
+_JITTER_OPS_T = (
+    lambda x, f: _blend(0.0, x, f),
+    lambda x, f: _blend(float(int(_grey(x).mean(dtype=torch.float64) + 0.5)), x, f),
+    lambda x, f: _blend(_grey(x), x, f),
+    _hue_t,
+)
+
+
+def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes (uint8 CPU tensors) → RGB uint8 [3, H, W] on ``device``: one batched nvJPEG call on CUDA,
+    libjpeg-turbo on the CPU (the same pixels as PIL); PIL when this torchvision has no image decoding."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return [torch.from_numpy(decode_value("jpg", t.numpy().tobytes())).permute(2, 0, 1).to(device) for t in datas]
+    where = device if device.type == "cuda" else torch.device("cpu")
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+        imgs = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=where)
+    return [im.to(device) for im in imgs]
+
+
+def augment_on_device(batch: dict, device: torch.device) -> dict:
+    """Finish a batch left encoded by the stream (``data.augment_on=device``): decode its JPEGs on ``device`` and
+    resize (bicubic, antialiased), crop, flip, jitter and normalise there, with the draws of :func:`augment`, whose
+    host result it equals up to rare ±1-2 levels of resize and hue rounding (on CPU; a GPU's JPEG decoder differs
+    slightly more). Adds ``image``; drops ``jpeg``/``aug``."""
+    import torch.nn.functional as F
+
+    out = {k: v for k, v in batch.items() if k not in ("jpeg", "aug")}
+    try:
+        imgs = decode_jpegs(batch["jpeg"], device)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"a JPEG of batch {batch['key'][:4]}... did not decode on {device} ({e}); rebuild the shards") from None
+    rows = batch["aug"].tolist()
+    crop = int(rows[0][AUG_COLUMNS.index("crop")])
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    canvas = torch.zeros((len(imgs), 3, crop, crop), dtype=torch.float32, device=device)
+    for n, (img, row) in enumerate(zip(imgs, rows)):
+        p = {c: int(v) for c, v in zip(AUG_COLUMNS, row)}
+        x = img.float()
+        if (p["nh"], p["nw"]) != tuple(x.shape[-2:]):  # as PIL: horizontal pass, rounded to uint8, then vertical
+            for size in ((x.shape[-2], p["nw"]), (p["nh"], p["nw"])):
+                x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True,
+                                  align_corners=False)[0].round_().clamp_(0, 255)
+        x = x[:, p["sy"]:p["sy"] + p["ch"], p["sx"]:p["sx"] + p["cw"]]
+        if p["flip"]:
+            x = x.flip(-1)
+        if p["jitter"]:
+            for i in (p[f"o{k}"] for k in range(4)):
+                x = _JITTER_OPS_T[i](x, row[AUG_COLUMNS.index(f"f{i}")])
+        canvas[n, :, p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = x.div_(255).sub_(mean).div_(std)
+    out["image"] = canvas
+    return out
 
 
 def count_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy")) -> int | None:
@@ -214,8 +339,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None,
                  seed: int, rank: int, world: int, start_batch: int, mask_dir: str | Path | None, mask_key: str,
                  jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int,
-                 max_skip_fraction: float = 0.01) -> None:
+                 max_skip_fraction: float = 0.01, on_device: bool = False) -> None:
         super().__init__()
+        self.on_device = on_device
         self.max_skip_fraction = max_skip_fraction
         self.urls, self.batch_size, self.crop = [str(u) for u in urls], batch_size, crop
         self.resize_long, self.scale_range, self.jitter = resize_long, scale_range, jitter
@@ -231,9 +357,17 @@ class TrainStream(torch.utils.data.IterableDataset):
         return [d["url"] for d in shards]
 
     def prepare(self, sample: dict, epoch: int) -> dict:
-        """Decode (only jpg, labels and the merged mask) and augment one sample."""
-        keys = ("jpg", "cls.npy")
+        """Decode (only jpg, labels and the merged mask) and augment one sample; with ``on_device`` the JPEG stays
+        encoded (its size read from its header) and the sample carries its augmentation record instead."""
+        keys = ("cls.npy",) if self.on_device else ("jpg", "cls.npy")
         d = decode_sample(sample, keys)
+        if self.on_device:
+            if "jpg" not in sample:
+                raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no 'jpg'")
+            with Image.open(io.BytesIO(sample["jpg"])) as im:  # the header only
+                W, H = im.size
+        else:
+            H, W = d["jpg"].shape[:2]
         mask = None
         if self.mask_dir is not None:
             raw = sample.get("__mask__")
@@ -241,12 +375,17 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raise DataError(f"{Path(self.mask_dir) / Path(sample['__url__']).name}: no {self.mask_key!r} for key "
                                 f"{sample['__key__']} of {sample['__url__']}; rerun the stage that wrote {self.mask_dir}")
             mask = decode_value(self.mask_key, raw)
-            if mask.shape != d["jpg"].shape[:2]:
-                raise ValueError(f"{sample['__url__']}: mask of {sample['__key__']} is {mask.shape}, image {d['jpg'].shape[:2]}")
+            if mask.shape != (H, W):
+                raise ValueError(f"{sample['__url__']}: mask of {sample['__key__']} is {mask.shape}, image {(H, W)}")
         rng = np.random.default_rng(_seed(self.seed, epoch, sample["__key__"]))
+        labels = torch.from_numpy(np.asarray(d["cls.npy"], dtype=np.float32).reshape(-1))
+        if self.on_device:
+            p = draw_augment(rng, H, W, self.crop, self.resize_long, self.scale_range)
+            return {"__key__": sample["__key__"], "jpeg": torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8),
+                    "aug": aug_record(p, self.jitter), "labels": labels,
+                    "mask": augment_mask(mask, p) if mask is not None else None}
         image, m = augment(d["jpg"], mask, rng, self.crop, self.resize_long, self.scale_range, self.jitter)
-        labels = np.asarray(d["cls.npy"], dtype=np.float32).reshape(-1)
-        return {"__key__": sample["__key__"], "image": image, "labels": torch.from_numpy(labels), "mask": m}
+        return {"__key__": sample["__key__"], "image": image, "labels": labels, "mask": m}
 
     def samples(self, worker: int, workers: int, skip: int, counter: SkipCounter) -> Iterator[dict]:
         """Augmented samples of this worker, epoch after epoch, after dropping the first ``skip`` (before decoding)."""
@@ -316,9 +455,14 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 def collate(samples: list[dict], skipped: int) -> dict:
-    """Stack augmented samples into a batch dict."""
-    out = {"key": [s["__key__"] for s in samples], "image": torch.stack([s["image"] for s in samples]),
-           "labels": torch.stack([s["labels"] for s in samples]), "skipped": skipped}
+    """Stack augmented samples into a batch dict (still encoded: ``jpeg`` list + ``aug`` rows, for
+    :func:`augment_on_device`)."""
+    out = {"key": [s["__key__"] for s in samples], "labels": torch.stack([s["labels"] for s in samples]),
+           "skipped": skipped}
+    if "jpeg" in samples[0]:
+        out["jpeg"], out["aug"] = [s["jpeg"] for s in samples], torch.stack([s["aug"] for s in samples])
+    else:
+        out["image"] = torch.stack([s["image"] for s in samples])
     if samples[0]["mask"] is not None:
         out["mask"] = torch.stack([s["mask"] for s in samples])
     return out
@@ -328,7 +472,7 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, start_batch: int = 0,
                  mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
                  scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500,
-                 max_skip_fraction: float = 0.01) -> Iterator[dict]:
+                 max_skip_fraction: float = 0.01, on_device: bool = False) -> Iterator[dict]:
     """Infinite deterministic batches of ``batch_size`` for rank ``rank`` of ``world``: {key, image, labels, [mask],
     skipped}. Every rank reads the same shuffled sample sequence and keeps every ``world``-th sample (decoding only
     those), so the union of the ranks' batch j is the batch j of one process with ``world × batch_size``.
@@ -336,7 +480,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     The ground-truth ``seg`` member is never read. ``mask`` (int64, 255 = ignore) comes from the same-named tars in
     ``mask_dir`` (member ``mask_key``). ``start_batch=n`` resumes after the first n batches of this rank. Broken
     samples are skipped and counted (``skipped``); a worker whose epoch skips more than ``max_skip_fraction`` of its
-    samples raises DataError.
+    samples raises DataError. ``on_device``: images stay encoded (``jpeg``, ``aug`` instead of ``image``) for the
+    engine to finish with :func:`augment_on_device` on its device (``data.augment_on=device``).
     """
     urls = [str(u) for u in urls]
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
@@ -348,7 +493,7 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
                      seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
                      jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer,
-                     max_skip_fraction=max_skip_fraction)
+                     max_skip_fraction=max_skip_fraction, on_device=on_device)
     if workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
@@ -386,6 +531,12 @@ def micro_batch(batch_size: int, world: int, grad_accum: int) -> int:
     return batch_size // (world * grad_accum)
 
 
+def stream_on_device(augment_on: str) -> bool:
+    """Whether the training stream leaves decoding and augmentation to the device (``data.augment_on``; ``auto``:
+    where CUDA is, which is where Accelerate trains)."""
+    return augment_on == "device" or (augment_on == "auto" and torch.cuda.is_available())
+
+
 def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable[[int, int, int], Iterator[dict]]:
     """The engine's ``make_loader(rank, world, start_batch)`` over ``split``'s shards with ``train``'s augmentation
     (``cfg``: the run's Config, ``train``: one trainer's TrainCfg; ``extra``: mask_dir, scale_range, ...)."""
@@ -398,7 +549,8 @@ def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable
                             crop=train.crop, resize_long=train.resize_long,
                             seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
                             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer,
-                            max_skip_fraction=cfg.data.max_skip_fraction, **extra)
+                            max_skip_fraction=cfg.data.max_skip_fraction,
+                            on_device=stream_on_device(cfg.data.augment_on), **extra)
 
     return make_loader
 

@@ -21,6 +21,7 @@ import torch
 from .. import runs
 from ..compat import close_loader, reset_accelerate_precision
 from ..config import OptimCfg, TrainCfg
+from ..data.stream import augment_on_device
 from ..errors import Interrupted, TrainingDiverged
 from ..models.weights import load_model_weights, save_model_weights
 from .checkpoint import checkpoint_step, complete_checkpoints, read_train_state, remove_partial, save_checkpoint
@@ -206,6 +207,8 @@ def _resume(accelerator, out_dir: Path, state: TrainState, log_name: str) -> int
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    if "jpeg" in batch:  # left encoded by the stream (data.augment_on=device): decoded and augmented on the device
+        batch = augment_on_device(batch, device)
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):

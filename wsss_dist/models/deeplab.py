@@ -44,7 +44,7 @@ class DeepLabV2(nn.Module):
             if flip:
                 logits = 0.5 * (logits + self(xs.flip(-1)).flip(-1))
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            fused = logits if fused is None else torch.maximum(fused, logits)
+            fused = logits if fused is None else torch.maximum(fused, logits, out=fused)
         if fused is None:
             raise ValueError("predict needs at least one scale")
         return fused

@@ -27,7 +27,7 @@ def run(cfg: Config) -> dict:
     @torch.no_grad()
     def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
         logits = model.predict(image_tensor(sample, d.device), scales=s.eval_scales, flip=s.eval_flip)
-        pred = logits[0].argmax(0).to(torch.uint8)  # to the host in the writer thread, off the critical path
+        pred = logits[0].max(0).indices.to(torch.uint8)  # argmax (first maximum, ~4× faster on CPU); to the host in the writer thread
         return lambda: encode_label(sample["__key__"], pred.cpu().numpy()), pred
 
     result = map_shards(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png?"), process,
