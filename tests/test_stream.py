@@ -179,7 +179,8 @@ def test_normalize_round_trip():
     assert np.array_equal(denormalize(x), img) and abs(float(normalize(np.full((2, 2, 3), 124, np.uint8))[0].mean())) < 0.02
 
 
-def test_broken_training_sample_is_counted(toy_shards, tmp_path):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_broken_training_sample_is_counted(toy_shards, tmp_path, on_device):
     urls = _urls(toy_shards)[:2]
     out = tmp_path / "b"
     out.mkdir()
@@ -188,8 +189,11 @@ def test_broken_training_sample_is_counted(toy_shards, tmp_path):
         if j == 0:
             samples[1]["jpg"] = samples[1]["jpg"][:50]
         write_shard(out / Path(u).name, samples)
-    b = _take(train_loader(sorted(str(p) for p in out.glob("*.tar")), max_skip_fraction=0.5, **{**KW, "shuffle_buffer": 1}), 4)
+    b = _take(train_loader(sorted(str(p) for p in out.glob("*.tar")), max_skip_fraction=0.5, on_device=on_device,
+                           **{**KW, "shuffle_buffer": 1}), 4)
     assert b[1]["skipped"] == 1 and b[-1]["skipped"] == 2  # 11 good samples an epoch: counted again in epoch 2
+    if on_device:  # the truncated JPEG was dropped before the device could fail on it
+        assert all(augment_on_device(x, torch.device("cpu"))["image"].shape == (5, 3, 40, 40) for x in b)
     counter = SkipCounter()
     assert len(list(read_shard(str(out / Path(urls[0]).name), ("jpg", "cls.npy"), counter))) == 5 and counter.skipped == 1
 
@@ -273,3 +277,14 @@ def test_the_engine_finishes_encoded_batches_on_its_device(toy_shards, tmp_path)
     assert len(seen) == 3
     for x, h in zip(seen, host):
         assert x.shape == h["image"].shape and ((x - h["image"]) * STD255).abs().mean() < 0.05
+
+
+def test_device_stream_drops_a_jpeg_cut_after_its_header(toy_shards, tmp_path):
+    url = _urls(toy_shards)[0]
+    samples = raw_samples(url)
+    samples[2]["jpg"] = samples[2]["jpg"][: len(samples[2]["jpg"]) * 3 // 5]  # header whole, no end-of-image marker
+    write_shard(tmp_path / Path(url).name, samples)
+    b = next(train_loader([str(tmp_path / Path(url).name)], max_skip_fraction=0.5, on_device=True,
+                          **{**KW, "shuffle_buffer": 1}))
+    assert b["skipped"] == 1 and samples[2]["__key__"] not in b["key"]
+    assert augment_on_device(b, torch.device("cpu"))["image"].shape == (5, 3, 40, 40)

@@ -366,6 +366,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no 'jpg'")
             with Image.open(io.BytesIO(sample["jpg"])) as im:  # the header only
                 W, H = im.size
+                fmt = im.format
+            end = sample["jpg"].rfind(b"\xff\xd9")  # a truncated file has no end-of-image marker
+            if fmt != "JPEG" or end < 0 or end < len(sample["jpg"]) - 4096:
+                raise ValueError(f"{sample.get('__url__', '?')}: 'jpg' of {sample['__key__']} is not a whole JPEG")
         else:
             H, W = d["jpg"].shape[:2]
         mask = None
