@@ -197,6 +197,63 @@ COUNTING = """
 """
 
 
+# A stage stand-in that records the process it ran in.
+PID = """
+    import os
+
+    def run(cfg):
+        out = cfg.run_dir / "pids"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{cfg.stage}-{os.getpid()}").touch()
+        return {"pid": os.getpid()}
+"""
+
+
+def test_local_groups_follow_gpus_and_skip_done_steps():
+    from wsss_dist.config import SlurmCfg
+
+    def step(gpus, done=False):
+        return launcher.Step("x", [], SlurmCfg(gpus_per_node=gpus), done)
+
+    steps = [step(0), step(1), step(1, done=True), step(1), step(0), step(0, done=True)]
+    assert launcher.local_groups(steps) == [[0], [1, 3], [4]]
+    assert launcher.local_groups([step(0, True), step(0, True)]) == []
+
+
+def test_consecutive_local_stages_share_one_job_and_process(tmp_path):
+    env = fake_stages(tmp_path, {"seg": PID, "eval": PID})
+    r = submit(["stage=[seg,eval]", f"run={tmp_path}/run"], tmp_path, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pids = {p.name.split("-")[0]: p.name.split("-")[1] for p in (tmp_path / "run" / "pids").iterdir()}
+    assert set(pids) == {"seg", "eval"} and pids["seg"] == pids["eval"]  # one interpreter for both stages
+    lines = r.stdout.splitlines()
+    running = [line for line in lines if "running as local job" in line]
+    assert [line.split(":")[0] for line in running] == ["[1/2] seg", "[2/2] eval"]
+    assert len({line.split("local job ")[1].split()[0] for line in running}) == 1  # one job id
+    assert lines.index(running[1]) > min(i for i, line in enumerate(lines) if line.startswith("[1/2] seg: done"))
+    assert not list((tmp_path / "run" / "logs").glob("*progress*"))  # the progress file is cleaned up
+    (tmp_path / "run" / "eval" / "DONE").unlink()
+    again = submit(["stage=[seg,eval]", f"run={tmp_path}/run"], tmp_path, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "[1/2] seg: skipped (done)" in again.stdout and "[2/2] eval: done" in again.stdout
+
+
+def test_one_process_false_runs_one_job_per_stage(tmp_path):
+    env = fake_stages(tmp_path, {"seg": PID, "eval": PID})
+    r = submit(["stage=[seg,eval]", f"run={tmp_path}/run", "launch.one_process=false"], tmp_path, env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pids = {p.name.split("-")[0]: p.name.split("-")[1] for p in (tmp_path / "run" / "pids").iterdir()}
+    assert set(pids) == {"seg", "eval"} and pids["seg"] != pids["eval"]
+
+
+def test_a_failure_in_a_shared_job_names_its_stage(tmp_path):
+    env = fake_stages(tmp_path, {"seg": PID, "eval": FAILING})
+    r = submit(["stage=[seg,eval]", f"run={tmp_path}/run"], tmp_path, env)
+    assert r.returncode == 1
+    assert "[1/2] seg: done" in r.stdout and "eval failed" in r.stderr and "boom" in r.stderr
+    assert (tmp_path / "run" / "seg" / "DONE").is_file() and not (tmp_path / "run" / "eval" / "DONE").exists()
+
+
 def test_local_job_failure_prints_its_stderr_tail(tmp_path):
     env = fake_stages(tmp_path, {"eval": FAILING})
     r = submit(["stage=eval", f"run={tmp_path}/run"], tmp_path, env)
@@ -227,6 +284,29 @@ def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
     assert steps == list(range(1, 13))  # no step lost or repeated
     log = next((tmp_path / "run" / "logs").glob("*_0_log.err")).read_text()
     assert "requeueing through submitit" in log and "Requeued job" in log
+    assert (tmp_path / "run" / "eval" / "DONE").is_file()
+
+
+def test_a_requeued_shared_job_resumes_at_the_interrupted_stage(tmp_path):
+    """USR2 (a time-out) during the second stage of a shared local job: the requeued job runs only that stage on."""
+    env = fake_stages(tmp_path, {"seg": PID, "eval": COUNTING})
+    trace = tmp_path / "run" / "eval" / "trace.txt"
+    p = subprocess.Popen([sys.executable, str(SUBMIT), "stage=[seg,eval]", f"run={tmp_path}/run"], cwd=tmp_path,
+                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and p.poll() is None and not (trace.exists() and "step" in trace.read_text()):
+            time.sleep(0.1)
+        os.kill(int(trace.read_text().split()[1]), signal.SIGUSR2)
+        out, err = p.communicate(timeout=600)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out + err
+    assert len(list((tmp_path / "run" / "pids").iterdir())) == 1  # seg ran once, before the requeue
+    starts = [line.split() for line in trace.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) == 2 and int(starts[1][2]) > 0
+    assert [int(line.split()[2]) for line in trace.read_text().splitlines() if line.startswith("step")] == list(range(1, 13))
+    assert "[1/2] seg: done" in out and "[2/2] eval: done" in out, out
     assert (tmp_path / "run" / "eval" / "DONE").is_file()
 
 

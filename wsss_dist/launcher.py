@@ -4,7 +4,8 @@ Each stage (and, for a method that trains in rounds, ``sc``, each classifier rou
 :func:`wsss_dist.pipeline.run_stage` in a :class:`StageJob`. Three back-ends (``cluster=``):
 
 - ``local`` (default): submitit's LocalExecutor. It ignores dependencies, so the launcher waits for each job
-  before submitting the next; logs are ``<run>/logs/<job id>_0_log.{out,err}``.
+  before submitting the next; consecutive stages with the same GPU count share one job (a :class:`ChainJob`, one
+  process; ``launch.one_process=false``: one job per stage); logs are ``<run>/logs/<job id>_0_log.{out,err}``.
 - ``debug``: submitit's DebugExecutor, in this process (for pdb).
 - ``slurm``: one sbatch job per stage, chained with ``afterok`` (+ ``kill-on-invalid-dep``); returns at once.
 
@@ -85,6 +86,7 @@ class LaunchCfg:
     logs: Optional[str] = None  # submitit folder; default <run>/logs
     wait: bool = False  # cluster=slurm: wait for the chain to finish
     poll_s: float = 5.0  # cluster=slurm with wait: seconds between state polls
+    one_process: bool = True  # cluster=local: consecutive stages with the same resources run in one job (one start)
     stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
     typed: list[str] = field(default_factory=list)  # the config keys the user typed (they beat dataset defaults)
 
@@ -227,6 +229,40 @@ class StageJob:
 
         logger.info("stage %s: requeued; it resumes from its newest checkpoint / finished shards", self.stage)
         return submitit.helpers.DelayedSubmission(type(self)(self.overrides, self.stage, self.cwd, self.gpus))
+
+
+class ChainJob:
+    """The local job callable of several consecutive steps: each runs as its :class:`StageJob` would, one after
+    another in one process (one interpreter start and one set of imports for all of them). After each step rank 0
+    rewrites ``progress`` (atomically) with the metrics so far, from which the launcher prints its progress lines."""
+
+    def __init__(self, steps: list[tuple[list[str], str]], cwd: str, progress: str, gpus: int = 0,
+                 finished: list[dict[str, Any]] | None = None) -> None:
+        self.steps = [(list(o), s) for o, s in steps]  # (overrides, stage) of each step, in order
+        self.cwd = cwd
+        self.progress = progress
+        self.gpus = gpus
+        self.finished: list[dict[str, Any]] = list(finished or [])  # the metrics of the steps done so far
+
+    def __call__(self) -> list[dict[str, Any]]:
+        """Run the steps in order; the metrics of each."""
+        import submitit
+
+        rank0 = submitit.JobEnvironment().global_rank == 0
+        for overrides, stage in self.steps[len(self.finished):]:
+            self.finished.append(StageJob(overrides, stage, self.cwd, self.gpus)())
+            if rank0:
+                runs.write_json(self.progress, self.finished)
+        return self.finished
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Requeue the steps not finished yet; the interrupted one resumes from its checkpoint or finished shards."""
+        import submitit
+
+        logger.info("stages %s: requeued; they resume from the newest checkpoint / finished shards",
+                    ", ".join(stage for _, stage in self.steps[len(self.finished):]))
+        return submitit.helpers.DelayedSubmission(type(self)(self.steps, self.cwd, self.progress, self.gpus,
+                                                             self.finished))
 
 
 def check_cuda(gpus: int) -> None:
@@ -376,6 +412,8 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
     cluster = cfg.cluster
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
+    if cluster == "local" and launch.one_process:
+        return run_local(cfg, steps, folder, cwd, out, label)
     jobs: list[Any] = []
     prev: Optional[str] = None
     n = len(steps)
@@ -408,6 +446,74 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
             tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
             raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
         out(f"{head}: done in {time.time() - t0:.0f} s {summary(metrics)}")
+    return jobs
+
+
+def local_groups(steps: list[Step]) -> list[list[int]]:
+    """The indices of the steps to run, grouped into local jobs: consecutive steps (done ones aside) that ask for the
+    same number of GPUs share one job."""
+    groups: list[list[int]] = []
+    for i, step in enumerate(steps):
+        if step.done:
+            continue
+        if groups and steps[groups[-1][-1]].resources.gpus_per_node == step.resources.gpus_per_node:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Callable[[str], None],
+              label: str = "") -> list[Any]:
+    """Run the ``steps`` as local jobs, one :class:`ChainJob` per group of :func:`local_groups`, one after another,
+    printing a line as each step starts and ends (RuntimeError with the log tail when one fails)."""
+    n = len(steps)
+    heads = [f"{label}{s.name}" if label else f"[{i}/{n}] {s.name}" for i, s in enumerate(steps, 1)]
+    jobs: list[Any] = []
+    shown = 0  # the steps before this one have had their last line
+
+    def start(i: int, job: Any) -> float:
+        nonlocal shown
+        for j in range(shown, i):
+            out(f"{heads[j]}: skipped (done)")
+        shown = i + 1
+        out(f"{heads[i]}: running as local job {job.job_id} (logs: {job.paths.stdout} / .err)")
+        return time.time()
+
+    for group in local_groups(steps):
+        first, last = steps[group[0]], steps[group[-1]]
+        name = f"{cfg.run_dir.name}-{first.name}" + (f"-{last.name}" if len(group) > 1 else "")
+        ex = make_executor("local", folder, first, name)
+        progress = folder / f"{name}-{time.time_ns()}.progress.json"
+        with _job_env():
+            job = ex.submit(ChainJob([(steps[i].overrides, steps[i].stage) for i in group], cwd, str(progress),
+                                     first.resources.gpus_per_node))
+        jobs.append(job)
+        seen, t0 = 0, start(group[0], job)
+        try:
+            while True:
+                finished = job.done()
+                results = runs.read_json(progress) if progress.is_file() else []
+                for metrics in results[seen:]:
+                    out(f"{heads[group[seen]]}: done in {time.time() - t0:.0f} s {summary(metrics)}")
+                    seen += 1
+                    if seen < len(group):
+                        t0 = start(group[seen], job)
+                if finished:
+                    break
+                time.sleep(0.5)
+            job.result()
+        except KeyboardInterrupt:
+            job.cancel(check=False)  # SIGINT to submitit's controller, which stops the task
+            raise
+        except Exception:  # submitit's FailedJobError / UncompletedJobError
+            failed = steps[group[min(seen, len(group) - 1)]]
+            raise RuntimeError(f"{failed.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n"
+                               f"{_tail(job.paths.stderr)}") from None
+        finally:
+            progress.unlink(missing_ok=True)
+    for j in range(shown, n):
+        out(f"{heads[j]}: skipped (done)")
     return jobs
 
 
