@@ -501,7 +501,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
                         t0 = start(group[seen], job)
                 if finished:
                     break
-                time.sleep(1.0)  # as submitit's own wait; each poll costs the launcher ~10 ms of CPU
+                time.sleep(1.0)  # polling costs the launcher CPU that the job on the same cores needs
             job.result()
         except KeyboardInterrupt:
             job.cancel(check=False)  # SIGINT to submitit's controller, which stops the task
