@@ -43,18 +43,22 @@ def submit_slurm(args: list[str], cwd: Path, env: dict[str, str] | None = None) 
     return r, re.findall(r"submitted slurm job (\d+)", r.stdout)
 
 
-def sacct(job_id: str) -> list[dict[str, str]]:
-    """The allocations of a job (several when it was requeued), oldest first."""
+def _sacct_rows(job_id: str) -> list[dict[str, str]]:
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--duplicates", "-o", "JobID,State,Start,End"],
                          capture_output=True, text=True, timeout=120).stdout
-    rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
-    own = [r for r in rows if r["id"] == job_id]
+    return [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
+
+
+def sacct(job_id: str) -> list[dict[str, str]]:
+    """The allocations of a job (several when it was requeued), oldest first."""
+    own = [r for r in _sacct_rows(job_id) if r["id"] == job_id]
     if own or "_" not in job_id:
         return own
     # an array task that never started (cancelled while pending) has no row of its own: accounting keeps it in the
-    # array's pending record, e.g. 84_[2] or 84_[0-2%2], whose state is the task's
+    # array's pending record, e.g. 84_[2] or 84_[0-2%2], whose state is the task's; `sacct -j 84_2` does not always
+    # list that record (it did not for 84_[0-2%2]), `sacct -j 84` does
     array = job_id.split("_")[0]
-    return [r for r in rows if r["id"].startswith(f"{array}_[")]
+    return [r for r in _sacct_rows(array) if r["id"].startswith(f"{array}_[")]
 
 
 def end_state(job_id: str) -> str:
