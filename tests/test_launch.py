@@ -218,6 +218,7 @@ def test_local_groups_follow_gpus_and_skip_done_steps():
     steps = [step(0), step(1), step(1, done=True), step(1), step(0), step(0, done=True)]
     assert launcher.local_groups(steps) == [[0], [1, 3], [4]]
     assert launcher.local_groups([step(0, True), step(0, True)]) == []
+    assert launcher.local_groups(steps, one_process=False) == [[0], [1], [3], [4]]
 
 
 def test_consecutive_local_stages_share_one_job_and_process(tmp_path):

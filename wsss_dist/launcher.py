@@ -86,7 +86,7 @@ class LaunchCfg:
     logs: Optional[str] = None  # submitit folder; default <run>/logs
     wait: bool = False  # cluster=slurm: wait for the chain to finish
     poll_s: float = 5.0  # cluster=slurm with wait: seconds between state polls
-    one_process: bool = True  # cluster=local: consecutive stages with the same resources run in one job (one start)
+    one_process: bool = True  # cluster=local: consecutive stages with the same GPU count run in one job (one start)
     stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
     typed: list[str] = field(default_factory=list)  # the config keys the user typed (they beat dataset defaults)
 
@@ -406,19 +406,18 @@ def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str]
 
 def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callable[[str], None], label: str = "",
                  first_dep: Optional[str] = None) -> list[Any]:
-    """Submit the ``steps`` of one run: local/debug jobs one after another (RuntimeError when one fails), SLURM jobs
+    """Submit the ``steps`` of one run: local jobs (:func:`run_local`) and debug jobs one after another
+    (RuntimeError when one fails), SLURM jobs
     chained with ``afterok``, the first one with the SLURM dependency ``first_dep`` (e.g. ``afterok:<shards job>``,
     ``afterany:<a>:<b>``). ``label`` prefixes every progress line."""
     cluster = cfg.cluster
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
-    if cluster == "local" and launch.one_process:
-        return run_local(cfg, steps, folder, cwd, out, label)
+    if cluster == "local":
+        return run_local(cfg, steps, folder, cwd, out, label, launch.one_process)
     jobs: list[Any] = []
     prev: Optional[str] = None
-    n = len(steps)
-    for i, step in enumerate(steps, 1):
-        head = f"{label}{step.name}" if label else f"[{i}/{n}] {step.name}"
+    for step, head in zip(steps, _heads(steps, label)):
         if step.done:
             out(f"{head}: skipped (done)")
             continue
@@ -434,29 +433,27 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
             out(f"{head}: submitted slurm job {job.job_id}{' after ' + _prev_dep(dep) if dep else ''} "
                 f"(logs: {job.paths.stdout} / .err)")
             continue
-        if cluster == "local":
-            out(f"{head}: running as local job {job.job_id} (logs: {job.paths.stdout} / .err)")
         try:
             metrics = job.result()
-        except KeyboardInterrupt:
-            if cluster == "local":
-                job.cancel(check=False)  # SIGINT to submitit's controller, which stops the task
-            raise
         except Exception as e:  # submitit's FailedJobError / UncompletedJobError
-            tail = _tail(job.paths.stderr) if cluster == "local" else str(e)
-            raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{tail}") from None
+            raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{e}") from None
         out(f"{head}: done in {time.time() - t0:.0f} s {summary(metrics)}")
     return jobs
 
 
-def local_groups(steps: list[Step]) -> list[list[int]]:
+def _heads(steps: list[Step], label: str = "") -> list[str]:
+    """Each step's progress-line prefix: ``[i/n] name``, or ``<label>name``."""
+    return [f"{label}{s.name}" if label else f"[{i}/{len(steps)}] {s.name}" for i, s in enumerate(steps, 1)]
+
+
+def local_groups(steps: list[Step], one_process: bool = True) -> list[list[int]]:
     """The indices of the steps to run, grouped into local jobs: consecutive steps (done ones aside) that ask for the
-    same number of GPUs share one job."""
+    same number of GPUs share one job (``one_process=False``: a job each)."""
     groups: list[list[int]] = []
     for i, step in enumerate(steps):
         if step.done:
             continue
-        if groups and steps[groups[-1][-1]].resources.gpus_per_node == step.resources.gpus_per_node:
+        if one_process and groups and steps[groups[-1][-1]].resources.gpus_per_node == step.resources.gpus_per_node:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -464,11 +461,10 @@ def local_groups(steps: list[Step]) -> list[list[int]]:
 
 
 def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Callable[[str], None],
-              label: str = "") -> list[Any]:
+              label: str = "", one_process: bool = True) -> list[Any]:
     """Run the ``steps`` as local jobs, one :class:`ChainJob` per group of :func:`local_groups`, one after another,
     printing a line as each step starts and ends (RuntimeError with the log tail when one fails)."""
-    n = len(steps)
-    heads = [f"{label}{s.name}" if label else f"[{i}/{n}] {s.name}" for i, s in enumerate(steps, 1)]
+    heads = _heads(steps, label)
     jobs: list[Any] = []
     shown = 0  # the steps before this one have had their last line
 
@@ -480,7 +476,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
         out(f"{heads[i]}: running as local job {job.job_id} (logs: {job.paths.stdout} / .err)")
         return time.time()
 
-    for group in local_groups(steps):
+    for group in local_groups(steps, one_process):
         first, last = steps[group[0]], steps[group[-1]]
         name = f"{cfg.run_dir.name}-{first.name}" + (f"-{last.name}" if len(group) > 1 else "")
         ex = make_executor("local", folder, first, name)
@@ -512,8 +508,8 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
                                f"{_tail(job.paths.stderr)}") from None
         finally:
             progress.unlink(missing_ok=True)
-    for j in range(shown, n):
-        out(f"{heads[j]}: skipped (done)")
+    for head in heads[shown:]:
+        out(f"{head}: skipped (done)")
     return jobs
 
 
