@@ -31,7 +31,7 @@ Precision = Literal["no", "fp16", "bf16"]
 class ToyCfg:
     """The built-in synthetic dataset (VOC layout on disk, deterministic from ``seed``)."""
 
-    root: str = "shards/toy-src"  # where the VOC/SBD-layout toy files are written
+    root: Optional[str] = None  # where the VOC/SBD-layout toy files are written; default <shards dir>/src
     seed: int = 0  # seed of the toy generator
     n_train: int = 300  # VOC seg train images
     n_val: int = 200  # VOC seg val images
@@ -47,7 +47,7 @@ class DataCfg:
     voc_root: Optional[str] = None  # .../VOCdevkit/VOC2012 (holds JPEGImages)
     sbd_root: Optional[str] = None  # .../benchmark_RELEASE (holds dataset/)
     lists_dir: Optional[str] = None  # optional psa/irn list folder (train_aug.txt, cls_labels.npy)
-    shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>
+    shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>-<hash of the data settings> (runs share a folder only when their data settings are equal)
     shard_size: int = 200  # samples per shard
     num_workers: int = 2  # DataLoader workers per process
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
@@ -230,6 +230,7 @@ class Config:
     run: Optional[str] = None  # run directory; default runs/<method>-<data>
     cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
     log_level: str = "INFO"  # logging level
+    redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     cls: ClsCfg = field(default_factory=ClsCfg)
@@ -249,8 +250,17 @@ class Config:
 
     @property
     def shards_dir(self) -> Path:
-        """Where shards are written and read."""
-        return Path(self.data.shards_dir or f"shards/{self.data.name}")
+        """Where shards are written and read: ``data.shards_dir``, or ``shards/<name>-<hash of the data settings>``."""
+        return Path(self.data.shards_dir or f"shards/{self.data.name}-{data_hash(self)}")
+
+    @property
+    def toy_root(self) -> Path:
+        """Where the toy generator writes its VOC-layout files: ``data.toy.root`` or ``<shards dir>/src``."""
+        return Path(self.data.toy.root) if self.data.toy.root else self.shards_dir / "src"
+
+    def redo_stages(self) -> list[str]:
+        """The stages ``redo=`` names (run again from scratch, whatever their DONE says)."""
+        return parse_stages(self.redo, self.method) if self.redo else []
 
     @property
     def teacher_dir(self) -> Path:
@@ -404,6 +414,32 @@ VOC_PRESET: dict[str, Any] = {
     "seg.eval_flip": False,
 }
 PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
+# The keys that shape the shards themselves (their hash names the default shards folder).
+DATA_KEYS = ("data.name", "data.voc_root", "data.sbd_root", "data.lists_dir", "data.shard_size", "data.toy.seed",
+             "data.toy.n_train", "data.toy.n_val", "data.toy.n_sbd", "data.toy.size")
+
+
+def data_settings(cfg: Config) -> dict[str, Any]:
+    """The data settings that shape the shards (``data.toy.*`` only for the toy data; roots made absolute)."""
+    out = {}
+    for key in DATA_KEYS:
+        if key.startswith("data.toy.") and cfg.data.name != "toy":
+            continue
+        value = get(cfg, key)
+        if key.endswith(("_root", "_dir")) and value:
+            value = str(Path(value).expanduser().resolve())
+        out[key] = value
+    return out
+
+
+def data_hash(cfg: Config) -> str:
+    """12 hex digits naming the data settings (the default shards folder is ``shards/<name>-<hash>``)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data_settings(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
 # words that set several keys at once: data=NAME, train.seed=N (the seed of every trainer)
 PRECISION_KEYS = tuple(f"{t}.train.mixed_precision" for t in ("teacher", "cls", "aff", "seg")) + ("cam.mixed_precision",)
 ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
@@ -973,6 +1009,9 @@ def _check_safetensors(key: str, file: str, arch: str, img_size: int | None) -> 
 def validate(cfg: Config) -> None:
     """Value ranges, names and cross-field checks that a key's type cannot express (ConfigError naming the key)."""
     stages = cfg.stages()
+    extra = [s for s in cfg.redo_stages() if s not in stages]
+    if extra:
+        raise ConfigError(f"redo={cfg.redo}: names stage {extra[0]!r}, which this call does not run (stage={cfg.stage})")
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
     for key in _schema():

@@ -47,7 +47,8 @@ from . import runs
 from .compat import submitit_requeue_handler
 from .config import STAGES, Config, Point, SlurmCfg, check_batches, get, make_config, parse_words, sweep_points, typed_value
 from .errors import ConfigError, Interrupted, UserError
-from .pipeline import EXIT_USER_ERROR, describe_fault, environment_fault, redo, run_stage, save_config, setup_logging, summary
+from .pipeline import (EXIT_USER_ERROR, check_settings, describe_fault, environment_fault, run_stage, save_config,
+                       setup_logging, stage_action, summary)
 from .registry import METHODS
 
 logger = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ def check_time(cfg: Config, stage: str, res: SlurmCfg) -> None:
 
 
 def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
-    """The jobs of the chain in order, each marked done when its DONE marker exists; a method with rounds gets one
-    cls job per round (the last one also finishes the stage)."""
-    steps = []
+    """The jobs of the chain in order, each marked done when it is done with the same fingerprint (and no earlier
+    step runs: a stage after one that runs decides in its job); a method with rounds gets one cls job per round
+    (the last one also finishes the stage)."""
+    steps: list[Step] = []
     for stage in cfg.stages():
         base = [*words, f"stage={stage}"]
         res = stage_resources(cfg, launch, stage)
@@ -174,10 +176,13 @@ def plan(cfg: Config, launch: LaunchCfg, words: list[str]) -> list[Step]:
         check_time(cfg, stage, res)
         if cfg.data.name in DATASET_STAGE_DEFAULTS and "data.num_workers" not in launch.typed and cfg.cluster == "slurm":
             base.append(f"data.num_workers={max(0, res.cpus_per_task - 1)}")  # the job's CPUs feed its GPU
-        done = runs.is_done(cfg.run_dir, stage) and not (redo(cfg, stage) and stage != "report")
+        runs_before = any(not st.done for st in steps)
+        action = "run" if stage == "report" else stage_action(cfg, stage)[0]
+        done = not runs_before and (runs.is_done(cfg.run_dir, stage) if stage == "report" else action == "skip")
         if stage == "cls" and METHODS[cfg.method].rounds and not done:
             for r in cfg.cls_rounds():
-                rdone = (runs.round_dir(cfg.run_dir, r) / "DONE").is_file() and r < cfg.cls.sc_rounds - 1
+                rdone = (not runs_before and action == "run" and (runs.round_dir(cfg.run_dir, r) / "DONE").is_file()
+                         and r < cfg.cls.sc_rounds - 1)
                 steps.append(Step(stage, [*base, f"cls.round={r}"], res, rdone, round=r))
             continue
         steps.append(Step(stage, base, res, done))
@@ -348,6 +353,7 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     cfg = make_config(words)
     _check_cluster(cfg, launch)
     check_writable(cfg)
+    check_settings(cfg)
     save_config(cfg)
     jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)
     _finish(cfg, launch, jobs, out)

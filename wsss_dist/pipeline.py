@@ -14,9 +14,11 @@ import sys
 import time
 from typing import Any, Callable
 
-from . import runs
-from .config import Config, load_yaml, to_dict, to_yaml
-from .errors import Interrupted, UserError
+from pathlib import Path
+
+from . import fingerprints, runs
+from .config import Config, data_settings, load_yaml, to_dict, to_yaml
+from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
 
 logger = logging.getLogger("wsss_dist")
@@ -26,7 +28,7 @@ EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to 
 EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); rerun to resume
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
-VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
+VOLATILE_KEYS = ("stage", "redo", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
 SINGLE_PROCESS = ("shards", "report")  # stages that are not data-parallel: under several processes only rank 0 runs
 ALWAYS_RUN = ("report",)  # rebuilt on every call
 # done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
@@ -73,23 +75,100 @@ def save_config(cfg: Config) -> None:
 
 
 def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
-    """Run one stage unless its DONE marker exists; write DONE (rank 0) with the stage's metrics."""
-    if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage):
+    """Run one stage unless it is done with the same fingerprint; write DONE (rank 0) with the stage's metrics and
+    fingerprint. A DONE made from other inputs (shards rebuilt, an upstream stage redone with other results) or
+    named by ``redo=`` is set aside and the stage runs from scratch."""
+    action, why = stage_action(cfg, stage)
+    if action == "skip":
         logger.info("stage %s: already done (%s), skipping", stage, cfg.run_dir / stage / "DONE")
         return runs.read_done(cfg.run_dir, stage)
+    if action == "restart":
+        logger.warning("stage %s: %s: running it again from scratch", stage, why)
+    fresh = action == "restart"
     if stage in SINGLE_PROCESS and world_size() > 1:  # not data-parallel: rank 0 works, the others wait for it
         from .engine.dist import dist
 
         d = dist()
-        metrics = _run_stage(cfg, stage) if d.main else {}
+        metrics = _run_stage(cfg, stage, fresh) if d.main else {}
         d.barrier()
         return metrics if d.main else runs.read_done(cfg.run_dir, stage)
-    metrics = _run_stage(cfg, stage)
+    if fresh and world_size() > 1:  # rank 0 clears the stage folder before any rank reads it
+        from .engine.dist import dist
+
+        if is_main_process():
+            runs.clear_stage(cfg.run_dir, stage)
+        dist().barrier()
+        fresh = False
+    metrics = _run_stage(cfg, stage, fresh)
     if world_size() > 1:  # rank 0 writes DONE: no rank starts the next stage (which checks it) before that
         from .engine.dist import dist
 
         dist().barrier()
     return metrics
+
+
+def stage_action(cfg: Config, stage: str) -> tuple[str, str]:
+    """What ``stage`` does now: ``skip`` (done, same fingerprint), ``run`` (not done, or asked to verify its outputs)
+    or ``restart`` (its outputs were made from other inputs, or ``redo=``), with the reason."""
+    if stage in cfg.redo_stages():
+        return "restart", f"redo={cfg.redo}"
+    path = cfg.run_dir / stage
+    old = fingerprints.recorded(path) or _started(path)
+    if not old:  # not begun, or a DONE of a version without fingerprints
+        return ("skip" if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage) else "run"), ""
+    now = fingerprints.fingerprint(cfg, stage)
+    if old.get("inputs") != now.inputs:
+        what = ", ".join(k for k in sorted(set(old.get("inputs", {})) | set(now.inputs))
+                         if old.get("inputs", {}).get(k) != now.inputs.get(k))
+        return "restart", f"made from other inputs than now ({what} changed since)"
+    if not runs.is_done(cfg.run_dir, stage) or redo(cfg, stage):
+        return "run", ""
+    return "skip", ""
+
+
+def check_settings(cfg: Config, stages: list[str] | None = None) -> None:
+    """:class:`RunConfigChanged` when a stage of this call that is done (or begun) in the run used other values of
+    the keys that shape it: a run is its config (a new ``run=``, or ``redo=STAGE`` to redo it and what follows).
+    Also when the shards folder holds shards of other data settings."""
+    stages = cfg.stages() if stages is None else stages
+    _check_shards_settings(cfg, stages)
+    for stage in stages:
+        if stage in ALWAYS_RUN or stage in cfg.redo_stages():
+            continue
+        old = fingerprints.recorded(cfg.run_dir / stage) or _started(cfg.run_dir / stage)
+        if "settings" not in old:
+            continue
+        diff = fingerprints.changed_settings(old["settings"], fingerprints.stage_settings(cfg, stage))
+        if diff:
+            state = "finished" if runs.is_done(cfg.run_dir, stage) else "began"
+            raise RunConfigChanged(
+                f"run {cfg.run_dir} {state} stage {stage} with other settings ({'; '.join(diff)}); a run is its "
+                f"config: choose a new run=NAME for these settings, or add redo={stage} to run {stage} again with "
+                "them (the stages after it follow)")
+
+
+def _check_shards_settings(cfg: Config, stages: list[str]) -> None:
+    """The shards a stage reads must have been built from this config's data settings."""
+    if stages == ["report"] or stages == ["shards"]:
+        return
+    try:
+        recorded = runs.read_json(cfg.shards_dir / "manifest.json").get("data")
+    except (OSError, ValueError, AttributeError):
+        return  # no shards yet (stage shards builds them) or a damaged manifest (the readers name it)
+    now = data_settings(cfg)
+    if isinstance(recorded, dict) and recorded != now and "shards" not in stages:
+        diff = fingerprints.changed_settings(recorded, now)
+        raise RunConfigChanged(f"{cfg.shards_dir} holds the shards of other data settings ({'; '.join(diff)}); "
+                               "leave data.shards_dir unset (each data setting gets its own folder) or run stage=shards")
+
+
+def _started(path: Path) -> dict[str, Any]:
+    """The fingerprint a stage recorded when it began (``<stage>/STARTED``), {} when none."""
+    try:
+        rec = runs.read_json(path / "STARTED")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def cpu_seconds() -> float:
@@ -98,10 +177,15 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
+def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
     with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
+        if fresh:
+            runs.clear_stage(cfg.run_dir, stage)
+        fp = fingerprints.fingerprint(cfg, stage) if stage != "report" else None
+        if fp is not None and is_main_process():
+            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "STARTED", fp.record())
         t0, c0 = time.time(), cpu_seconds()
         logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
@@ -111,6 +195,12 @@ def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
             logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
             return metrics
         if is_main_process():
+            if fp is not None:
+                out = (fingerprints.manifest_digest(cfg.shards_dir) if stage == "shards"
+                       else fingerprints.output_digest(fingerprints.stage_path(cfg, stage)))
+                if stage == "shards":  # its inputs: the sources' fingerprint; known once the manifest is written
+                    fp.inputs["sources"] = runs.read_json(cfg.shards_dir / "manifest.json").get("fingerprint")
+                metrics["fingerprint"] = fp.record(out)
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
@@ -140,6 +230,7 @@ def stage_setup(cfg: Config, stage: str) -> str:
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the config's stages in order, skipping finished ones."""
+    check_settings(cfg)
     if is_main_process():
         save_config(cfg)
     return {stage: run_stage(cfg, stage) for stage in cfg.stages()}
