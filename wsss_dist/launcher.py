@@ -585,26 +585,31 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         if own:
             pwords = words[k] + [f"stage=[{','.join(own)}]"]
             pcfg = make_config(pwords)
+            check_settings(pcfg)
             save_config(pcfg)
             plans.append((k, pcfg, plan(pcfg, launch, pwords)))  # every point's jobs checked before any job
     tplans = []
     for t in teachers:
         if any("teacher" in cfgs[i].stages() for i in t.points):
             tcfg = make_config(t.words)
+            check_settings(tcfg)
             save_config(tcfg)
             tplans.append((t, tcfg, plan(tcfg, launch, t.words)))
     jobs: list[Any] = []
-    after: list[str] = []  # SLURM jobs every point waits for (afterok): the shards job
+    after: list[str] = []  # SLURM jobs every point waits for (afterok): the shards jobs
     n = len(points)
     if any(s in stages for s in SHARED_STAGES):
-        swords = words[0] + [f"run={root / 'shards'}", "stage=shards"]
-        scfg = make_config(swords)
-        save_config(scfg)
-        steps = [dataclasses.replace(st, done=runs.is_done(scfg.run_dir, st.stage))  # done is done, as in a chain
-                 for st in plan(scfg, launch, swords)]
-        got = submit_chain(scfg, steps, launch, out, label="[shared] ")
-        jobs += got
-        after = [got[-1].job_id] if got and slurm else []
+        for name, k in shards_jobs(cfgs).items():  # one per distinct data setting (a sweep over data.* keys)
+            swords = words[k] + [f"run={root / name}", "stage=shards"]
+            scfg = make_config(swords)
+            check_settings(scfg)
+            save_config(scfg)
+            steps = [dataclasses.replace(st, done=runs.is_done(scfg.run_dir, st.stage)  # done is done, as in a chain
+                                         and stage_action(scfg, st.stage)[0] != "restart")
+                     for st in plan(scfg, launch, swords)]
+            got = submit_chain(scfg, steps, launch, out, label="[shared] " if name == "shards" else f"[shared {name}] ")
+            jobs += got
+            after += [got[-1].job_id] if got and slurm else []
     got, teacher_job, bad = _submit_teachers(launch, root, tplans, after, out)  # teacher name -> its SLURM job
     jobs += got
     failed = [points[i].name for t in bad for i in t.points]
@@ -639,6 +644,16 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
         raise RuntimeError(f"{len(failed)} of {n} points failed: {', '.join(failed)}; the report in {root / 'report'} "
                            "shows them as failed; rerun the same command to continue them")
     return jobs
+
+
+def shards_jobs(cfgs: list[Config]) -> dict[str, int]:
+    """The shared shards runs of a sweep's points: ``shards`` when they all read one shards folder, else one
+    ``shards-<name>`` per folder; each with the index of the first point that reads it."""
+    dirs = list(dict.fromkeys(str(c.shards_dir) for c in cfgs))
+    first = {d: next(i for i, c in enumerate(cfgs) if str(c.shards_dir) == d) for d in dirs}
+    if len(dirs) == 1:
+        return {"shards": 0}
+    return {f"shards-{Path(d).name}": first[d] for d in dirs}
 
 
 def _report_stale(root: Path, point_runs: list[str]) -> bool:

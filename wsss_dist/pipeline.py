@@ -149,17 +149,18 @@ def check_settings(cfg: Config, stages: list[str] | None = None) -> None:
 
 def _check_shards_settings(cfg: Config, stages: list[str]) -> None:
     """The shards a stage reads must have been built from this config's data settings."""
-    if stages == ["report"] or stages == ["shards"]:
+    if stages == ["report"]:
         return
     try:
         recorded = runs.read_json(cfg.shards_dir / "manifest.json").get("data")
     except (OSError, ValueError, AttributeError):
         return  # no shards yet (stage shards builds them) or a damaged manifest (the readers name it)
     now = data_settings(cfg)
-    if isinstance(recorded, dict) and recorded != now and "shards" not in stages:
-        diff = fingerprints.changed_settings(recorded, now)
-        raise RunConfigChanged(f"{cfg.shards_dir} holds the shards of other data settings ({'; '.join(diff)}); "
-                               "leave data.shards_dir unset (each data setting gets its own folder) or run stage=shards")
+    if isinstance(recorded, dict) and recorded != now:
+        diff = ", ".join(f"{k}={recorded.get(k)} there, {now.get(k)} here" for k in sorted(set(recorded) | set(now))
+                         if recorded.get(k) != now.get(k))
+        raise RunConfigChanged(f"{cfg.shards_dir}: holds the shards of other data settings ({diff}); leave "
+                               "data.shards_dir unset (each data setting gets its own folder) or name another folder")
 
 
 def _started(path: Path) -> dict[str, Any]:
@@ -198,8 +199,6 @@ def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
             if fp is not None:
                 out = (fingerprints.manifest_digest(cfg.shards_dir) if stage == "shards"
                        else fingerprints.output_digest(fingerprints.stage_path(cfg, stage)))
-                if stage == "shards":  # its inputs: the sources' fingerprint; known once the manifest is written
-                    fp.inputs["sources"] = runs.read_json(cfg.shards_dir / "manifest.json").get("fingerprint")
                 metrics["fingerprint"] = fp.record(out)
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))

@@ -218,7 +218,11 @@ def _gather(out_dir: Path, urls: list[str]) -> dict:
     cm = None
     for u in urls:
         name = Path(u).name
-        info = runs.read_json(out_dir / f"{name}.json")
+        try:
+            info = runs.read_json(out_dir / f"{name}.json")
+        except FileNotFoundError:
+            raise DataError(f"{out_dir / name}: its record {name}.json is missing; run stage={out_dir.name} again: it "
+                            "redoes exactly the shards without records") from None
         samples += info["samples"]
         skipped += info["skipped"]
         p = out_dir / f"{name}.cm.npy"
