@@ -176,3 +176,24 @@ def test_output_records_cannot_be_removed_or_altered_without_notice(done_run, tm
     out = pipeline.run(copy.deepcopy(cfg))  # the advice: stage=cam redoes exactly those shards
     assert record_path(cam / first).is_file() and out["cam"]["miou"] == miou
     assert np.array_equal(np.load(cm), original)
+
+
+def test_the_advice_for_a_broken_trained_model_works_when_followed_literally(done_run, tmp_path):
+    """Finding 6: a damaged ``cls/model.safetensors`` names ``redo=cls``; running exactly that retrains cls (the
+    same model: a deterministic rerun), after which the next stage runs again; no DONE is deleted by hand."""
+    import re
+
+    from wsss_dist.errors import WeightsError
+
+    words = _copy(done_run, tmp_path)
+    weights = tmp_path / "run" / "cls" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(WeightsError) as e:
+        pipeline.run(make_config(words + ["stage=cam"]))
+    advice = re.search(r"run stage (\w+) again with (redo=\w+)", str(e.value))
+    assert advice and advice.groups() == ("cls", "redo=cls"), str(e.value)
+    pipeline.run(make_config(words + [f"stage={advice.group(1)}", advice.group(2)]))
+    assert weights.read_bytes() == good  # retrained bitwise equal
+    out = pipeline.run(make_config(words + ["stage=cam"]))
+    assert out["cam"]["miou"] == runs.read_done(done_run[0] / "run", "cam")["miou"]

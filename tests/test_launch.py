@@ -378,3 +378,16 @@ def test_voc_stage_resources_and_the_time_check(tmp_path):
                                         "slurm.aff.time_min=600", "slurm.teacher.time_min=600", "slurm.cam.time_min=600",
                                         "slurm.pseudo.time_min=600", "slurm.seg.time_min=600"])
     assert launcher.plan(make_config(rest), launch, rest)[1].resources.time_min == 600
+
+
+def test_the_last_line_names_the_headline_figures_and_the_report(tmp_path):
+    """Issue 25 #5: the launcher ends with the run's CAM / pseudo / val mIoU in % and where its report is."""
+    run = tmp_path / "run"
+    for stage, miou in (("cam", 0.4474), ("pseudo", 0.4891), ("eval", 0.4333)):
+        runs.mark_done(run, stage, {"miou": miou})
+    assert launcher.results_line(run) == f"results: CAM 44.7, pseudo 48.9, val 43.3 % mIoU; run: {run}"
+    runs.atomic_write(run / "report" / "report.md", "# report\n")
+    assert launcher.results_line(run).endswith(f"; report: {run / 'report' / 'report.md'}")
+    r = submit(["stage=report", f"run={run}", f"data.shards_dir={tmp_path}/shards"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("results: CAM 44.7, pseudo 48.9, val 43.3"), \
+        r.stdout + r.stderr

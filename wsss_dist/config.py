@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -227,7 +228,7 @@ class Config:
 
     stage: str = "all"  # all | one stage | a list [a,b] (shards, teacher, cls, cam, aff, pseudo, seg, eval, report)
     method: MethodName = "cam"  # CAM method (the registry, wsss_dist/registry.py)
-    run: Optional[str] = None  # run directory; default runs/<method>-<data>
+    run: Optional[str] = None  # run directory; default runs/<method>-<data>[-<values of the result-changing keys typed>]
     cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
     log_level: str = "INFO"  # logging level
     redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
@@ -501,9 +502,39 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
     for key, value in pairs:
         _set(cfg, key, value)
     obj = OmegaConf.to_object(cfg)
+    if obj.run is None:
+        obj.run = default_run(obj, [(k, v) for k, v in (parse_words(overrides) if isinstance(overrides, list)
+                                                         else list((overrides or {}).items()))])
     if check:
         validate(obj)
     return obj
+
+
+# Keys that never change a result: where things live, how they are run and logged (every other key does).
+OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "report", "sweep", "slurm", "teacher.dir",
+               "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
+               "cls.round", "cam.batch_images")
+OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")
+
+
+def is_operational(key: str) -> bool:
+    """Whether a dotted key only says where or how a run runs (never what it computes)."""
+    return any(key == o or key.startswith(o + ".") for o in OPERATIONAL) or key.rsplit(".", 1)[-1] in OPERATIONAL_LEAVES
+
+
+def default_run(cfg: Config, typed: list[tuple[str, Any]]) -> str:
+    """``runs/<method>-<data>``, plus the typed values of the keys that change results (named as sweep points are:
+    ``runs/fmix-toy-steps600``); a hash of them when that gets long. Other settings never land in the same run."""
+    import hashlib
+
+    shown = [(k, str(v)) for k, v in typed if k not in ("method", "data", "data.name") and not is_operational(k)]
+    base = f"runs/{cfg.method}-{cfg.data.name}"
+    if not shown:
+        return base
+    suffix = "-".join(_short(k, v) for k, v in shown)
+    if len(suffix) > 60 or not re.fullmatch(r"[A-Za-z0-9_.+-]+", suffix):
+        suffix = hashlib.sha256(json.dumps(shown).encode()).hexdigest()[:10]
+    return f"{base}-{suffix}"
 
 
 def typed_value(key: str, text: str, schema: type = None) -> Any:  # type: ignore[assignment]

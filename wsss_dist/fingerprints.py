@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import runs
-from .config import DATA_KEYS, Config, data_settings, to_dict
+from .config import DATA_KEYS, Config, data_settings, is_operational, to_dict
 from .registry import METHODS
 
-# Keys that never change a result: where things live, how they are run and logged (everything else does).
-OPERATIONAL = ("stage", "run", "redo", "cluster", "log_level", "report", "sweep", "slurm", "teacher.dir",
-               "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
-               "cls.round", "cam.batch_images")
-OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")
 # Per stage: the config sections that affect it (upstream effects arrive through the upstream stages' outputs).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "shards": DATA_KEYS,
@@ -55,10 +50,6 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _operational(key: str) -> bool:
-    return any(key == o or key.startswith(o + ".") for o in OPERATIONAL) or key.rsplit(".", 1)[-1] in OPERATIONAL_LEAVES
-
-
 def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
     """The config keys (dotted, with their values) that affect ``stage`` itself."""
     if stage == "shards":
@@ -66,7 +57,7 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
     flat = _flat(to_dict(cfg))
     wanted = STAGE_KEYS.get(stage, ())
     return {k: v for k, v in flat.items()
-            if any(k == w or k.startswith(w + ".") for w in wanted) and not _operational(k)}
+            if any(k == w or k.startswith(w + ".") for w in wanted) and not is_operational(k)}
 
 
 def upstream(cfg: Config, stage: str) -> list[str]:

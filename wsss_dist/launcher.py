@@ -406,8 +406,24 @@ def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str]
             f"cancel with: scancel {' '.join(dict.fromkeys(_array_id(j.job_id) for j in jobs))}")
         if launch.wait:
             wait_slurm(jobs, launch.poll_s, out)
-    elif not jobs:
-        out("nothing to do: every stage is done")
+            out(results_line(logs.parent if logs else cfg.run_dir))
+    else:
+        if not jobs:
+            out("nothing to do: every stage is done")
+        out(results_line(logs.parent if logs else cfg.run_dir))
+
+
+def results_line(run_dir: Path) -> str:
+    """The launcher's last line: the headline mIoUs of a run (CAM, after refinement, val) and where its report is."""
+    figures = []
+    for stage, name in (("cam", "CAM"), ("pseudo", "pseudo"), ("eval", "val")):
+        try:
+            figures.append(f"{name} {100 * runs.read_done(run_dir, stage)['miou']:.1f}")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    report = Path(run_dir) / "report" / "report.md"
+    where = f"report: {report}" if report.is_file() else f"run: {run_dir}"
+    return f"results: {', '.join(figures)} % mIoU; {where}" if figures else where
 
 
 def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callable[[str], None], label: str = "",

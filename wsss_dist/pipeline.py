@@ -17,7 +17,7 @@ from typing import Any, Callable
 from pathlib import Path
 
 from . import fingerprints, runs
-from .config import Config, data_settings, load_yaml, to_dict, to_yaml
+from .config import STAGES, Config, data_settings, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
 
@@ -28,7 +28,6 @@ EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to 
 EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); rerun to resume
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
-VOLATILE_KEYS = ("stage", "redo", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
 SINGLE_PROCESS = ("shards", "report")  # stages that are not data-parallel: under several processes only rank 0 runs
 ALWAYS_RUN = ("report",)  # rebuilt on every call
 # done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
@@ -60,18 +59,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def save_config(cfg: Config) -> None:
-    """Write ``runs/<run>/config.yaml`` once (real YAML); warn when a later call changes run-level keys."""
+    """Write ``runs/<run>/config.yaml`` (real YAML): the config of the latest call, which :func:`check_settings` has
+    made agree with every stage that finished or began (so a failed first try does not pin its values)."""
     path = cfg.run_dir / "config.yaml"
-    new = to_dict(cfg)
-    if path.exists():
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(load_yaml(path))
-        changed = [k for k in new if k not in VOLATILE_KEYS and old.get(k) != new[k]]
-        if changed:
-            logger.warning("config differs from the run's saved %s in: %s (the saved file is kept)", path, ", ".join(changed))
-        return
-    runs.atomic_write(path, to_yaml(cfg))
+    text = to_yaml(cfg)
+    if not path.is_file() or path.read_text() != text:
+        runs.atomic_write(path, text)
 
 
 def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
@@ -127,12 +120,12 @@ def stage_action(cfg: Config, stage: str) -> tuple[str, str]:
 
 
 def check_settings(cfg: Config, stages: list[str] | None = None) -> None:
-    """:class:`RunConfigChanged` when a stage of this call that is done (or begun) in the run used other values of
-    the keys that shape it: a run is its config (a new ``run=``, or ``redo=STAGE`` to redo it and what follows).
-    Also when the shards folder holds shards of other data settings."""
+    """:class:`RunConfigChanged` when a stage that is done (or begun) in the run used other values of the keys that
+    shape it: a run is its config (a new ``run=``, or ``redo=STAGE`` to redo it and what follows). Also when the
+    shards folder holds shards of other data settings."""
     stages = cfg.stages() if stages is None else stages
     _check_shards_settings(cfg, stages)
-    for stage in stages:
+    for stage in STAGES:
         if stage in ALWAYS_RUN or stage in cfg.redo_stages():
             continue
         old = fingerprints.recorded(cfg.run_dir / stage) or _started(cfg.run_dir / stage)

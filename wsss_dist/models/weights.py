@@ -43,12 +43,15 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(path)
+    stage = path.parent.parent.name if path.parent.name.startswith("round") else path.parent.name
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; run the stage that writes it first")
+        raise WeightsError(f"weights file {path} does not exist; run stage {stage} again with redo={stage} "
+                           "(it trains from scratch; the stages after it follow)")
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type on a truncated/corrupt file
-        raise WeightsError(f"{path} is not a readable safetensors file ({e}); delete it and rerun the stage that writes it") from None
+        raise WeightsError(f"{path} is not a readable safetensors file ({str(e)[:200]}); run stage {stage} again with "
+                           f"redo={stage} (it trains from scratch; the stages after it follow)") from None
     try:
         unwrap(model).load_state_dict(state, strict=True)
     except RuntimeError as e:
