@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from . import runs
-from .compat import submitit_requeue_handler
+from .compat import sbatch_text, submitit_requeue_handler
 from .config import STAGES, Config, Point, SlurmCfg, check_batches, get, make_config, parse_words, sweep_points, typed_value
 from .errors import ConfigError, Interrupted, UserError
-from .pipeline import (EXIT_USER_ERROR, check_settings, describe_fault, environment_fault, run_stage, save_config,
+from .pipeline import (EXIT_USER_ERROR, check_settings, describe_fault, environment_fault, one_line, run_stage, save_config,
                        setup_logging, stage_action, summary)
 from .registry import METHODS
 
@@ -88,6 +88,7 @@ class LaunchCfg:
     wait: bool = False  # cluster=slurm: wait for the chain to finish
     poll_s: float = 5.0  # cluster=slurm with wait: seconds between state polls
     one_process: bool = True  # cluster=local: consecutive stages with the same GPU count run in one job (one start)
+    dry_run: bool = False  # print every job (SLURM: its sbatch directives and dependency) and submit nothing
     stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
     typed: list[str] = field(default_factory=list)  # the config keys the user typed (they beat dataset defaults)
 
@@ -354,7 +355,8 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     _check_cluster(cfg, launch)
     check_writable(cfg)
     check_settings(cfg)
-    save_config(cfg)
+    if not launch.dry_run:
+        save_config(cfg)
     jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)
     _finish(cfg, launch, jobs, out)
     return jobs
@@ -380,6 +382,8 @@ def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
     if cfg.cluster != "slurm":
         return
     if shutil.which("sbatch") is None:
+        if launch is not None and launch.dry_run:
+            return  # a dry run may be prepared where SLURM is not (e.g. on a laptop)
         raise UserError("cluster=slurm: sbatch is not on PATH (use cluster=local on a machine without SLURM)")
     per_stage = (launch.stage_slurm if launch else {}).values()
     for key, cmd in (("partition", ["sinfo", "-h", "-o", "%P"]),
@@ -399,7 +403,10 @@ def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
 
 
 def _finish(cfg: Config, launch: LaunchCfg, jobs: list[Any], out: Callable[[str], None], logs: Optional[Path] = None) -> None:
-    """The last lines: how to follow SLURM jobs (and wait for them with launch.wait=true), or that nothing ran."""
+    """The last lines: how to follow SLURM jobs (and wait for them with launch.wait=true), or that nothing ran;
+    the headline figures and the report."""
+    if launch.dry_run:
+        return
     if cfg.cluster == "slurm" and jobs:
         folder = Path(launch.logs or logs or cfg.run_dir / "logs").resolve()
         out(f"submitted {len(jobs)} job(s); follow with: squeue -u $USER; tail -f {folder}/<job id>_0_log.err; "
@@ -435,6 +442,8 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
     cluster = cfg.cluster
     folder = Path(launch.logs or cfg.run_dir / "logs").resolve()
     cwd = os.getcwd()
+    if launch.dry_run:
+        return dry_run(cfg, steps, folder, out, label, first_dep)
     if cluster == "local":
         return run_local(cfg, steps, folder, cwd, out, label, launch.one_process)
     jobs: list[Any] = []
@@ -446,8 +455,16 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
         dep = (f"afterok:{prev}" if prev else first_dep) if cluster == "slurm" else None
         ex = make_executor(cluster, folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
         t0 = time.time()
-        with _job_env():
-            job = ex.submit(StageJob(step.overrides, step.stage, cwd, step.resources.gpus_per_node))
+        try:
+            with _job_env():
+                job = ex.submit(StageJob(step.overrides, step.stage, cwd, step.resources.gpus_per_node))
+        except Exception as e:
+            if cluster != "slurm" or not jobs:
+                raise
+            cancelled = _cancel(jobs)
+            raise UserError(f"submitting {step.name} failed ({one_line(e)[:300]}); cancelled the "
+                            f"{len(cancelled)} job(s) of this chain queued before it ({' '.join(cancelled)}): fix the "
+                            "cause and run the same command again") from None
         jobs.append(job)
         if cluster == "slurm":
             _set_aside_stale(job, t0)
@@ -461,6 +478,36 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
             raise RuntimeError(f"{step.name} failed (job {job.job_id}); last lines of {job.paths.stderr}:\n{e}") from None
         out(f"{head}: done in {time.time() - t0:.0f} s {summary(metrics)}")
     return jobs
+
+
+def dry_run(cfg: Config, steps: list[Step], folder: Path, out: Callable[[str], None], label: str = "",
+            first_dep: Optional[str] = None) -> list[Any]:
+    """``launch.dry_run=true``: print every job the chain would start (SLURM: its sbatch script's directives and
+    dependency) and start none."""
+    prev: Optional[str] = None
+    for step, head in zip(steps, _heads(steps, label)):
+        if step.done:
+            out(f"{head}: skipped (done)")
+            continue
+        if cfg.cluster != "slurm":
+            out(f"{head}: would run as a {cfg.cluster} job: {' '.join(step.overrides)}")
+            continue
+        dep = f"afterok:<job of {prev}>" if prev else first_dep
+        text = sbatch_text(make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep))
+        out(f"{head}: would submit: " + " ".join(x[len("#SBATCH "):] for x in text.splitlines() if x.startswith("#SBATCH")))
+        prev = step.name
+    out("dry run: nothing submitted")
+    return []
+
+
+def _cancel(jobs: list[Any]) -> list[str]:
+    """scancel ``jobs`` (errors ignored); their ids."""
+    ids = []
+    for job in jobs:
+        with contextlib.suppress(Exception):
+            job.cancel(check=False)
+        ids.append(str(job.job_id))
+    return ids
 
 
 def _heads(steps: list[Step], label: str = "") -> list[str]:
