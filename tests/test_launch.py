@@ -53,7 +53,7 @@ def fake_stages(tmp_path: Path, code: dict[str, str]) -> dict[str, str]:
 def test_readme_opens_with_the_two_commands():
     cmds = readme_commands()
     assert cmds[:2] == ["bash launch/setup.sh && .venv/bin/python launch/submit.py stage=all method=fmix",
-                        "bash launch/setup.sh && .venv/bin/python -m pytest"]
+                        "bash launch/setup.sh --test && .venv/bin/python -m pytest"]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
