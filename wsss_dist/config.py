@@ -231,6 +231,7 @@ class Config:
     run: Optional[str] = None  # run directory; default runs/<method>-<data>[-<values of the result-changing keys typed>]
     cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
     log_level: str = "INFO"  # logging level
+    device: Literal["auto", "cpu"] = "auto"  # auto: CUDA where present, and a multi-process run that finds none stops; cpu: run on the CPU on purpose (also a multi-process gloo rehearsal)
     redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -511,7 +512,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
 
 
 # Keys that never change a result: where things live, how they are run and logged (every other key does).
-OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "report", "sweep", "slurm", "teacher.dir",
+OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "report", "sweep", "slurm", "teacher.dir",
                "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
                "cls.round", "cam.batch_images")
 OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")

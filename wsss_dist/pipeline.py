@@ -220,8 +220,26 @@ def stage_setup(cfg: Config, stage: str) -> str:
     return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"
 
 
+def check_device(cfg: Config) -> None:
+    """``device=cpu``: run on the CPU (accelerate's own flag, which every process reads). Otherwise a run of several
+    processes that finds no CUDA device stops in one line instead of training on the CPU over gloo unasked."""
+    if cfg.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return
+    if world_size() <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"{world_size()} processes were started for GPUs, but torch {torch.__version__} ({build}) sees no "
+                        "CUDA device; on a GPU node check the driver and CUDA_VISIBLE_DEVICES; for a CPU rehearsal add "
+                        "device=cpu (or accelerate launch --cpu)")
+
+
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the config's stages in order, skipping finished ones."""
+    check_device(cfg)
     check_settings(cfg)
     if is_main_process():
         save_config(cfg)
