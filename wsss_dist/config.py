@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
-from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, MethodName
+from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, STAGE_NAMES, STAGE_SPECS, TRAINERS, MethodName
 
-STAGES = ("shards", "teacher", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
+STAGES = STAGE_NAMES
 Precision = Literal["no", "fp16", "bf16"]
 
 
@@ -417,8 +417,7 @@ VOC_PRESET: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
 # The keys that shape the shards themselves (their hash names the default shards folder).
-DATA_KEYS = ("data.name", "data.voc_root", "data.sbd_root", "data.lists_dir", "data.shard_size", "data.toy.seed",
-             "data.toy.n_train", "data.toy.n_val", "data.toy.n_sbd", "data.toy.size")
+DATA_KEYS = STAGE_SPECS["shards"].settings
 
 
 def data_settings(cfg: Config) -> dict[str, Any]:
@@ -443,9 +442,9 @@ def data_hash(cfg: Config) -> str:
 
 
 # words that set several keys at once: data=NAME, train.seed=N (the seed of every trainer)
-PRECISION_KEYS = tuple(f"{t}.train.mixed_precision" for t in ("teacher", "cls", "aff", "seg")) + ("cam.mixed_precision",)
+PRECISION_KEYS = tuple(s.precision_key for s in STAGE_SPECS.values() if s.precision_key)
 ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
-                                       "train.seed": tuple(f"{t}.train.seed" for t in ("teacher", "cls", "aff", "seg")),
+                                       "train.seed": tuple(f"{t}.train.seed" for t in TRAINERS),
                                        "precision": PRECISION_KEYS}  # one precision for every trainer and the CAMs
 
 
@@ -457,7 +456,7 @@ def parse_stages(stage: str, method: str) -> list[str]:
     names = [x.strip() for x in s.split(",") if x.strip()]
     if names == ["all"]:
         extra = METHODS[method].extra_stages if method in METHODS else ()
-        optional = {st for m in METHODS.values() for st in m.extra_stages}
+        optional = {st.name for st in STAGE_SPECS.values() if st.optional}
         names = [x for x in STAGES if x not in optional or x in extra]
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
@@ -1062,9 +1061,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     _check_weights(cfg, stages)
     check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-TRAINERS = ("teacher", "cls", "aff", "seg")
 
 
 def check_batches(cfg: Config, world: int, stages: Iterable[str] | None = None) -> None:

@@ -17,19 +17,8 @@ from typing import Any
 
 from . import runs
 from .config import DATA_KEYS, Config, data_settings, is_operational, to_dict
-from .registry import METHODS
+from .registry import STAGE_SPECS
 
-# Per stage: the config sections that affect it (upstream effects arrive through the upstream stages' outputs).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "shards": DATA_KEYS,
-    "teacher": ("teacher", "cls.split", "data.shuffle_buffer"),
-    "cls": ("method", "model", "cls", "data.shuffle_buffer"),
-    "cam": ("cam",),
-    "aff": ("aff", "model", "data.shuffle_buffer"),
-    "pseudo": ("pseudo",),
-    "seg": ("seg", "data.shuffle_buffer"),
-    "eval": ("seg.eval_scales", "seg.eval_flip"),
-}
 IGNORED_FILES = frozenset({"DONE", "LOCK", "STARTED", "metrics.json"})  # not results, or written after the digest
 IGNORED_DIRS = frozenset({"ckpt", "tb", "logs"})
 
@@ -54,18 +43,18 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
     """The config keys (dotted, with their values) that affect ``stage`` itself."""
     if stage == "shards":
         return data_settings(cfg)
-    flat = _flat(to_dict(cfg))
-    wanted = STAGE_KEYS.get(stage, ())
-    return {k: v for k, v in flat.items()
-            if any(k == w or k.startswith(w + ".") for w in wanted) and not is_operational(k)}
+    spec = STAGE_SPECS[stage]
+
+    def within(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == w or key.startswith(w + ".") for w in prefixes)
+
+    return {k: v for k, v in _flat(to_dict(cfg)).items()
+            if within(k, spec.settings) and not within(k, spec.not_settings) and not is_operational(k)}
 
 
 def upstream(cfg: Config, stage: str) -> list[str]:
-    """The stages whose outputs ``stage`` reads."""
-    deps = {"teacher": [], "cls": ["teacher"] if METHODS[cfg.method].subcategories == "teacher" else [],
-            "cam": ["cls"], "aff": ["cam"] + (["cls"] if cfg.aff.init == "cls" else []), "pseudo": ["cam", "aff"],
-            "seg": ["pseudo"] + (["cls"] if cfg.seg.init == "cls" else []), "eval": ["seg"]}
-    return deps.get(stage, [])
+    """The stages whose outputs ``stage`` reads (its :class:`~wsss_dist.registry.StageSpec`'s ``reads``)."""
+    return list(STAGE_SPECS[stage].reads(cfg))
 
 
 def stage_path(cfg: Config, stage: str) -> Path:

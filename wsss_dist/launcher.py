@@ -49,16 +49,14 @@ from .config import STAGES, Config, Point, SlurmCfg, check_batches, get, make_co
 from .errors import ConfigError, Interrupted, UserError
 from .pipeline import (EXIT_USER_ERROR, check_settings, describe_fault, environment_fault, one_line, run_stage, save_config,
                        setup_logging, stage_action, summary)
-from .registry import METHODS
+from .registry import METHODS, STAGE_SPECS
 
 logger = logging.getLogger(__name__)
 
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # local jobs have no real time limit
 # Stages that use no accelerator: one CPU task whatever slurm.gpus_per_node says.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "shards": {"gpus_per_node": 0, "nodes": 1},
-    "report": {"gpus_per_node": 0, "nodes": 1},
-}
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {s.name: {"gpus_per_node": 0, "nodes": 1} for s in STAGE_SPECS.values()
+                                             if not s.uses_gpu}
 # Per-stage resources of a dataset's real runs (one modern GPU per job; docs/cluster.md#gpu-hours), under the user's
 # own slurm.<key> and slurm.<stage>.<key>. time_min × (MAX_REQUEUES + 1) must cover a stage at STAGE_RATES.
 DATASET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"voc": {
@@ -74,8 +72,7 @@ DATASET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"voc": {
 }}
 # Images per second and GPU that the submit-time check assumes: about a quarter of bench/flops.py's rates at 40 %
 # of an H100's bf16 peak (fp32 and older GPUs are slower): (images of the stage, rate).
-STAGE_RATES: dict[str, float] = {"teacher": 400.0, "cls": 40.0, "aff": 40.0, "cam": 9.0, "pseudo": 10.0, "seg": 200.0,
-                                 "eval": 200.0}
+STAGE_RATES: dict[str, float] = {s.name: s.images_per_gpu_s for s in STAGE_SPECS.values() if s.images_per_gpu_s}
 MAX_REQUEUES = 3  # submitit's max_num_timeout: a job may time out and requeue this often
 PREEMPT_ENV = "export SUBMITIT_PREEMPT_SIGNAL=TERM"  # in the job: submitit binds TERM (preemption) too
 
@@ -146,7 +143,7 @@ def stage_hours(cfg: Config, stage: str, gpus: int) -> float | None:
     """Hours ``stage`` needs on ``gpus`` GPUs at :data:`STAGE_RATES` (None for stages without a GPU estimate)."""
     if stage not in STAGE_RATES or gpus < 1:
         return None
-    if stage in ("teacher", "cls", "aff", "seg"):
+    if STAGE_SPECS[stage].trains:
         t = get(cfg, f"{stage}.train")
         images = t.steps * t.batch_size
     else:
@@ -582,7 +579,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
     return jobs
 
 
-SHARED_STAGES = ("shards",)  # what the points of a sweep share: run once, in <sweep>/shards
+SHARED_STAGES = tuple(s.name for s in STAGE_SPECS.values() if s.shared_by_sweep)  # run once per data setting
 SWEEP_FILE = "sweep.json"
 
 

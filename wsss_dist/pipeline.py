@@ -17,9 +17,10 @@ from typing import Any, Callable
 from pathlib import Path
 
 from . import fingerprints, runs
-from .config import STAGES, Config, data_settings, to_yaml
+from .config import STAGES, Config, data_settings, get, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
+from .registry import STAGE_SPECS
 
 logger = logging.getLogger("wsss_dist")
 
@@ -28,10 +29,10 @@ EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to 
 EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); rerun to resume
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
-SINGLE_PROCESS = ("shards", "report")  # stages that are not data-parallel: under several processes only rank 0 runs
-ALWAYS_RUN = ("report",)  # rebuilt on every call
+SINGLE_PROCESS = tuple(s.name for s in STAGE_SPECS.values() if not s.data_parallel)  # under several processes: rank 0
+ALWAYS_RUN = tuple(s.name for s in STAGE_SPECS.values() if s.always_runs)  # rebuilt on every call
 # done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
-RUN_WHEN_ASKED = ("shards", "cam", "aff", "pseudo", "eval")
+RUN_WHEN_ASKED = tuple(s.name for s in STAGE_SPECS.values() if s.repairs_when_asked)
 
 
 def redo(cfg: Config, stage: str) -> bool:
@@ -203,9 +204,8 @@ def stage_setup(cfg: Config, stage: str) -> str:
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    precision = {"teacher": cfg.teacher.train.mixed_precision, "cls": cfg.cls.train.mixed_precision,
-                 "cam": cfg.cam.mixed_precision, "aff": cfg.aff.train.mixed_precision,
-                 "seg": cfg.seg.train.mixed_precision}.get(stage, "no")
+    key = STAGE_SPECS[stage].precision_key
+    precision = get(cfg, key) if key else "no"
     if stage == "teacher":
         net, weights = cfg.teacher.arch, cfg.teacher.weights
     elif stage in ("seg", "eval"):

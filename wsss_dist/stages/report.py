@@ -26,12 +26,12 @@ from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
 from ..data.shards import load_manifest, read_shard, split_ids, split_urls
 from ..data.voc import CLASSES, PALETTE
+from ..registry import STAGE_SPECS
 
 logger = logging.getLogger(__name__)
 
-STAGES = (("cam", "miou", "CAM (train)"), ("cam", "best_miou", "CAM best thr (train)"),
-          ("pseudo", "miou", "after RW (train)"), ("eval", "miou", "DeepLab (val)"))
-CHAIN = ("cls", "cam", "aff", "pseudo", "seg", "eval")
+STAGES = tuple((s.name, key, title) for s in STAGE_SPECS.values() for key, title in s.report)  # the table columns
+CHAIN = tuple(s.name for s in STAGE_SPECS.values() if s.uses_gpu and not s.optional)  # every run's GPU stages: its status
 
 
 def load_run(run: Path) -> dict[str, Any]:
