@@ -37,8 +37,10 @@ def test_a_shards_folder_of_other_data_settings_is_refused_not_rebuilt(tmp_path)
     """Finding 1: a second run pointed at the first run's folder with other data settings fails in one line and
     leaves the first run's shards as they are."""
     shared = [f"data.shards_dir={tmp_path / 'shards'}", f"data.toy.root={tmp_path / 'src'}"]
-    first = make_config(TINY + shared + [f"run={tmp_path / 'a'}", "stage=shards"])
-    pipeline.run(first)
+    first = subprocess.run([sys.executable, "-m", "wsss_dist", *TINY, *shared, f"run={tmp_path / 'a'}", "stage=shards"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "stage shards: starting" in (tmp_path / "a" / "run.log").read_text()  # a log file per run (issue 25 #5)
     before = {p.name: p.read_bytes() for p in (tmp_path / "shards").glob("*.tar")}
     words = TINY + shared + [f"run={tmp_path / 'b'}", "stage=shards", "data.toy.n_train=18"]
     r = subprocess.run([sys.executable, "-m", "wsss_dist", *words], cwd=tmp_path, capture_output=True, text=True,
@@ -102,6 +104,10 @@ def test_done_records_what_it_was_made_from(done_run, tmp_path):
     assert cam["inputs"]["cls"] == fingerprints.recorded(cfg.run_dir / "cls")["output"] is not None
     assert cam["output"] == fingerprints.output_digest(cfg.run_dir / "cam")
     assert fingerprints.recorded(cfg.run_dir / "cls")["settings"]["cls.train.steps"] == 4
+    env = runs.read_json(cfg.run_dir / "cls" / "environment.json")  # what it ran with (issue 25 #5)
+    assert env["versions"]["torch"] and env["world_size"] == 1 and env["gpus_used"] == 0 and env["argv"]
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout: the commit is recorded
+        assert len(env["git"]["commit"]) == 40 and isinstance(env["git"]["dirty"], bool)
 
 
 def test_a_changed_setting_on_a_finished_stage_is_a_one_line_error_and_redo_runs_it(done_run, tmp_path):

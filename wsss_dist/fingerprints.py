@@ -19,7 +19,7 @@ from . import runs
 from .config import DATA_KEYS, Config, data_settings, is_operational, to_dict
 from .registry import STAGE_SPECS
 
-IGNORED_FILES = frozenset({"DONE", "LOCK", "STARTED", "metrics.json"})  # not results, or written after the digest
+IGNORED_FILES = frozenset({"DONE", "LOCK", "STARTED", "metrics.json", "environment.json"})  # not results, or written after the digest
 IGNORED_DIRS = frozenset({"ckpt", "tb", "logs"})
 
 

@@ -175,12 +175,14 @@ def cpu_seconds() -> float:
 def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
-    with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
+    with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext(), run_log(cfg.run_dir):
         if fresh:
             runs.clear_stage(cfg.run_dir, stage)
         fp = fingerprints.fingerprint(cfg, stage) if stage != "report" else None
-        if fp is not None and is_main_process():
-            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "STARTED", fp.record())
+        if is_main_process():
+            if fp is not None:
+                runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "STARTED", fp.record())
+            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "environment.json", environment())
         t0, c0 = time.time(), cpu_seconds()
         logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
@@ -197,6 +199,55 @@ def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Any:
+    """While a stage runs, rank 0's log lines also go to ``runs/<run>/run.log`` (appended), whatever the entry point."""
+    if not is_main_process():
+        yield
+        return
+    handler = logging.FileHandler(Path(run_dir) / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def environment() -> dict[str, Any]:
+    """What a stage ran with: versions, the package's git commit, the command line, host, CPUs and GPUs."""
+    import platform
+    import socket
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in ("wsss-dist", "torch", "torchvision", "accelerate", "timm", "numpy", "submitit", "webdataset"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    src = Path(__file__).resolve().parent
+    git = {}
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            git = {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "versions": versions, "cuda": torch.version.cuda, "git": git,
+            "argv": sys.argv, "host": socket.gethostname(), "cpus": os.cpu_count(), "world_size": world_size(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "gpus_used": world_size() if cuda else 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def stage_setup(cfg: Config, stage: str) -> str:
