@@ -406,3 +406,17 @@ def test_dry_run_prints_every_job_with_its_sbatch_directives_and_submits_nothing
     assert "--gpus-per-node=2" in lines[1] and "--dependency='afterok:<job of shards>'" in lines[1]
     assert "--dependency='afterok:<job of cls>'" in lines[2] and lines[-1] == "dry run: nothing submitted"
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
+def test_a_local_stages_progress_is_read_from_its_log(tmp_path):
+    """Issue 25 #5: the launcher shows the running stage's newest progress (the engine's step line with its ETA, or
+    an inference bar) from the job's stderr, not the whole log."""
+    from wsss_dist.launcher.chain import latest_progress
+
+    err = tmp_path / "job.err"
+    assert latest_progress(err) == ""
+    err.write_text("12:02:04 INFO wsss_dist.engine.loop: cls/fmix: step 80/300 loss 0.2913 lr 0.00152 3.1 img/s "
+                   "eta 1:28 ent 0.26\n")
+    assert latest_progress(err) == "cls/fmix: step 80/300 loss 0.2913 lr 0.00152 3.1 img/s eta 1:28 ent 0.26"
+    err.write_text("cam:   6%|▌         | 1/18 [00:00<00:02,  7.09img/s]\rcam:  17%|█▋        | 3/18 [00:01<00:05, 12.4img/s]\r")
+    assert latest_progress(err) == "cam: 3/18 (17 %), eta 00:05"

@@ -315,7 +315,7 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     batches = make_loader(rank, world, state.step * train.grad_accum)
     writer = _tensorboard(out_dir / "tb") if main else None
     tty = sys.stderr.isatty()
-    images, t0 = 0, time.time()
+    images, t0, first = 0, time.time(), state.step
 
     def sync() -> float:
         """The window's mean loss over all ranks (one collective; raises on a non-finite loss); counts skips."""
@@ -345,7 +345,9 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
             bar.update(1)
             if state.step % log_every == 0 or state.step == total:
                 state.loss = sync()
-                _log(bar, writer, log_name, state, total, optimizer, logs, images * world / max(time.time() - t0, 1e-9))
+                elapsed = max(time.time() - t0, 1e-9)
+                eta = (total - state.step) * elapsed / max(state.step - first, 1)
+                _log(bar, writer, log_name, state, total, optimizer, logs, images * world / elapsed, eta)
             signum = agree(stop.signum) if state.step < total else 0
             if signum:
                 sync()
@@ -422,12 +424,14 @@ def _note_skips(skips: dict, batch: dict) -> None:
     skips[key] = max(skips.get(key, 0), value)
 
 
-def _log(bar, writer, log_name: str, state: TrainState, total: int, optimizer, logs: dict, images_per_s: float) -> None:
+def _log(bar, writer, log_name: str, state: TrainState, total: int, optimizer, logs: dict, images_per_s: float,
+         eta_s: float = 0.0) -> None:
     lr = optimizer.param_groups[0]["lr"]
     extra = {k: float(v) for k, v in (logs or {}).items()}
     bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-    logger.info("%s: step %d/%d loss %.4f lr %.3g %s", log_name, state.step, total, state.loss, lr,
-                " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+    memory = f" mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+    logger.info("%s: step %d/%d loss %.4f lr %.3g %.1f img/s eta %s%s %s", log_name, state.step, total, state.loss, lr,
+                images_per_s, _clock(eta_s), memory, " ".join(f"{k} {v:.4g}" for k, v in extra.items()))
     if writer is not None:
         writer.add_scalar(f"{log_name}/loss", state.loss, state.step)
         for i, g in enumerate(optimizer.param_groups):
@@ -435,6 +439,12 @@ def _log(bar, writer, log_name: str, state: TrainState, total: int, optimizer, l
         writer.add_scalar(f"{log_name}/images_per_s", images_per_s, state.step)
         for k, v in extra.items():
             writer.add_scalar(f"{log_name}/{k}", v, state.step)
+
+
+def _clock(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def _close(batches: Any, writer: Any) -> None:

@@ -3,6 +3,7 @@ the checks before any job and the last lines the launcher prints."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -177,6 +178,31 @@ def local_groups(steps: list[Step], one_process: bool = True) -> list[list[int]]
     return groups
 
 
+PROGRESS_EVERY_S = 10.0  # a local stage's progress reaches the launcher's stdout at most this often
+_STEP_LINE = re.compile(r": (\S+: step \d+/\d+ .*)$")  # the engine's periodic log line
+_BAR = re.compile(r"^\s*([\w/.-]+):\s+(\d+)%\|.*?\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")  # a tqdm bar
+
+
+def latest_progress(stderr: Path) -> str:
+    """The newest progress of a job from the end of its stderr: the engine's step line or an inference bar
+    (``cam: 120/1464 images, 8 %, eta 3:10``); "" when there is none yet."""
+    try:
+        with open(stderr, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 8192))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    for piece in reversed(re.split(r"[\r\n]+", tail)):
+        m = _STEP_LINE.search(piece)
+        if m:
+            return m.group(1).strip()
+        m = _BAR.match(piece)
+        if m:
+            name, pct, n, total, _, eta = m.groups()
+            return f"{name}: {n}/{total} ({pct} %), eta {eta}"
+    return ""
+
+
 def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Callable[[str], None],
               label: str = "", one_process: bool = True) -> list[Any]:
     """Run the ``steps`` as local jobs, one :class:`ChainJob` per group of :func:`local_groups`, one after another,
@@ -203,6 +229,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
                                      first.resources.gpus_per_node))
         jobs.append(job)
         seen, t0 = 0, start(group[0], job)
+        shown_at, last_line = time.time(), ""
         try:
             while True:
                 finished = job.done()
@@ -214,6 +241,12 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
                         t0 = start(group[seen], job)
                 if finished:
                     break
+                if time.time() - shown_at >= PROGRESS_EVERY_S:  # the running stage's newest progress, now and then
+                    line = latest_progress(Path(job.paths.stderr))
+                    if line and line != last_line:
+                        out(f"{heads[group[min(seen, len(group) - 1)]]}: {line}")
+                        last_line = line
+                    shown_at = time.time()
                 time.sleep(1.0)  # polling costs the launcher CPU that the job on the same cores needs
             job.result()
         except KeyboardInterrupt:
