@@ -104,6 +104,12 @@ def test_done_records_what_it_was_made_from(done_run, tmp_path):
     assert cam["inputs"]["cls"] == fingerprints.recorded(cfg.run_dir / "cls")["output"] is not None
     assert cam["output"] == fingerprints.output_digest(cfg.run_dir / "cam")
     assert fingerprints.recorded(cfg.run_dir / "cls")["settings"]["cls.train.steps"] == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(cfg.run_dir / "cam" / "tb"))
+    tb.Reload()  # the CAM mIoU and per-class IoU reach TensorBoard (issue 25 #5)
+    assert tb.Scalars("cam/miou")[0].value == pytest.approx(runs.read_done(cfg.run_dir, "cam")["miou"])
+    assert "cam/iou/background" in tb.Tags()["scalars"]
     env = runs.read_json(cfg.run_dir / "cls" / "environment.json")  # what it ran with (issue 25 #5)
     assert env["versions"]["torch"] and env["world_size"] == 1 and env["gpus_used"] == 0 and env["argv"]
     if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout: the commit is recorded

@@ -196,9 +196,27 @@ def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
                 out = (fingerprints.manifest_digest(cfg.shards_dir) if stage == "shards"
                        else fingerprints.output_digest(fingerprints.stage_path(cfg, stage)))
                 metrics["fingerprint"] = fp.record(out)
+            log_scores(cfg.run_dir / stage / "tb", stage, metrics)
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
+
+
+def log_scores(tb_dir: Path, stage: str, metrics: dict[str, Any]) -> None:
+    """A stage's mIoU (and best-threshold mIoU) and per-class IoU in TensorBoard (``<stage>/tb``), beside the losses."""
+    if not isinstance(metrics.get("miou"), float):
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .data.voc import CLASSES
+
+    with contextlib.closing(SummaryWriter(str(tb_dir))) as writer:
+        writer.add_scalar(f"{stage}/miou", metrics["miou"], 0)
+        if isinstance(metrics.get("best_miou"), float):
+            writer.add_scalar(f"{stage}/best_miou", metrics["best_miou"], 0)
+        for name, iou in zip(("background", *CLASSES), metrics.get("iou") or []):
+            if iou is not None:
+                writer.add_scalar(f"{stage}/iou/{name}", iou, 0)
 
 
 @contextlib.contextmanager
