@@ -35,3 +35,22 @@ def test_dataloader_iterator_shutdown_api():
     assert callable(getattr(it, "_shutdown_workers", None))
     close_loader(it)
     assert it._shutdown
+
+
+def test_submitit_sbatch_text_api(tmp_path):
+    """launch.dry_run reads the sbatch script of a SLURM executor (private) and builds one where srun is absent."""
+    import submitit
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from wsss_dist.compat import sbatch_text
+
+    assert callable(SlurmExecutor._make_submission_file_text) and callable(SlurmExecutor.affinity)
+
+    def make():
+        ex = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm")
+        ex.update_parameters(name="x", timeout_min=10, slurm_partition="p", slurm_dependency="afterok:7")
+        return ex
+
+    text = sbatch_text(make)
+    assert "#SBATCH --partition=p" in text and "#SBATCH --dependency=afterok:7" in text and "#SBATCH --time=10" in text
+    assert not (tmp_path / "logs").exists()  # nothing written

@@ -420,3 +420,39 @@ def test_a_local_stages_progress_is_read_from_its_log(tmp_path):
     assert latest_progress(err) == "cls/fmix: step 80/300 loss 0.2913 lr 0.00152 3.1 img/s eta 1:28 ent 0.26"
     err.write_text("cam:   6%|▌         | 1/18 [00:00<00:02,  7.09img/s]\rcam:  17%|█▋        | 3/18 [00:01<00:05, 12.4img/s]\r")
     assert latest_progress(err) == "cam: 3/18 (17 %), eta 00:05"
+
+
+def _doc_commands(page: Path) -> list[str]:
+    """The ``python launch/submit.py`` commands of a page's bash blocks (continuation lines joined)."""
+    import re
+
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("python launch/submit.py") and "cluster=slurm" in line:
+                out.append(line)
+    return out
+
+
+def test_the_cluster_guides_examples_plan_without_error(tmp_path):
+    """Issue 25 #2: every SLURM example of docs/cluster.md plans (batches divide over its GPUs, time limits cover the
+    stages) as written and with the voc preset, shown with launch.dry_run=true (no SLURM needed: sbatch is hidden).
+    The VOC paths live under a scratch /shared; weights files are 'none' (their checks have tests of their own)."""
+    import os
+    import shlex
+
+    cmds = _doc_commands(ROOT / "docs" / "cluster.md")
+    assert len(cmds) >= 3
+    (tmp_path / "shared" / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
+    for cmd in cmds:
+        words = [w.replace("/shared/", f"{tmp_path}/shared/") for w in shlex.split(cmd)[2:]]
+        words = [w if not w.startswith(("model.weights=", "seg.weights=")) else w.split("=")[0] + "=none" for w in words]
+        variants = [words] + ([] if "data=voc" in words else [words + ["data=voc", f"data.voc_root={tmp_path}/shared/"
+                                                                       "VOCdevkit/VOC2012", "model.weights=none",
+                                                                       "seg.weights=none", "teacher.weights=none"]])
+        for w in variants:
+            r = subprocess.run([sys.executable, str(SUBMIT), *w, "launch.dry_run=true", f"run={tmp_path}/run"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path})
+            assert r.returncode == 0 and "dry run: nothing submitted" in r.stdout, (w, r.stdout[-1500:], r.stderr[-1500:])

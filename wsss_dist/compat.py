@@ -4,7 +4,8 @@ when a new release of the dependency changes one of them.
 - accelerate: ``AcceleratorState._shared_state`` / ``_reset_state`` (a second Accelerator with another precision
   in the same process);
 - submitit: ``JobEnvironment._usr_sig`` and ``SignalHandler`` (the job's own checkpoint-and-requeue handler);
-- submitit: ``SlurmExecutor._make_submission_file_text`` (the sbatch script of a job, for ``launch.dry_run``);
+- submitit: ``SlurmExecutor._make_submission_file_text`` and ``affinity`` (the sbatch script of a job, for
+  ``launch.dry_run``, also without SLURM);
 - torch: the DataLoader iterator's ``_shutdown_workers`` (stop the workers now, not when the iterator is freed).
 """
 from __future__ import annotations
@@ -39,7 +40,14 @@ def close_loader(it: Any) -> None:
             close()
 
 
-def sbatch_text(executor: Any) -> str:
-    """The sbatch script a submitit SLURM executor would submit (nothing is submitted)."""
+def sbatch_text(make_executor: Callable[[], Any]) -> str:
+    """The sbatch script the SLURM executor ``make_executor()`` builds would submit (nothing is submitted; also where
+    SLURM is not installed: submitit's ``SlurmExecutor.affinity`` check for ``srun`` is bypassed meanwhile)."""
+    from unittest import mock
+
+    from submitit.slurm.slurm import SlurmExecutor
+
+    with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+        executor = make_executor()
     inner = getattr(executor, "_executor", executor)
     return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")

@@ -152,7 +152,7 @@ def dry_run(cfg: Config, steps: list[Step], folder: Path, out: Callable[[str], N
             out(f"{head}: would run as a {cfg.cluster} job: {' '.join(step.overrides)}")
             continue
         dep = f"afterok:<job of {prev}>" if prev else first_dep
-        text = sbatch_text(make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep))
+        text = sbatch_text(lambda: make_executor("slurm", folder, step, f"{cfg.run_dir.name}-{step.name}", dep))
         out(f"{head}: would submit: " + " ".join(x[len("#SBATCH "):] for x in text.splitlines() if x.startswith("#SBATCH")))
         prev = step.name
     out("dry run: nothing submitted")
