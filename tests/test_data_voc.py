@@ -1,6 +1,7 @@
 """VOC/SBD readers on the real fixture files (voc_mini, psa/irn lists) and on hand-built SBD .mat files."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -165,3 +166,25 @@ def test_unknown_xml_name_missing_files_and_lists(voc, tmp_path):
         VOCSource(voc).ids("train")
     with pytest.raises(DataError, match="not found"):
         VOCSource(tmp_path / "nowhere")
+
+
+def test_the_voc_path_is_checked_before_any_job(tmp_path, toy_data):
+    """Issue 25 #2: a wrong data.voc_root is one line before any job (not a traceback inside it); VOC without SBD
+    warns that train_aug is VOC train only, with the count."""
+    import subprocess
+    import sys
+
+    submit = Path(__file__).resolve().parents[1] / "launch" / "submit.py"
+    voc_root, _ = toy_data
+    base = ["data=voc", "stage=shards", f"run={tmp_path / 'run'}", f"data.shards_dir={tmp_path / 'shards'}",
+            "model.weights=none", "seg.weights=none", "teacher.weights=none"]
+    bad = subprocess.run([sys.executable, str(submit), *base, f"data.voc_root={tmp_path / 'nope'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nope'}: VOC "
+                                                                                   "folder not found"), bad.stderr
+    assert "running as local job" not in bad.stdout and not (tmp_path / "run" / "logs").exists()
+    warned = subprocess.run([sys.executable, str(submit), *base, f"data.voc_root={voc_root}", "launch.dry_run=true"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert warned.returncode == 0, warned.stderr
+    assert re.search(r"warning: data.sbd_root is not set: train_aug is VOC train only \(24 images, not 10,582", warned.stdout), \
+        warned.stdout

@@ -306,10 +306,22 @@ def check_device(cfg: Config) -> None:
                         "device=cpu (or accelerate launch --cpu)")
 
 
+def check_data(cfg: Config) -> list[str]:
+    """Before any work, when this call builds the user's VOC shards: the folders, lists and images are there
+    (DataError naming the path); the warnings (e.g. train_aug without SBD, with the counts)."""
+    if cfg.data.name != "voc" or "shards" not in cfg.stages() or runs.is_done(cfg.run_dir, "shards"):
+        return []
+    from .data.voc import preflight
+
+    return preflight(cfg.data.voc_root, cfg.data.sbd_root, cfg.data.lists_dir)
+
+
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the config's stages in order, skipping finished ones."""
     check_device(cfg)
     check_settings(cfg)
+    for warning in check_data(cfg):
+        logger.warning("%s", warning)
     if is_main_process():
         save_config(cfg)
     return {stage: run_stage(cfg, stage) for stage in cfg.stages()}

@@ -98,6 +98,27 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
+def preflight(voc_root: str | os.PathLike, sbd_root: str | os.PathLike | None = None,
+              lists_dir: str | os.PathLike | None = None, sample: int = 20) -> list[str]:
+    """Before any job: the VOC (and SBD) folders exist, every split list is there and not empty, and the first
+    ``sample`` ids of each split have their JPEG (DataError naming the path otherwise). Returns warnings: train_aug
+    without SBD (and without a train_aug list) is VOC train only, with the counts."""
+    source = VOCSource(voc_root, sbd_root, lists_dir)
+    if not (source.voc_root / "JPEGImages").is_dir():
+        raise DataError(f"{source.voc_root}: no JPEGImages folder (data.voc_root must be .../VOCdevkit/VOC2012)")
+    counts = {}
+    for split in ("train", "val", "train_aug"):
+        ids = source.ids(split)
+        counts[split] = len(ids)
+        for image_id in ids[:sample]:
+            source.jpeg_path(image_id)  # DataError naming the image when it is missing
+    warnings = []
+    if source.sbd_root is None and source.lists_dir is None:
+        warnings.append(f"data.sbd_root is not set: train_aug is VOC train only ({counts['train_aug']:,} images, not "
+                        "10,582 with SBD); set data.sbd_root=.../benchmark_RELEASE for the papers' training set")
+    return warnings
+
+
 class VOCSource:
     """Read-only access to a VOC2012 folder (+ optional SBD ``benchmark_RELEASE`` and psa/irn list folder)."""
 

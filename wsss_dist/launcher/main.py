@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 from ..config import make_config, sweep_points
 from ..errors import UserError
-from ..pipeline import EXIT_USER_ERROR, check_settings, describe_fault, environment_fault, save_config
+from ..pipeline import EXIT_USER_ERROR, check_data, check_settings, describe_fault, environment_fault, save_config
 from .chain import _check_cluster, _finish, check_writable, submit_chain
 from .options import split_args
 from .plan import plan
@@ -29,6 +29,8 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     _check_cluster(cfg, launch)
     check_writable(cfg)
     check_settings(cfg)
+    for warning in check_data(cfg):
+        out(f"warning: {warning}")
     if not launch.dry_run:
         save_config(cfg)
     jobs = submit_chain(cfg, plan(cfg, launch, words), launch, out)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from .. import runs
 from ..config import STAGES, Config, Point, make_config
-from ..pipeline import check_settings, save_config, stage_action
+from ..pipeline import check_data, check_settings, save_config, stage_action
 from ..registry import METHODS, STAGE_SPECS
 from .chain import _check_cluster, _finish, submit_chain
 from .executor import _array_id, _job_env, _prev_dep, _set_aside_stale, make_executor
@@ -105,6 +105,8 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
             swords = words[k] + [f"run={root / name}", "stage=shards"]
             scfg = make_config(swords)
             check_settings(scfg)
+            for warning in check_data(scfg):
+                out(f"warning: {warning}")
             save_config(scfg)
             steps = [dataclasses.replace(st, done=runs.is_done(scfg.run_dir, st.stage)  # done is done, as in a chain
                                          and stage_action(scfg, st.stage)[0] != "restart")
