@@ -3,6 +3,7 @@ time-out (USR2) and on preemption (TERM), exact resume. Skipped when no cluster 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -378,3 +379,17 @@ def test_a_chain_whose_later_sbatch_fails_cancels_what_it_queued(tmp_path):
     while time.time() < deadline and not any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])):
         time.sleep(2)
     assert any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])), sacct(ids[0])
+
+
+@needs_training
+def test_queued_jobs_run_the_code_of_submit_time(tmp_path):
+    """Issue 25 #4: SLURM jobs import a snapshot of the package taken at submit (<run>/code/...), not the live
+    checkout, so code edited while they queue does not change them."""
+    args = ["stage=shards", f"run={tmp_path}/run", *_toy(tmp_path)]
+    r, ids = submit_slurm(args, tmp_path)
+    assert r.returncode == 0 and len(ids) == 1, r.stdout + r.stderr
+    snaps = list((tmp_path / "run" / "code").glob("*/wsss_dist/pipeline.py"))
+    assert len(snaps) == 1
+    assert set(wait_end(ids, 600).values()) == {"COMPLETED"}
+    env = json.loads((tmp_path / "run" / "shards" / "environment.json").read_text())
+    assert env["package"] == str(snaps[0].parent), env["package"]

@@ -262,7 +262,7 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     cuda = torch.cuda.is_available()
-    return {"python": platform.python_version(), "versions": versions, "cuda": torch.version.cuda, "git": git,
+    return {"python": platform.python_version(), "versions": versions, "package": str(src), "cuda": torch.version.cuda, "git": git,
             "argv": sys.argv, "host": socket.gethostname(), "cpus": os.cpu_count(), "world_size": world_size(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
             "gpus_used": world_size() if cuda else 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

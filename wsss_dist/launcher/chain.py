@@ -15,7 +15,8 @@ from ..compat import sbatch_text
 from ..config import Config
 from ..errors import UserError
 from ..pipeline import one_line, summary
-from .executor import _array_id, _cancel, _job_env, _prev_dep, _set_aside_stale, _tail, make_executor, wait_slurm
+from .executor import (_array_id, _cancel, _job_env, _prev_dep, _set_aside_stale, _tail, make_executor,
+                       snapshot_package, wait_slurm)
 from .jobs import ChainJob, StageJob
 from .options import LaunchCfg
 from .plan import Step
@@ -114,8 +115,10 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
         dep = (f"afterok:{prev}" if prev else first_dep) if cluster == "slurm" else None
         ex = make_executor(cluster, folder, step, f"{cfg.run_dir.name}-{step.name}", dep)
         t0 = time.time()
+        if cluster == "slurm" and launch.snapshot is None:  # queued jobs import the code as it is now
+            launch.snapshot = snapshot_package(cfg.run_dir / "code")
         try:
-            with _job_env():
+            with _job_env(launch.snapshot if cluster == "slurm" else None):
                 job = ex.submit(StageJob(step.overrides, step.stage, cwd, step.resources.gpus_per_node))
         except Exception as e:
             if cluster != "slurm" or not jobs:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from .. import runs
 from .plan import Step
 from .resources import MAX_REQUEUES
 
@@ -43,9 +45,10 @@ def make_executor(cluster: str, folder: Path, step: Step, job_name: str, depende
 
 
 @contextlib.contextmanager
-def _job_env() -> Iterator[None]:
-    """While submitting: this package importable in the jobs (PYTHONPATH, even without pip install)."""
-    root = str(Path(__file__).resolve().parent.parent)
+def _job_env(code: Optional[str] = None) -> Iterator[None]:
+    """While submitting: this package importable in the jobs (PYTHONPATH, even without pip install); with ``code``,
+    the snapshot of it taken at submit (:func:`snapshot_package`), so queued jobs never run code edited later."""
+    root = code or str(Path(__file__).resolve().parents[2])
     old = os.environ.get("PYTHONPATH")
     paths = [p for p in (old or "").split(os.pathsep) if p and p != root]
     os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
@@ -56,6 +59,16 @@ def _job_env() -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+def snapshot_package(parent: Path) -> str:
+    """Copy this package (its source, without caches) to ``parent/<time>-<pid>/wsss_dist``, atomically; the folder
+    to put on the jobs' PYTHONPATH."""
+    pkg = Path(__file__).resolve().parents[1]
+    dest = Path(parent) / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    with runs.atomic_path(dest) as tmp:
+        shutil.copytree(pkg, tmp / "wsss_dist", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    return str(dest.resolve())
 
 
 def _set_aside_stale(job: Any, submitted_at: float) -> None:

@@ -20,13 +20,14 @@ class LaunchCfg:
     dry_run: bool = False  # print every job (SLURM: its sbatch directives and dependency) and submit nothing
     stage_slurm: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {slurm key: value}
     typed: list[str] = field(default_factory=list)  # the config keys the user typed (they beat dataset defaults)
+    snapshot: Optional[str] = None  # set by the launcher: the copy of the package its SLURM jobs import
 
 
 def split_args(argv: list[str]) -> tuple[LaunchCfg, list[str]]:
     """Separate the launcher's keys from the config's ``key=value`` words (kept in order)."""
     launch = LaunchCfg()
     rest: list[str] = []
-    names = [f.name for f in dataclasses.fields(LaunchCfg) if f.name != "stage_slurm"]
+    names = [f.name for f in dataclasses.fields(LaunchCfg) if f.name not in ("stage_slurm", "typed", "snapshot")]
     slurm_keys = {f.name for f in dataclasses.fields(SlurmCfg)}
     for key, value in parse_words(argv):
         parts = key.split(".")

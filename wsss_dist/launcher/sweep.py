@@ -13,7 +13,7 @@ from ..config import STAGES, Config, Point, make_config
 from ..pipeline import check_data, check_settings, save_config, stage_action
 from ..registry import METHODS, STAGE_SPECS
 from .chain import _check_cluster, _finish, submit_chain
-from .executor import _array_id, _job_env, _prev_dep, _set_aside_stale, make_executor
+from .executor import _array_id, _job_env, _prev_dep, _set_aside_stale, make_executor, snapshot_package
 from .jobs import StageJob
 from .options import LaunchCfg
 from .plan import Step, plan
@@ -251,7 +251,9 @@ def _submit_array(launch: LaunchCfg, root: Path, items: list[tuple[str, Step]], 
     ex.update_parameters(slurm_array_parallelism=step.resources.array_parallelism or len(items))
     cwd = os.getcwd()
     t0 = time.time()
-    with _job_env(), ex.batch():
+    if launch.snapshot is None:  # queued jobs import the code as it is now
+        launch.snapshot = snapshot_package(root / "code")
+    with _job_env(launch.snapshot), ex.batch():
         got = [ex.submit(StageJob(st.overrides, st.stage, cwd, st.resources.gpus_per_node)) for _, st in items]
     for job in got:
         _set_aside_stale(job, t0)
