@@ -134,3 +134,41 @@ def test_a_multi_process_run_that_finds_no_cuda_stops_unless_told_cpu(tmp_path):
     ok = subprocess.run(base + ["device=cpu"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                         env={**os.environ, **env})
     assert ok.returncode == 0 and (tmp_path / "runs" / "r" / "shards" / "DONE").is_file(), ok.stderr[-3000:]
+
+
+def _wait_for_slow_rank0(rank: int, port: int, results) -> None:
+    import datetime
+    import os
+    import time
+
+    import torch.distributed as td
+
+    from wsss_dist.engine.dist import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+    d = Dist(rank, 2, None, None)
+    if rank == 0:
+        time.sleep(5)  # rank 0 alone works (a shards or report stage) longer than the default group's timeout
+    try:
+        d.long_barrier(60)
+        results.put((rank, "ok"))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put((rank, type(e).__name__))
+    td.destroy_process_group()
+
+
+def test_ranks_wait_for_a_rank_0_only_stage_beyond_the_default_timeout():
+    """Issue 25 #4: the barrier after a rank-0-only stage has a timeout of its own (here 60 s), so the other ranks
+    outwait rank 0 although the process group's default timeout (2 s here, NCCL's 10 min on GPUs) is shorter."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_wait_for_slow_rank0, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert sorted(results.get(timeout=5) for _ in procs) == [(0, "ok"), (1, "ok")]

@@ -84,7 +84,7 @@ def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
 
         d = dist()
         metrics = _run_stage(cfg, stage, fresh) if d.main else {}
-        d.barrier()
+        d.long_barrier(60 * max(60, cfg.slurm.time_min))  # as long as the job may live, at least an hour
         return metrics if d.main else runs.read_done(cfg.run_dir, stage)
     if fresh and world_size() > 1:  # rank 0 clears the stage folder before any rank reads it
         from .engine.dist import dist

@@ -20,6 +20,21 @@ class Dist:
         """Wait for every process."""
         self.state.wait_for_everyone()
 
+    def long_barrier(self, seconds: float) -> None:
+        """Wait for every process for up to ``seconds`` (a gloo group of its own: NCCL's 10-minute default would end a
+        job whose rank 0 alone builds shards or a report for longer)."""
+        if self.world <= 1:
+            return
+        import datetime
+
+        import torch.distributed as td
+
+        group = td.new_group(backend="gloo", timeout=datetime.timedelta(seconds=seconds))
+        try:
+            td.barrier(group=group)
+        finally:
+            td.destroy_process_group(group)
+
     @property
     def main(self) -> bool:
         """Rank 0."""
