@@ -176,7 +176,7 @@ def test_the_voc_path_is_checked_before_any_job(tmp_path, toy_data):
 
     submit = Path(__file__).resolve().parents[1] / "launch" / "submit.py"
     voc_root, _ = toy_data
-    base = ["data=voc", "stage=shards", f"run={tmp_path / 'run'}", f"data.shards_dir={tmp_path / 'shards'}",
+    base = ["data=voc", "cluster=local", "stage=shards", f"run={tmp_path / 'run'}", f"data.shards_dir={tmp_path / 'shards'}",
             "model.weights=none", "seg.weights=none", "teacher.weights=none"]
     bad = subprocess.run([sys.executable, str(submit), *base, f"data.voc_root={tmp_path / 'nope'}"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)

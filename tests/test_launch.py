@@ -456,3 +456,24 @@ def test_the_cluster_guides_examples_plan_without_error(tmp_path):
             r = subprocess.run([sys.executable, str(SUBMIT), *w, "launch.dry_run=true", f"run={tmp_path}/run"],
                                cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PATH": path})
             assert r.returncode == 0 and "dry run: nothing submitted" in r.stdout, (w, r.stdout[-1500:], r.stderr[-1500:])
+
+
+def test_real_data_on_a_machine_with_slurm_asks_where_to_run(tmp_path):
+    """Issue 25 #4: where sbatch is on PATH (a login node), a chain on real data without cluster= stops in one line
+    asking for cluster=slurm or an explicit cluster=local; the toy data and an explicit cluster=local run."""
+    import os
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "voc" / "JPEGImages").mkdir(parents=True)
+    words = ["data=voc", f"data.voc_root={tmp_path / 'voc'}", "model.weights=none", "seg.weights=none",
+             "teacher.weights=none", "stage=cls", f"run={tmp_path / 'run'}", "launch.dry_run=true"]
+    r = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 2 and "say cluster=slurm to submit the stages as jobs, or cluster=local" in r.stderr, r.stderr
+    ok = subprocess.run([sys.executable, str(SUBMIT), *words, "cluster=local"], cwd=tmp_path, capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0 and "dry run: nothing submitted" in ok.stdout, ok.stderr

@@ -39,6 +39,10 @@ def check_writable(cfg: Config) -> None:
 def _check_cluster(cfg: Config, launch: LaunchCfg | None = None) -> None:
     """Before any job: sbatch exists, and every partition and account asked for is one SLURM knows (where sinfo and
     sacctmgr answer)."""
+    if cfg.cluster == "local" and launch is not None and "cluster" not in launch.typed and cfg.data.name != "toy" \
+            and shutil.which("sbatch") is not None:
+        raise UserError("this machine has SLURM (sbatch is on PATH), perhaps a login node: say cluster=slurm to submit "
+                        "the stages as jobs, or cluster=local to run them here")
     if cfg.cluster != "slurm":
         return
     if shutil.which("sbatch") is None:
