@@ -27,3 +27,20 @@ def test_stage_times_gpu_hours_and_recipes(tmp_path):
     assert (row["method"], row["model.backbone"], row["model.weights"], row["cls.train.steps"]) == \
         ("fmix", "resnet38d", "ilsvrc.params", "9915")
     assert row["seg.backbone"] == "–"
+
+
+def test_loss_curves_come_from_the_trainers_tensorboard_events(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from wsss_dist.stages.report import loss_curves, loss_figure
+
+    run = tmp_path / "cam-s0"
+    with SummaryWriter(str(run / "cls" / "tb")) as w:
+        for step, loss in ((10, 0.7), (20, 0.5), (30, 0.4)):
+            w.add_scalar("cls/cam/loss", loss, step)
+            w.add_scalar("cls/cam/lr", 0.1, step)
+    assert [(s, round(v, 3)) for s, v in loss_curves(run, "cls")] == [(10, 0.7), (20, 0.5), (30, 0.4)]
+    assert loss_curves(run, "seg") == []
+    png = loss_figure([{"run": str(run), "name": run.name}])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert loss_figure([{"run": str(tmp_path / "nothing"), "name": "x"}]) is None

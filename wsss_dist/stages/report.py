@@ -26,7 +26,7 @@ from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
 from ..data.shards import load_manifest, read_shard, split_ids, split_urls
 from ..data.voc import CLASSES, PALETTE
-from ..registry import STAGE_SPECS
+from ..registry import STAGE_SPECS, TRAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,41 @@ def bar_figure(rows: list[dict]) -> bytes:
     return data
 
 
+def loss_curves(run: Path, stage: str) -> list[tuple[int, float]]:
+    """The training loss of a run's trainer stage as (step, loss), from its TensorBoard events ([] when none)."""
+    tb = run / stage / "tb"
+    if not tb.is_dir():
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags().get("scalars", []) if t.endswith("/loss")]
+    return [(e.step, e.value) for t in tags for e in events.Scalars(t)]
+
+
+def loss_figure(points: list[dict]) -> bytes | None:
+    """Training loss against step, one panel per trainer stage, one line per run (None when no run has curves)."""
+    import matplotlib.pyplot as plt
+
+    stages = [st for st in TRAINERS if any(loss_curves(Path(p["run"]), st) for p in points)]
+    if not stages:
+        return None
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.2), squeeze=False)
+    for ax, st in zip(axes[0], stages):
+        for p in points:
+            curve = loss_curves(Path(p["run"]), st)
+            if curve:
+                ax.plot(*zip(*sorted(curve)), label=p["name"], linewidth=1)
+        ax.set_title(f"{st}: training loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
 def iou_figure(rows: list[dict], stage: str, title: str) -> bytes | None:
     """A heat map of per-class IoU (%): rows = (method, split), columns = background + 20 classes."""
     import matplotlib.pyplot as plt
@@ -285,6 +320,10 @@ def run(cfg: Config) -> dict:
     pics: list[str] = []
     runs.atomic_write(out / "bars.png", bar_figure(rows))
     pics.append("bars.png")
+    losses = loss_figure(points)
+    if losses is not None:
+        runs.atomic_write(out / "losses.png", losses)
+        pics.append("losses.png")
     for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
                          ("eval", "DeepLab per-class IoU (val)")):
         data = iou_figure(rows, stage, title)
