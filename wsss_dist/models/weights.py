@@ -9,6 +9,9 @@ import torch
 from .. import runs
 from ..errors import WeightsError
 
+WEIGHTS = "model.safetensors"  # a trainer's trained weights, written last: they mark its training done
+MODEL_JSON = "model.json"  # a trainer's architecture (and input normalisation), written before the weights
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DDP / DataParallel / torch.compile wrappers."""
