@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD, renormalize
 from wsss_dist.errors import WeightsError
-from wsss_dist.models.pretrained import (Weights, WeightsMismatchError, create_timm_model, load_weights, parse_weights,
-                                         read_weights, weights_mismatch)
+from wsss_dist.models.pretrained import (Weights, WeightsMismatchError, load_pretrained, load_weights, read_weights,
+                                         weights_mismatch)
 
 logger = logging.getLogger(__name__)
 
@@ -167,19 +167,15 @@ class ResNet38dBackbone(Backbone):
 
 
 class TimmBackbone(Backbone):
-    """A timm ResNet-family model (``features_only``), dilated to ``output_stride``; with ``pretrained`` (a timm tag
-    or hub id), timm's pretrained weights (:func:`~wsss_dist.models.pretrained.create_timm_model`), else a random
-    initialisation."""
+    """A timm ResNet-family model (``features_only``), dilated to ``output_stride``, with ``weights``
+    (:func:`~wsss_dist.models.pretrained.load_pretrained`; none: a random initialisation)."""
 
     def __init__(self, name: str, output_stride: int = 8, frozen_bn: bool = True,
-                 pretrained: Weights | None = None) -> None:
+                 weights: Weights | str | Mapping[str, Tensor] | None = None) -> None:
         import timm
 
         kwargs = dict(features_only=True, output_stride=output_stride, out_indices=(1, 2, 3, 4))
-        if pretrained is None:
-            body = timm.create_model(name, pretrained=False, **kwargs)
-        else:
-            body = create_timm_model(name, pretrained, **kwargs)
+        body = load_pretrained(name, weights, lambda: timm.create_model(name, pretrained=False, **kwargs), **kwargs)
         super().__init__(body, frozen_bn)
         names = list(body.keys())
         cuts = [names.index(n) + 1 for n in body.return_layers]  # stage k ends at the k-th returned layer
@@ -218,28 +214,17 @@ def create_backbone(name: str, weights: str | Weights | Mapping[str, Tensor] | N
 
     ``weights``: a ``*.weights`` value or :class:`~wsss_dist.models.pretrained.Weights` (docs/usage.md#weights: a
     local file, ``timm``, ``timm:NAME[@FILE]``, ``hf-hub:ID``; ``""``/``none``: none) or a state dict already read."""
-    w = Weights("file") if isinstance(weights, Mapping) else parse_weights(weights)
     if name == "resnet38d":
         if output_stride != 8:
             raise ValueError(f"resnet38d has a fixed output stride of 8, got output_stride={output_stride}")
-        if w.through_timm:
-            raise WeightsError(f"timm has no weights of our resnet38d (got {w.text!r}); give psa's .params or a "
-                               "converted file")
-        backbone: Backbone = ResNet38dBackbone(frozen_bn=frozen_bn)
-    else:
-        import timm
+        return load_pretrained(name, weights, lambda: ResNet38dBackbone(frozen_bn=frozen_bn), into=lambda b: b.body)  # type: ignore[return-value]
+    import timm
 
-        if not timm.is_model(name):
-            raise ValueError(f"unknown backbone {name!r}: use 'resnet38d' or a timm ResNet name (resnet18, resnet50, ...)")
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        backbone = TimmBackbone(name, output_stride=output_stride, frozen_bn=frozen_bn,
-                                pretrained=w if w.through_timm else None)
-    if isinstance(weights, Mapping):
-        backbone.load_weights(weights)
-    elif w.kind == "file":
-        backbone.load_weights(w.path)  # type: ignore[arg-type]
-    return backbone
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone {name!r}: use 'resnet38d' or a timm ResNet name (resnet18, resnet50, ...)")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return TimmBackbone(name, output_stride=output_stride, frozen_bn=frozen_bn, weights=weights)
 
 
 def convert_weights(src: str | Path, dst: str | Path, backbone: str | None = None) -> dict[str, object]:

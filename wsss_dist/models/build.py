@@ -23,7 +23,7 @@ from .affinity_net import AffinityNet
 from .backbones import create_backbone
 from .cam_net import CAMNet
 from .deeplab import DeepLabV2
-from .pretrained import Weights, create_timm_model, load_weights, normalization, parse_weights, read_state_dict
+from .pretrained import Weights, load_pretrained, normalization, parse_weights, read_state_dict
 from .weights import MODEL_JSON, WEIGHTS, load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ def create_model(spec: Mapping[str, Any] | str, backbone: str | None = None, *, 
     if kind not in MODELS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of vit, {', '.join(MODELS)}")
     sd = read_state_dict(w.path) if kind == "deeplab" and w.kind == "file" else None  # read once: backbone + ASPP
-    bb = create_backbone(spec.get("backbone", "resnet38d"), weights=sd if sd is not None else w,
+    bb = create_backbone(spec.get("backbone", "resnet38d"), weights=None if sd is not None else w,
                          output_stride=spec.get("output_stride", 8), frozen_bn=spec.get("frozen_bn", True))
+    if sd is not None:
+        bb.load_weights(sd, source=str(w.path))
     bb.normalization = spec_normalization(spec)
     num_classes = spec.get("num_classes", NUM_CLASSES.get(kind))
     heads = {"cam": lambda: CAMNet(bb, num_classes=num_classes, num_sub=spec.get("num_sub", 0)),
@@ -122,13 +124,8 @@ def _vit(spec: dict[str, Any], weights: Weights) -> nn.Module:
     kwargs: dict[str, Any] = dict(num_classes=spec.get("num_classes", NUM_CLASSES["vit"]))
     if spec.get("img_size"):
         kwargs["img_size"] = spec["img_size"]
-    if weights.through_timm:
-        return create_timm_model(spec["arch"], weights, **kwargs)
-    model = timm.create_model(spec["arch"], pretrained=False, **kwargs)
-    if weights.kind == "file":
-        sd = resample_pos_embed(model, read_state_dict(weights.path), source=str(weights.path))  # type: ignore[arg-type]
-        load_weights(model, sd, source=str(weights.path))
-    return model
+    return load_pretrained(spec["arch"], weights, lambda: timm.create_model(spec["arch"], pretrained=False, **kwargs),
+                           adapt=resample_pos_embed, **kwargs)
 
 
 def resample_pos_embed(model: nn.Module, sd: dict[str, Tensor], source: str = "weights") -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
 from wsss_dist.errors import ConfigError, WeightsError
@@ -235,6 +235,29 @@ def load_weights(module: nn.Module, path: str | Path | Mapping[str, Tensor],
     logger.info("loaded %d tensors from %s into %s (dropped %d head tensors%s)", len(loaded), name,
                 type(module).__name__, len(dropped), f": {', '.join(dropped[:4])}" if dropped else "")
     return {"loaded": len(loaded), "dropped": len(dropped)}
+
+
+def load_pretrained(arch: str, weights: Weights | str | Mapping[str, Tensor] | None, random: Callable[[], nn.Module],
+                    into: Callable[[nn.Module], nn.Module] = lambda m: m,
+                    adapt: Callable[[nn.Module, dict, str], dict] | None = None, **timm_kwargs: Any) -> nn.Module:
+    """The one loader: network ``arch`` initialised from ``weights`` — a timm tag or hub id through timm
+    (:func:`create_timm_model` with ``timm_kwargs``), a local file (:func:`read_weights`: one mapping per foreign
+    format) or a state dict already read, loaded into ``into(model)`` (``adapt(model, sd, source)`` first: e.g. a
+    ViT's position embedding resampled), else (none, unset) ``random()`` as it is."""
+    if isinstance(weights, Mapping):
+        sd, source = dict(weights), "state dict"
+    else:
+        w = parse_weights(weights)
+        if w.through_timm:
+            if arch in BACKBONES:
+                raise WeightsError(f"timm has no weights of our {arch} (got {w.text!r}); give psa's .params or a "
+                                   "converted file")
+            return create_timm_model(arch, w, **timm_kwargs)
+        sd, source = (read_state_dict(w.path), str(w.path)) if w.kind == "file" else (None, "")  # type: ignore[arg-type]
+    model = random()
+    if sd is not None:
+        load_weights(into(model), adapt(model, sd, source) if adapt else sd, source=source)
+    return model
 
 
 def create_timm_model(arch: str, weights: Weights | str | None = None, **kwargs: Any) -> nn.Module:
@@ -462,5 +485,5 @@ def _first_line(e: BaseException) -> str:
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Weights", "WeightsMismatchError", "WeightsNotFoundError",
-           "check_backbone", "create_timm_model", "load_weights", "normalization", "parse_weights", "preflight",
+           "check_backbone", "create_timm_model", "load_pretrained", "load_weights", "normalization", "parse_weights", "preflight",
            "read_state_dict", "read_weights", "weights_mismatch"]
