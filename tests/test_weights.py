@@ -17,7 +17,8 @@ from wsss_dist.errors import ConfigError, WeightsError
 from wsss_dist.models.backbones import create_backbone
 from wsss_dist.models.build import build_deeplab, build_teacher, create_model, deeplab_spec, imagenet_weights
 from wsss_dist.models.mxnet_params import MXNetFormatError, read_params
-from wsss_dist.models.pretrained import (Weights, create_timm_model, load_weights, normalization, parse_weights, preflight,
+from wsss_dist.models.preflight import preflight
+from wsss_dist.models.pretrained import (Weights, create_timm_model, load_weights, normalization, parse_weights,
                                          read_state_dict)
 
 VOC = ["data=voc", "data.voc_root=/nowhere/VOC2012"]

@@ -822,7 +822,7 @@ def _finite(value: Any) -> bool:
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field checks that a key's type cannot express (ConfigError naming the key); pure: the
     checks that need timm or the weights files (backbone names, ``*.weights``) are
-    :func:`wsss_dist.models.pretrained.preflight`, run before any job."""
+    :func:`wsss_dist.models.preflight.preflight`, run before any job."""
     stages = cfg.stages()
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")

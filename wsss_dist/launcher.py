@@ -346,7 +346,7 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     if points:
         return submit_sweep(launch, Path(root), points, out)
     cfg = make_config(words)
-    from .models.pretrained import preflight  # timm and the weights files: names and headers before any job
+    from .models.preflight import preflight  # timm and the weights files: names and headers before any job
 
     preflight(cfg)
     _check_cluster(cfg, launch)
@@ -567,7 +567,7 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
     Every point's config is checked before any job."""
     words, teachers = shared_teachers(root, points)
     cfgs = [make_config(w) for w in words]
-    from .models.pretrained import preflight  # timm and the weights files: names and headers before any job
+    from .models.preflight import preflight  # timm and the weights files: names and headers before any job
 
     for c in cfgs:
         preflight(c)

@@ -140,7 +140,7 @@ def stage_setup(cfg: Config, stage: str) -> str:
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the config's stages in order, skipping finished ones (after the pre-flight checks of names and weights)."""
-    from .models.pretrained import preflight
+    from .models.preflight import preflight
 
     preflight(cfg)
     if is_main_process():

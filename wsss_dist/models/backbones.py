@@ -17,7 +17,6 @@ input to the mean/std its weights expect (``normalization``; the data arrive nor
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -30,7 +29,6 @@ from wsss_dist.errors import WeightsError
 from wsss_dist.models.pretrained import (Weights, WeightsMismatchError, load_pretrained, load_weights, read_weights,
                                          weights_mismatch)
 
-logger = logging.getLogger(__name__)
 
 class Backbone(nn.Module):
     """A feature extractor run as ``num_stages`` stages (see the module docstring for ``mix_at``).

@@ -1,8 +1,8 @@
 """Pretrained weights: a ``*.weights`` value parsed once into :class:`Weights`, read through one mapping per foreign
-format, checked before any job (:func:`preflight`: names, files, safetensors headers), and the input normalisation
-the weights expect (:func:`normalization`).
+format, loaded by one loader (:func:`load_pretrained`), and the input normalisation the weights expect
+(:func:`normalization`).
 
-Forms (docs/usage.md#weights): a local file (safetensors or a torch state dict in our names; psa's MXNet
+The pre-flight check of these values is :mod:`wsss_dist.models.preflight`. Forms (docs/usage.md#weights): a local file (safetensors or a torch state dict in our names; psa's MXNet
 ``.params``; deeplab-pytorch's Caffe-converted ``.pth``), ``timm`` / ``timm:NAME`` / a bare tagged timm name
 (timm's pretrained weights, read through timm), ``hf-hub:ID`` (a timm model on the Hugging Face hub), any timm form
 with ``@FILE`` (a local copy of those weights), ``none`` (from scratch) or unset (``""``).
@@ -10,19 +10,16 @@ with ``@FILE`` (a local copy of those weights), ``none`` (from scratch) or unset
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
-from wsss_dist.errors import ConfigError, WeightsError
+from wsss_dist.errors import WeightsError
 from wsss_dist.registry import BACKBONES, HEAD_PREFIXES
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
-
-    from wsss_dist.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +139,10 @@ def read_tensors(p: Path) -> dict[str, Tensor]:
         obj = nested
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsMismatchError(f"{p}: not a state dict of tensors")
-    return _strip_module(dict(obj))
+    return strip_module(dict(obj))
 
 
-def _strip_module(sd: dict[str, Any]) -> dict[str, Any]:
+def strip_module(sd: dict[str, Any]) -> dict[str, Any]:
     """Keys without DataParallel / DDP's ``module.`` prefix (when every key has it)."""
     if sd and all(k.startswith("module.") for k in sd):
         return {k[len("module."):]: v for k, v in sd.items()}
@@ -360,89 +357,13 @@ def _is_deeplab_pytorch_file(path: str) -> bool:
     from wsss_dist.models.deeplab_pytorch import is_deeplab_pytorch
 
     try:
-        keys = list(_header_shapes(path)) if path.endswith(".safetensors") else list(read_tensors(Path(path)))
+        keys = list(header_shapes(path)) if path.endswith(".safetensors") else list(read_tensors(Path(path)))
     except Exception:  # unreadable: the loader names the problem
         return False
     return is_deeplab_pytorch(keys)
 
 
-# ------------------------------------------------------------------------------------ pre-flight
-def preflight(cfg: Config) -> None:
-    """Checks before any job that need timm or the weights files (ConfigError naming the key): the backbone and ViT
-    names, and every ``*.weights`` of the stages that load them — given with data=voc (or ``none``), existing, of
-    the right architecture, a safetensors file's names and shapes (its header only) fitting the network."""
-    check_backbone("model.backbone", cfg.model.backbone)
-    check_backbone("seg.backbone", cfg.seg.backbone)
-    check_backbone("teacher.arch", cfg.teacher.arch)
-    stages = cfg.stages()
-    uses = []
-    if "cls" in stages or ("aff" in stages and cfg.aff.init == "imagenet"):
-        uses.append(("model.weights", cfg.model.weights, "model.backbone", cfg.model.backbone,
-                     "cls" if "cls" in stages else "aff"))
-    if "seg" in stages and cfg.seg.init == "imagenet":
-        uses.append(("seg.weights", cfg.seg.weights, "seg.backbone", cfg.seg.backbone, "seg"))
-    if "teacher" in stages:
-        uses.append(("teacher.weights", cfg.teacher.weights, "teacher.arch", cfg.teacher.arch, "teacher"))
-    for key, value, arch_key, arch, stage in uses:
-        w = parse_weights(value)
-        if w.kind == "unset":
-            if cfg.data.name == "voc":
-                raise ConfigError(f"data=voc: stage {stage} needs {key} (ImageNet weights of {arch_key}={arch}: a "
-                                  f"local file, timm, timm:NAME[@FILE] or hf-hub:ID; see docs/usage.md#weights), or "
-                                  f"{key}=none to train from scratch")
-            continue
-        if w.kind == "none":
-            continue
-        if w.through_timm:
-            _check_timm_weights(key, value, arch_key, arch, w)  # type: ignore[arg-type]
-        if w.path is not None and not Path(w.path).is_file():
-            raise ConfigError(f"{key}={value}: weights file not found: {w.path}")
-        if w.kind == "file" and w.path.endswith(".params") and arch != "resnet38d":  # type: ignore[union-attr]
-            raise ConfigError(f"{key}={value}: an MXNet .params file is psa's ResNet-38d; {arch_key}={arch}")
-        if w.kind == "file" and w.path.endswith(".safetensors"):  # type: ignore[union-attr]
-            _check_header(key, w.path, arch, cfg.teacher.img_size if key == "teacher.weights" else None)  # type: ignore[arg-type]
-
-
-def check_backbone(key: str, name: str) -> None:
-    """ConfigError unless ``name`` is one of our backbones or a timm model (with the closest names)."""
-    if name in BACKBONES:
-        return
-    import difflib
-
-    import timm
-
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"{key}={name}: unknown backbone (resnet38d or a timm model name){hint}")
-
-
-def _check_timm_weights(key: str, value: str, arch_key: str, arch: str, w: Weights) -> None:
-    """A timm tag of ``arch`` that timm knows (a hub id: its config names the architecture, checked at build)."""
-    if arch in BACKBONES:
-        raise ConfigError(f"{key}={value}: timm has no weights of our {arch}; give a local file (psa's .params or "
-                          f"its conversion)")
-    if w.kind == "hf":
-        return
-    import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    name = w.name or arch
-    named_arch, _ = split_model_name_tag(name)
-    if named_arch != arch:
-        raise ConfigError(f"{key}={value}: weights of {named_arch}, but {arch_key}={arch}")
-    try:
-        pcfg = get_pretrained_cfg(name)
-    except RuntimeError:
-        pcfg = None
-    if pcfg is None:
-        known = timm.list_pretrained(f"{arch}.*")
-        raise ConfigError(f"{key}={value}: timm has no pretrained weights {name}"
-                          + (f"; known: {', '.join(known[:6])}" if known else ""))
-
-
-def _header_shapes(file: str) -> dict[str, tuple[int, ...]]:
+def header_shapes(file: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a safetensors file, from its header only."""
     from safetensors import safe_open
 
@@ -450,40 +371,6 @@ def _header_shapes(file: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _check_header(key: str, file: str, arch: str, img_size: int | None) -> None:
-    """Header-only check of a safetensors file against ``arch``'s state dict (built on the meta device);
-    deeplab-pytorch names are mapped at load."""
-    import torch
-
-    from wsss_dist.models.deeplab_pytorch import is_deeplab_pytorch
-
-    try:
-        shapes = _strip_module(_header_shapes(file))
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{key}={file}: not a readable safetensors file ({_first_line(e)})") from None
-    if is_deeplab_pytorch(shapes):
-        return
-    with torch.device("meta"):
-        if arch in BACKBONES:
-            from wsss_dist.models.resnet38d import ResNet38d
-
-            model = ResNet38d()
-        else:
-            import timm
-
-            model = timm.create_model(arch, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problem = weights_mismatch(own, shapes, resampled=("pos_embed",) if img_size else ())
-    if problem:
-        raise ConfigError(f"{key}={file}: weights do not fit {arch}: {problem}")
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception's first non-empty line (its type name when it has none)."""
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Weights", "WeightsMismatchError", "WeightsNotFoundError",
-           "check_backbone", "create_timm_model", "load_pretrained", "load_weights", "normalization", "parse_weights", "preflight",
-           "read_state_dict", "read_weights", "weights_mismatch"]
+           "create_timm_model", "header_shapes", "load_pretrained", "load_weights", "normalization", "parse_weights",
+           "read_state_dict", "read_weights", "strip_module", "weights_mismatch"]
