@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
-from .registry import METHOD_NAMES, METHODS, MethodName
+from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, MethodName
 
 STAGES = ("shards", "teacher", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
 Precision = Literal["no", "fp16", "bf16"]
