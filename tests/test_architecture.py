@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "wsss_dist"
-BASE = {"errors", "registry", "config", "runs", "metrics", "compat", "locks"}
+BASE = {"errors", "registry", "config", "runs", "metrics", "compat", "locks", "fingerprints"}
 PEERS = {"data", "models", "methods", "viz"}  # may import the base and each other (no cycles)
 LAYER = {**{m: 0 for m in BASE}, **{m: 1 for m in PEERS}, "engine": 2, "stages": 3, "pipeline": 4,
          "launcher": 5, "cli": 6, "__main__": 6, "__init__": 0}

@@ -10,7 +10,19 @@ from wsss_dist.errors import ConfigError
 def test_overrides_are_typed_and_dotted():
     cfg = make_config(["stage=cls", "method=fmix", "cls.train.steps=7", "cam.scales=[1,0.5]", "cls.entropy_on_labels=true"])
     assert cfg.cls.train.steps == 7 and cfg.cam.scales == (1.0, 0.5) and cfg.cls.entropy_on_labels is True
-    assert cfg.stages() == ["cls"] and str(cfg.run_dir) == "runs/fmix-toy"
+    assert cfg.stages() == ["cls"] and str(cfg.run_dir).startswith("runs/fmix-toy-")  # other settings: another run
+
+
+def test_a_default_run_name_reflects_the_settings_that_change_results():
+    """Issue 25 #1: runs named by default never share a directory with other settings (as sweep points)."""
+    assert str(make_config(["method=fmix", "stage=all"]).run_dir) == "runs/fmix-toy"
+    assert str(make_config(["method=fmix", "cls.train.steps=600", "cam.bg_threshold=0.3"]).run_dir) == \
+        "runs/fmix-toy-steps600-bg_threshold0.3"
+    operational = ["method=fmix", "data.num_workers=0", "cls.train.ckpt_every=5", "log_level=DEBUG", "stage=cam"]
+    assert str(make_config(operational).run_dir) == "runs/fmix-toy"
+    long = make_config(["method=fmix", "cam.scales=[1,0.5]"]).run_dir
+    assert str(long).startswith("runs/fmix-toy-") and long != make_config(["method=fmix", "cam.scales=[1,0.75]"]).run_dir
+    assert str(make_config(["method=fmix", "cls.train.steps=600", "run=runs/mine"]).run_dir) == "runs/mine"
     assert make_config(["aff.stride=8"]).aff.stride == 8 and isinstance(make_config(["aff.stride=4"]).aff.stride, int)
     with pytest.raises(ConfigError, match="aff.stride"):
         make_config(["aff.stride=5"])

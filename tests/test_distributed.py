@@ -54,7 +54,7 @@ def test_stages_that_are_not_data_parallel_run_once_under_two_processes(tmp_path
     env = fake_stages(tmp_path, {n: RECORDING.format(name=n) for n in ("shards", "report")})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "wsss_dist", "stage=[shards,report]", f"run={tmp_path / 'runs' / 'r'}"]
+           "-m", "wsss_dist", "device=cpu", "stage=[shards,report]", f"run={tmp_path / 'runs' / 'r'}"]
     import os
 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, **env})
@@ -91,7 +91,7 @@ def _chain(tmp_path: Path, name: str, args: list[str], processes: int) -> dict:
     launch = [] if processes == 1 else ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                                         str(processes), "--num_machines", "1", "--mixed_precision", "no",
                                         "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    cmd = [sys.executable, *launch, "-m", "wsss_dist", *args, f"run={tmp_path / name}", "stage=[cls,cam]"]
+    cmd = [sys.executable, *launch, "-m", "wsss_dist", "device=cpu", *args, f"run={tmp_path / name}", "stage=[cls,cam]"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((tmp_path / name / "cam" / "DONE").read_text())
@@ -111,3 +111,26 @@ def test_one_and_two_processes_end_with_the_same_cam_miou(shards, tmp_path):  # 
     print(f"CAM mIoU: 1 process {one['miou']:.4f}, 2 processes {two['miou']:.4f}")
     assert one["samples"] == two["samples"] > 0
     assert abs(one["miou"] - two["miou"]) <= CAM_MIOU_TOLERANCE, (one["miou"], two["miou"])
+
+
+def test_a_multi_process_run_that_finds_no_cuda_stops_unless_told_cpu(tmp_path):
+    """Issue 25 #3: `accelerate launch --multi_gpu --num_processes 2 -m wsss_dist ...` on a machine whose torch sees
+    no GPU stops with one line (before any work) instead of training on the CPU unasked; device=cpu runs it."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from test_launch import fake_stages
+
+    env = fake_stages(tmp_path, {"shards": RECORDING.format(name="shards")})
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            "-m", "wsss_dist", "stage=shards", f"run={tmp_path / 'runs' / 'r'}"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, **env})
+    assert r.returncode != 0 and "error: 2 processes were started for GPUs, but torch" in r.stderr, r.stderr[-3000:]
+    assert "add device=cpu" in r.stderr and not (tmp_path / "runs" / "r" / "shards" / "DONE").exists()
+    ok = subprocess.run(base + ["device=cpu"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                        env={**os.environ, **env})
+    assert ok.returncode == 0 and (tmp_path / "runs" / "r" / "shards" / "DONE").is_file(), ok.stderr[-3000:]

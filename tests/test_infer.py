@@ -244,7 +244,7 @@ def test_two_processes_with_workers_give_the_same_cams(words, models, tmp_path):
             "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())])):
         shutil.copytree(models, tmp_path / name)
-        cmd = [sys.executable, *launch, "-m", "wsss_dist", *args, f"run={tmp_path / name}", f"data.num_workers={workers}"]
+        cmd = [sys.executable, *launch, "-m", "wsss_dist", "device=cpu", *args, f"run={tmp_path / name}", f"data.num_workers={workers}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
     one, two = ({k: v for k, v in _files(tmp_path / n).items() if k.startswith("cam/")} for n in ("one", "two"))

@@ -53,7 +53,7 @@ def fake_stages(tmp_path: Path, code: dict[str, str]) -> dict[str, str]:
 def test_readme_opens_with_the_two_commands():
     cmds = readme_commands()
     assert cmds[:2] == ["bash launch/setup.sh && .venv/bin/python launch/submit.py stage=all method=fmix",
-                        "bash launch/setup.sh && .venv/bin/python -m pytest"]
+                        "bash launch/setup.sh --test && .venv/bin/python -m pytest"]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
@@ -378,3 +378,31 @@ def test_voc_stage_resources_and_the_time_check(tmp_path):
                                         "slurm.aff.time_min=600", "slurm.teacher.time_min=600", "slurm.cam.time_min=600",
                                         "slurm.pseudo.time_min=600", "slurm.seg.time_min=600"])
     assert launcher.plan(make_config(rest), launch, rest)[1].resources.time_min == 600
+
+
+def test_the_last_line_names_the_headline_figures_and_the_report(tmp_path):
+    """Issue 25 #5: the launcher ends with the run's CAM / pseudo / val mIoU in % and where its report is."""
+    run = tmp_path / "run"
+    for stage, miou in (("cam", 0.4474), ("pseudo", 0.4891), ("eval", 0.4333)):
+        runs.mark_done(run, stage, {"miou": miou})
+    assert launcher.results_line(run) == f"results: CAM 44.7, pseudo 48.9, val 43.3 % mIoU; run: {run}"
+    runs.atomic_write(run / "report" / "report.md", "# report\n")
+    assert launcher.results_line(run).endswith(f"; report: {run / 'report' / 'report.md'}")
+    r = submit(["stage=report", f"run={run}", f"data.shards_dir={tmp_path}/shards"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("results: CAM 44.7, pseudo 48.9, val 43.3"), \
+        r.stdout + r.stderr
+
+
+def test_dry_run_prints_every_job_with_its_sbatch_directives_and_submits_nothing(tmp_path):
+    """Issue 25 #4: ``launch.dry_run=true`` shows each job's sbatch directives and dependency; nothing is written
+    or submitted (also where SLURM is not installed)."""
+    args = ["cluster=slurm", "launch.dry_run=true", "stage=[shards,cls,cam]", f"run={tmp_path}/run",
+            f"data.shards_dir={tmp_path}/shards", "slurm.partition=debug", "slurm.cls.gpus_per_node=2", *TOY]
+    r = submit(args, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines[:3]] == ["[1/3] shards", "[2/3] cls", "[3/3] cam"], r.stdout
+    assert "--partition=debug" in lines[0] and "--dependency" not in lines[0]
+    assert "--gpus-per-node=2" in lines[1] and "--dependency='afterok:<job of shards>'" in lines[1]
+    assert "--dependency='afterok:<job of cls>'" in lines[2] and lines[-1] == "dry run: nothing submitted"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()

@@ -139,8 +139,8 @@ def test_stage_job_does_not_requeue_after_ctrl_c(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(submitit, "JobEnvironment", Env)
-    monkeypatch.setattr(launcher, "setup_logging", lambda level: None)
-    monkeypatch.setattr(launcher, "submitit_requeue_handler", lambda env: lambda signum, frame: requeued.append(signum))
+    monkeypatch.setattr(launcher.jobs, "setup_logging", lambda level: None)
+    monkeypatch.setattr(launcher.jobs, "submitit_requeue_handler", lambda env: lambda signum, frame: requeued.append(signum))
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}  # StageJob binds the requeue handler
 
     def stopped_by(signum: int):
@@ -150,11 +150,11 @@ def test_stage_job_does_not_requeue_after_ctrl_c(tmp_path, monkeypatch):
 
     job = launcher.StageJob(["stage=cls", f"run={tmp_path / 'run'}"], "cls", str(tmp_path))
     try:
-        monkeypatch.setattr(launcher, "run_stage", stopped_by(signal.SIGINT))
+        monkeypatch.setattr(launcher.jobs, "run_stage", stopped_by(signal.SIGINT))
         with pytest.raises(Interrupted) as e:
             job()
         assert e.value.signum == signal.SIGINT and requeued == []
-        monkeypatch.setattr(launcher, "run_stage", stopped_by(signal.SIGUSR2))
+        monkeypatch.setattr(launcher.jobs, "run_stage", stopped_by(signal.SIGUSR2))
         with pytest.raises(SystemExit):
             job()
         assert requeued == [signal.SIGUSR2]

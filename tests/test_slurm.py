@@ -363,3 +363,18 @@ def test_unknown_partition_or_account_fails_in_one_line_before_any_job(tmp_path,
     r, ids = submit_slurm(["stage=[shards,cls]", f"run={tmp_path}/run", arg], tmp_path)
     assert r.returncode == 2 and ids == [] and len(r.stderr.strip().splitlines()) == 1, r.stdout + r.stderr
     assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_a_chain_whose_later_sbatch_fails_cancels_what_it_queued(tmp_path):
+    """Issue 25 #4: sbatch refuses the second job (an unknown flag); the first, already queued, is cancelled and the
+    one-line error says so (no job is left pending)."""
+    args = ["stage=[shards,cls]", f"run={tmp_path}/run", *_toy(tmp_path), "slurm.cls.extra=[no-such-sbatch-flag=1]",
+            "slurm.shards.time_min=5"]
+    r, ids = submit_slurm(args, tmp_path)
+    assert r.returncode == 2 and len(ids) == 1, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: submitting cls failed") and f"cancelled the 1 job(s) of this chain queued before it ({ids[0]})" in last, last
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])):
+        time.sleep(2)
+    assert any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])), sacct(ids[0])

@@ -151,9 +151,11 @@ def test_slurm_sweep_is_one_chain_of_job_arrays_per_group_of_points_with_the_sam
                 dep = f"afterok:{got[-1].job_id}"
         return got
 
-    monkeypatch.setattr(launcher, "_submit_array", fake_array)
-    monkeypatch.setattr(launcher, "submit_chain", fake_chain)
-    monkeypatch.setattr(launcher, "_check_cluster", lambda *a: None)
+    from wsss_dist.launcher import sweep
+
+    monkeypatch.setattr(sweep, "_submit_array", fake_array)
+    monkeypatch.setattr(sweep, "submit_chain", fake_chain)
+    monkeypatch.setattr(sweep, "_check_cluster", lambda *a: None)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "g" / "fmix-s2" / "cls").mkdir(parents=True)
     (tmp_path / "runs" / "g" / "fmix-s2" / "cls" / "DONE").write_text("{}")
@@ -191,7 +193,7 @@ def test_a_points_teacher_stage_uses_the_finished_shared_teacher(tmp_path):
 
 def test_the_sweep_report_is_stale_when_it_covers_other_runs_or_predates_a_points_stage(tmp_path):
     from wsss_dist import runs
-    from wsss_dist.launcher import _report_stale
+    from wsss_dist.launcher.sweep import _report_stale
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     runs.mark_done(a, "cls")

@@ -4,6 +4,7 @@ when a new release of the dependency changes one of them.
 - accelerate: ``AcceleratorState._shared_state`` / ``_reset_state`` (a second Accelerator with another precision
   in the same process);
 - submitit: ``JobEnvironment._usr_sig`` and ``SignalHandler`` (the job's own checkpoint-and-requeue handler);
+- submitit: ``SlurmExecutor._make_submission_file_text`` (the sbatch script of a job, for ``launch.dry_run``);
 - torch: the DataLoader iterator's ``_shutdown_workers`` (stop the workers now, not when the iterator is freed).
 """
 from __future__ import annotations
@@ -36,3 +37,9 @@ def close_loader(it: Any) -> None:
     if callable(close):
         with contextlib.suppress(Exception):
             close()
+
+
+def sbatch_text(executor: Any) -> str:
+    """The sbatch script a submitit SLURM executor would submit (nothing is submitted)."""
+    inner = getattr(executor, "_executor", executor)
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")

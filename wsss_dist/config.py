@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
-from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, MethodName
+from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, STAGE_NAMES, STAGE_SPECS, TRAINERS, MethodName
 
-STAGES = ("shards", "teacher", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
+STAGES = STAGE_NAMES
 Precision = Literal["no", "fp16", "bf16"]
 
 
@@ -31,7 +32,7 @@ Precision = Literal["no", "fp16", "bf16"]
 class ToyCfg:
     """The built-in synthetic dataset (VOC layout on disk, deterministic from ``seed``)."""
 
-    root: str = "shards/toy-src"  # where the VOC/SBD-layout toy files are written
+    root: Optional[str] = None  # where the VOC/SBD-layout toy files are written; default <shards dir>/src
     seed: int = 0  # seed of the toy generator
     n_train: int = 300  # VOC seg train images
     n_val: int = 200  # VOC seg val images
@@ -47,7 +48,7 @@ class DataCfg:
     voc_root: Optional[str] = None  # .../VOCdevkit/VOC2012 (holds JPEGImages)
     sbd_root: Optional[str] = None  # .../benchmark_RELEASE (holds dataset/)
     lists_dir: Optional[str] = None  # optional psa/irn list folder (train_aug.txt, cls_labels.npy)
-    shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>
+    shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>-<hash of the data settings> (runs share a folder only when their data settings are equal)
     shard_size: int = 200  # samples per shard
     num_workers: int = 2  # DataLoader workers per process
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
@@ -227,9 +228,11 @@ class Config:
 
     stage: str = "all"  # all | one stage | a list [a,b] (shards, teacher, cls, cam, aff, pseudo, seg, eval, report)
     method: MethodName = "cam"  # CAM method (the registry, wsss_dist/registry.py)
-    run: Optional[str] = None  # run directory; default runs/<method>-<data>
+    run: Optional[str] = None  # run directory; default runs/<method>-<data>[-<values of the result-changing keys typed>]
     cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
     log_level: str = "INFO"  # logging level
+    device: Literal["auto", "cpu"] = "auto"  # auto: CUDA where present, and a multi-process run that finds none stops; cpu: run on the CPU on purpose (also a multi-process gloo rehearsal)
+    redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     cls: ClsCfg = field(default_factory=ClsCfg)
@@ -249,8 +252,17 @@ class Config:
 
     @property
     def shards_dir(self) -> Path:
-        """Where shards are written and read."""
-        return Path(self.data.shards_dir or f"shards/{self.data.name}")
+        """Where shards are written and read: ``data.shards_dir``, or ``shards/<name>-<hash of the data settings>``."""
+        return Path(self.data.shards_dir or f"shards/{self.data.name}-{data_hash(self)}")
+
+    @property
+    def toy_root(self) -> Path:
+        """Where the toy generator writes its VOC-layout files: ``data.toy.root`` or ``<shards dir>/src``."""
+        return Path(self.data.toy.root) if self.data.toy.root else self.shards_dir / "src"
+
+    def redo_stages(self) -> list[str]:
+        """The stages ``redo=`` names (run again from scratch, whatever their DONE says)."""
+        return parse_stages(self.redo, self.method) if self.redo else []
 
     @property
     def teacher_dir(self) -> Path:
@@ -404,10 +416,35 @@ VOC_PRESET: dict[str, Any] = {
     "seg.eval_flip": False,
 }
 PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
+# The keys that shape the shards themselves (their hash names the default shards folder).
+DATA_KEYS = STAGE_SPECS["shards"].settings
+
+
+def data_settings(cfg: Config) -> dict[str, Any]:
+    """The data settings that shape the shards (``data.toy.*`` only for the toy data; roots made absolute)."""
+    out = {}
+    for key in DATA_KEYS:
+        if key.startswith("data.toy.") and cfg.data.name != "toy":
+            continue
+        value = get(cfg, key)
+        if key.endswith(("_root", "_dir")) and value:
+            value = str(Path(value).expanduser().resolve())
+        out[key] = value
+    return out
+
+
+def data_hash(cfg: Config) -> str:
+    """12 hex digits naming the data settings (the default shards folder is ``shards/<name>-<hash>``)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(data_settings(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
 # words that set several keys at once: data=NAME, train.seed=N (the seed of every trainer)
-PRECISION_KEYS = tuple(f"{t}.train.mixed_precision" for t in ("teacher", "cls", "aff", "seg")) + ("cam.mixed_precision",)
+PRECISION_KEYS = tuple(s.precision_key for s in STAGE_SPECS.values() if s.precision_key)
 ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
-                                       "train.seed": tuple(f"{t}.train.seed" for t in ("teacher", "cls", "aff", "seg")),
+                                       "train.seed": tuple(f"{t}.train.seed" for t in TRAINERS),
                                        "precision": PRECISION_KEYS}  # one precision for every trainer and the CAMs
 
 
@@ -419,7 +456,7 @@ def parse_stages(stage: str, method: str) -> list[str]:
     names = [x.strip() for x in s.split(",") if x.strip()]
     if names == ["all"]:
         extra = METHODS[method].extra_stages if method in METHODS else ()
-        optional = {st for m in METHODS.values() for st in m.extra_stages}
+        optional = {st.name for st in STAGE_SPECS.values() if st.optional}
         names = [x for x in STAGES if x not in optional or x in extra]
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
@@ -465,9 +502,39 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
     for key, value in pairs:
         _set(cfg, key, value)
     obj = OmegaConf.to_object(cfg)
+    if obj.run is None:
+        obj.run = default_run(obj, [(k, v) for k, v in (parse_words(overrides) if isinstance(overrides, list)
+                                                         else list((overrides or {}).items()))])
     if check:
         validate(obj)
     return obj
+
+
+# Keys that never change a result: where things live, how they are run and logged (every other key does).
+OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "report", "sweep", "slurm", "teacher.dir",
+               "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
+               "cls.round", "cam.batch_images")
+OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")
+
+
+def is_operational(key: str) -> bool:
+    """Whether a dotted key only says where or how a run runs (never what it computes)."""
+    return any(key == o or key.startswith(o + ".") for o in OPERATIONAL) or key.rsplit(".", 1)[-1] in OPERATIONAL_LEAVES
+
+
+def default_run(cfg: Config, typed: list[tuple[str, Any]]) -> str:
+    """``runs/<method>-<data>``, plus the typed values of the keys that change results (named as sweep points are:
+    ``runs/fmix-toy-steps600``); a hash of them when that gets long. Other settings never land in the same run."""
+    import hashlib
+
+    shown = [(k, str(v)) for k, v in typed if k not in ("method", "data", "data.name") and not is_operational(k)]
+    base = f"runs/{cfg.method}-{cfg.data.name}"
+    if not shown:
+        return base
+    suffix = "-".join(_short(k, v) for k, v in shown)
+    if len(suffix) > 60 or not re.fullmatch(r"[A-Za-z0-9_.+-]+", suffix):
+        suffix = hashlib.sha256(json.dumps(shown).encode()).hexdigest()[:10]
+    return f"{base}-{suffix}"
 
 
 def typed_value(key: str, text: str, schema: type = None) -> Any:  # type: ignore[assignment]
@@ -824,6 +891,9 @@ def validate(cfg: Config) -> None:
     checks that need timm or the weights files (backbone names, ``*.weights``) are
     :func:`wsss_dist.models.preflight.preflight`, run before any job."""
     stages = cfg.stages()
+    extra = [s for s in cfg.redo_stages() if s not in stages]
+    if extra:
+        raise ConfigError(f"redo={cfg.redo}: names stage {extra[0]!r}, which this call does not run (stage={cfg.stage})")
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
     for key in _schema():
@@ -838,9 +908,6 @@ def validate(cfg: Config) -> None:
     if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-TRAINERS = ("teacher", "cls", "aff", "seg")
 
 
 def check_batches(cfg: Config, world: int, stages: Iterable[str] | None = None) -> None:

@@ -30,6 +30,11 @@ class StageLocked(UserError):
     """Another live process runs this stage of this run (it holds ``runs/<run>/<stage>/LOCK``)."""
 
 
+class RunConfigChanged(UserError):
+    """A finished (or begun) stage of the run used other values of the keys that shape it; or the shards folder
+    holds other data's shards."""
+
+
 class Interrupted(Exception):
     """A stop signal (SIGUSR1/SIGUSR2/SIGTERM/SIGINT) arrived; the engine wrote a checkpoint. Rerun to resume."""
 

@@ -14,10 +14,13 @@ import sys
 import time
 from typing import Any, Callable
 
-from . import runs
-from .config import Config, load_yaml, to_dict, to_yaml
-from .errors import Interrupted, UserError
+from pathlib import Path
+
+from . import fingerprints, runs
+from .config import STAGES, Config, data_settings, get, to_yaml
+from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
+from .registry import STAGE_SPECS
 
 logger = logging.getLogger("wsss_dist")
 
@@ -26,11 +29,10 @@ EXIT_INTERRUPTED = 3  # checkpointed on a signal; run the same command again to 
 EXIT_SIGINT = 130  # checkpointed on Ctrl-C (128 + SIGINT, what shells expect); rerun to resume
 ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
                                 errno.ENOTDIR, errno.EISDIR, errno.EFBIG})
-VOLATILE_KEYS = ("stage", "cluster", "log_level", "slurm", "report")  # may differ between calls on one run
-SINGLE_PROCESS = ("shards", "report")  # stages that are not data-parallel: under several processes only rank 0 runs
-ALWAYS_RUN = ("report",)  # rebuilt on every call
+SINGLE_PROCESS = tuple(s.name for s in STAGE_SPECS.values() if not s.data_parallel)  # under several processes: rank 0
+ALWAYS_RUN = tuple(s.name for s in STAGE_SPECS.values() if s.always_runs)  # rebuilt on every call
 # done, but ``stage=<it>`` alone runs it again: it verifies its output shards and redoes exactly the damaged ones
-RUN_WHEN_ASKED = ("shards", "cam", "aff", "pseudo", "eval")
+RUN_WHEN_ASKED = tuple(s.name for s in STAGE_SPECS.values() if s.repairs_when_asked)
 
 
 def redo(cfg: Config, stage: str) -> bool:
@@ -58,38 +60,110 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def save_config(cfg: Config) -> None:
-    """Write ``runs/<run>/config.yaml`` once (real YAML); warn when a later call changes run-level keys."""
+    """Write ``runs/<run>/config.yaml`` (real YAML): the config of the latest call, which :func:`check_settings` has
+    made agree with every stage that finished or began (so a failed first try does not pin its values)."""
     path = cfg.run_dir / "config.yaml"
-    new = to_dict(cfg)
-    if path.exists():
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(load_yaml(path))
-        changed = [k for k in new if k not in VOLATILE_KEYS and old.get(k) != new[k]]
-        if changed:
-            logger.warning("config differs from the run's saved %s in: %s (the saved file is kept)", path, ", ".join(changed))
-        return
-    runs.atomic_write(path, to_yaml(cfg))
+    text = to_yaml(cfg)
+    if not path.is_file() or path.read_text() != text:
+        runs.atomic_write(path, text)
 
 
 def run_stage(cfg: Config, stage: str) -> dict[str, Any]:
-    """Run one stage unless its DONE marker exists; write DONE (rank 0) with the stage's metrics."""
-    if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage):
+    """Run one stage unless it is done with the same fingerprint; write DONE (rank 0) with the stage's metrics and
+    fingerprint. A DONE made from other inputs (shards rebuilt, an upstream stage redone with other results) or
+    named by ``redo=`` is set aside and the stage runs from scratch."""
+    action, why = stage_action(cfg, stage)
+    if action == "skip":
         logger.info("stage %s: already done (%s), skipping", stage, cfg.run_dir / stage / "DONE")
         return runs.read_done(cfg.run_dir, stage)
+    if action == "restart":
+        logger.warning("stage %s: %s: running it again from scratch", stage, why)
+    fresh = action == "restart"
     if stage in SINGLE_PROCESS and world_size() > 1:  # not data-parallel: rank 0 works, the others wait for it
         from .engine.dist import dist
 
         d = dist()
-        metrics = _run_stage(cfg, stage) if d.main else {}
+        metrics = _run_stage(cfg, stage, fresh) if d.main else {}
         d.barrier()
         return metrics if d.main else runs.read_done(cfg.run_dir, stage)
-    metrics = _run_stage(cfg, stage)
+    if fresh and world_size() > 1:  # rank 0 clears the stage folder before any rank reads it
+        from .engine.dist import dist
+
+        if is_main_process():
+            runs.clear_stage(cfg.run_dir, stage)
+        dist().barrier()
+        fresh = False
+    metrics = _run_stage(cfg, stage, fresh)
     if world_size() > 1:  # rank 0 writes DONE: no rank starts the next stage (which checks it) before that
         from .engine.dist import dist
 
         dist().barrier()
     return metrics
+
+
+def stage_action(cfg: Config, stage: str) -> tuple[str, str]:
+    """What ``stage`` does now: ``skip`` (done, same fingerprint), ``run`` (not done, or asked to verify its outputs)
+    or ``restart`` (its outputs were made from other inputs, or ``redo=``), with the reason."""
+    if stage in cfg.redo_stages():
+        return "restart", f"redo={cfg.redo}"
+    path = cfg.run_dir / stage
+    old = fingerprints.recorded(path) or _started(path)
+    if not old:  # not begun, or a DONE of a version without fingerprints
+        return ("skip" if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage) else "run"), ""
+    now = fingerprints.fingerprint(cfg, stage)
+    if old.get("inputs") != now.inputs:
+        what = ", ".join(k for k in sorted(set(old.get("inputs", {})) | set(now.inputs))
+                         if old.get("inputs", {}).get(k) != now.inputs.get(k))
+        return "restart", f"made from other inputs than now ({what} changed since)"
+    if not runs.is_done(cfg.run_dir, stage) or redo(cfg, stage):
+        return "run", ""
+    return "skip", ""
+
+
+def check_settings(cfg: Config, stages: list[str] | None = None) -> None:
+    """:class:`RunConfigChanged` when a stage that is done (or begun) in the run used other values of the keys that
+    shape it: a run is its config (a new ``run=``, or ``redo=STAGE`` to redo it and what follows). Also when the
+    shards folder holds shards of other data settings."""
+    stages = cfg.stages() if stages is None else stages
+    _check_shards_settings(cfg, stages)
+    for stage in STAGES:
+        if stage in ALWAYS_RUN or stage in cfg.redo_stages():
+            continue
+        old = fingerprints.recorded(cfg.run_dir / stage) or _started(cfg.run_dir / stage)
+        if "settings" not in old:
+            continue
+        diff = fingerprints.changed_settings(old["settings"], fingerprints.stage_settings(cfg, stage))
+        if diff:
+            state = "finished" if runs.is_done(cfg.run_dir, stage) else "began"
+            raise RunConfigChanged(
+                f"run {cfg.run_dir} {state} stage {stage} with other settings ({'; '.join(diff)}); a run is its "
+                f"config: choose a new run=NAME for these settings, or add redo={stage} to run {stage} again with "
+                "them (the stages after it follow)")
+
+
+def _check_shards_settings(cfg: Config, stages: list[str]) -> None:
+    """The shards a stage reads must have been built from this config's data settings."""
+    if stages == ["report"]:
+        return
+    try:
+        recorded = runs.read_json(cfg.shards_dir / "manifest.json").get("data")
+    except (OSError, ValueError, AttributeError):
+        return  # no shards yet (stage shards builds them) or a damaged manifest (the readers name it)
+    now = data_settings(cfg)
+    if isinstance(recorded, dict) and recorded != now:
+        diff = ", ".join(f"{k}={recorded.get(k)} there, {now.get(k)} here" for k in sorted(set(recorded) | set(now))
+                         if recorded.get(k) != now.get(k))
+        raise RunConfigChanged(f"{cfg.shards_dir}: holds the shards of other data settings ({diff}); leave "
+                               "data.shards_dir unset (each data setting gets its own folder) or name another folder")
+
+
+def _started(path: Path) -> dict[str, Any]:
+    """The fingerprint a stage recorded when it began (``<stage>/STARTED``), {} when none."""
+    try:
+        rec = runs.read_json(path / "STARTED")
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def cpu_seconds() -> float:
@@ -98,10 +172,17 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
+def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
     module = importlib.import_module(f"wsss_dist.stages.{stage}")
     owner = is_main_process() and stage != "report"  # one owner per (run, stage): rank 0 holds its LOCK
-    with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext():
+    with StageLock(cfg.run_dir, stage) if owner else contextlib.nullcontext(), run_log(cfg.run_dir):
+        if fresh:
+            runs.clear_stage(cfg.run_dir, stage)
+        fp = fingerprints.fingerprint(cfg, stage) if stage != "report" else None
+        if is_main_process():
+            if fp is not None:
+                runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "STARTED", fp.record())
+            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "environment.json", environment())
         t0, c0 = time.time(), cpu_seconds()
         logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
@@ -111,9 +192,62 @@ def _run_stage(cfg: Config, stage: str) -> dict[str, Any]:
             logger.info("stage %s: part finished in %.1f s", stage, time.time() - t0)
             return metrics
         if is_main_process():
+            if fp is not None:
+                out = (fingerprints.manifest_digest(cfg.shards_dir) if stage == "shards"
+                       else fingerprints.output_digest(fingerprints.stage_path(cfg, stage)))
+                metrics["fingerprint"] = fp.record(out)
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Any:
+    """While a stage runs, rank 0's log lines also go to ``runs/<run>/run.log`` (appended), whatever the entry point."""
+    if not is_main_process():
+        yield
+        return
+    handler = logging.FileHandler(Path(run_dir) / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def environment() -> dict[str, Any]:
+    """What a stage ran with: versions, the package's git commit, the command line, host, CPUs and GPUs."""
+    import platform
+    import socket
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in ("wsss-dist", "torch", "torchvision", "accelerate", "timm", "numpy", "submitit", "webdataset"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    src = Path(__file__).resolve().parent
+    git = {}
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "."],
+                               capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            git = {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "versions": versions, "cuda": torch.version.cuda, "git": git,
+            "argv": sys.argv, "host": socket.gethostname(), "cpus": os.cpu_count(), "world_size": world_size(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "gpus_used": world_size() if cuda else 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def stage_setup(cfg: Config, stage: str) -> str:
@@ -121,9 +255,8 @@ def stage_setup(cfg: Config, stage: str) -> str:
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    precision = {"teacher": cfg.teacher.train.mixed_precision, "cls": cfg.cls.train.mixed_precision,
-                 "cam": cfg.cam.mixed_precision, "aff": cfg.aff.train.mixed_precision,
-                 "seg": cfg.seg.train.mixed_precision}.get(stage, "no")
+    key = STAGE_SPECS[stage].precision_key
+    precision = get(cfg, key) if key else "no"
     if stage == "teacher":
         net, weights = cfg.teacher.arch, cfg.teacher.weights
     elif stage in ("seg", "eval"):
@@ -138,11 +271,30 @@ def stage_setup(cfg: Config, stage: str) -> str:
     return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"
 
 
+def check_device(cfg: Config) -> None:
+    """``device=cpu``: run on the CPU (accelerate's own flag, which every process reads). Otherwise a run of several
+    processes that finds no CUDA device stops in one line instead of training on the CPU over gloo unasked."""
+    if cfg.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return
+    if world_size() <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"{world_size()} processes were started for GPUs, but torch {torch.__version__} ({build}) sees no "
+                        "CUDA device; on a GPU node check the driver and CUDA_VISIBLE_DEVICES; for a CPU rehearsal add "
+                        "device=cpu (or accelerate launch --cpu)")
+
+
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
     """Run the config's stages in order, skipping finished ones (after the pre-flight checks of names and weights)."""
     from .models.preflight import preflight
 
+    check_device(cfg)
     preflight(cfg)
+    check_settings(cfg)
     if is_main_process():
         save_config(cfg)
     return {stage: run_stage(cfg, stage) for stage in cfg.stages()}

@@ -1,14 +1,19 @@
-"""The method registry: one entry per CAM method, read by the config, the cls stage and the launcher.
+"""The registries: one :class:`StageSpec` per pipeline stage and one :class:`Method` per CAM method.
 
-An entry says how the method mixes its inputs, where its sub-categories come from, whether it trains in
-rounds and which extra stages it needs. Adding a method is one :func:`register_method` entry here plus its
-mixing function or loss in :mod:`wsss_dist.methods`. This module imports nothing of the package (the config,
-at the bottom layer, reads it).
+A stage is declared once, here: its name, what it reads, whether it trains, whether it is data-parallel, whether a
+sweep shares it, whether it uses a GPU and at what rate, its precision key, the config keys that shape it and its
+report columns. The config, the runner, the launcher, the report and the fingerprints derive their tables from
+:data:`STAGE_SPECS`; adding a stage is one entry here plus one ``stages/<name>.py``.
+
+A method entry says how the method mixes its inputs, where its sub-categories come from, whether it trains in
+rounds and which extra stages it needs. Adding a method is one entry in :data:`METHODS` plus its mixing function
+or loss in :mod:`wsss_dist.methods`. This module imports nothing of the package (the config, at the bottom
+layer, reads it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 Mix = Optional[Literal["mixup", "fmix", "manifold"]]
 SubSource = Optional[Literal["rounds", "teacher"]]
@@ -55,6 +60,65 @@ MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's t
 BACKBONES: tuple[str, ...] = ("resnet38d",)
 # Classifier heads of ImageNet/psa/deeplab-pytorch checkpoints that a backbone never has: optional when loading
 HEAD_PREFIXES: tuple[str, ...] = ("fc.", "fc8.", "linear1000.", "head.", "classifier.", "aspp.")  # our own backbones (wsss_dist/models); any other name is a timm model
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the pipeline, declared once (see the module docstring for who reads which field)."""
+
+    name: str
+    doc: str
+    reads: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # the stages whose outputs it reads, for a config
+    trains: bool = False  # a trainer: ``<name>.train`` / ``<name>.optim``, model.json + model.safetensors
+    data_parallel: bool = True  # False: under several processes rank 0 runs it while the others wait
+    uses_gpu: bool = True  # False: one CPU task whatever slurm.gpus_per_node says
+    images_per_gpu_s: Optional[float] = None  # rate the submit-time time check assumes (images/s per GPU)
+    shared_by_sweep: bool = False  # a sweep runs it once for all points with the same data settings
+    always_runs: bool = False  # rebuilt on every call (its DONE does not make it skip)
+    repairs_when_asked: bool = False  # done, but ``stage=<it>`` alone runs it: it verifies and redoes damaged outputs
+    optional: bool = False  # in ``stage=all`` only for the methods whose ``extra_stages`` name it
+    precision_key: Optional[str] = None  # the config key of its autocast precision
+    settings: tuple[str, ...] = ()  # config keys (or sections) that shape it; upstream effects come through ``reads``
+    not_settings: tuple[str, ...] = ()  # keys inside ``settings`` sections that belong to another stage
+    report: tuple[tuple[str, str], ...] = ()  # (DONE metric, column title) in the report's tables
+
+
+def _uses_teacher(cfg: Any) -> bool:
+    return METHODS[cfg.method].subcategories == "teacher"
+
+
+STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("shards", "the dataset packed into WebDataset tar shards + manifest", data_parallel=False,
+              uses_gpu=False, shared_by_sweep=True, repairs_when_asked=True,
+              settings=("data.name", "data.voc_root", "data.sbd_root", "data.lists_dir", "data.shard_size",
+                        "data.toy.seed", "data.toy.n_train", "data.toy.n_val", "data.toy.n_sbd", "data.toy.size")),
+    StageSpec("teacher", "a ViT fine-tuned multi-label; its embeddings for FINCH", trains=True, optional=True,
+              images_per_gpu_s=400.0, precision_key="teacher.train.mixed_precision",
+              settings=("teacher", "cls.split", "data.shuffle_buffer")),
+    StageSpec("cls", "the classifier with a CAM head (the method)",
+              reads=lambda cfg: ("teacher",) if _uses_teacher(cfg) else (), trains=True, images_per_gpu_s=40.0,
+              precision_key="cls.train.mixed_precision", settings=("method", "model", "cls", "data.shuffle_buffer")),
+    StageSpec("cam", "multi-scale + flip CAMs and the CAM mIoU", reads=lambda cfg: ("cls",), images_per_gpu_s=9.0,
+              repairs_when_asked=True, precision_key="cam.mixed_precision", settings=("cam",),
+              report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)"))),
+    StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
+              reads=lambda cfg: ("cam", "cls") if cfg.aff.init == "cls" else ("cam",), trains=True,
+              images_per_gpu_s=40.0, repairs_when_asked=True, precision_key="aff.train.mixed_precision",
+              settings=("aff", "model", "data.shuffle_buffer")),
+    StageSpec("pseudo", "the random walk: pseudo labels and their mIoU", reads=lambda cfg: ("cam", "aff"),
+              images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",),
+              report=(("miou", "after RW (train)"),)),
+    StageSpec("seg", "DeepLab-v2 trained on the pseudo labels",
+              reads=lambda cfg: ("pseudo", "cls") if cfg.seg.init == "cls" else ("pseudo",), trains=True,
+              images_per_gpu_s=200.0, precision_key="seg.train.mixed_precision", settings=("seg", "data.shuffle_buffer"),
+              not_settings=("seg.eval_scales", "seg.eval_flip")),
+    StageSpec("eval", "val predictions, mIoU and per-class IoU", reads=lambda cfg: ("seg",), images_per_gpu_s=200.0,
+              repairs_when_asked=True, settings=("seg.eval_scales", "seg.eval_flip"),
+              report=(("miou", "DeepLab (val)"),)),
+    StageSpec("report", "tables and figures over runs", data_parallel=False, uses_gpu=False, always_runs=True),
+)}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGE_SPECS)
+TRAINERS: tuple[str, ...] = tuple(s.name for s in STAGE_SPECS.values() if s.trains)
 
 
 def get_method(name: str) -> Method:

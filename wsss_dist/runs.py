@@ -154,6 +154,22 @@ def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | 
     return write_json(stage_dir(run_dir, stage) / "DONE", metrics or {})
 
 
+def clear_stage(run_dir: str | os.PathLike, stage: str) -> None:
+    """Remove everything a stage left in ``runs/<run>/<stage>/`` (DONE first) except its LOCK: it starts over."""
+    d = Path(run_dir) / stage
+    if not d.is_dir():
+        return
+    (d / "DONE").unlink(missing_ok=True)
+    for p in d.iterdir():
+        if p.name == "LOCK":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    fsync_dir(d)
+
+
 def round_dir(run_dir: str | os.PathLike, r: int) -> Path:
     """``runs/<run>/cls/round<r>/``: one training round of a method that trains in rounds (sc)."""
     return Path(run_dir) / "cls" / f"round{r}"

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .. import runs
+from ..config import STAGES
 from ..errors import DataError
 from .voc import NUM_CLASSES, VOCSource, write_mask_png
 
@@ -232,8 +233,11 @@ def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tra
 
 
 def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
-                  shard_size: int = 200, progress: bool = True) -> ShardsReport:
+                  shard_size: int = 200, progress: bool = True, settings: dict | None = None) -> ShardsReport:
     """Make ``out_dir`` hold the shards of ``source`` and their ``manifest.json``, writing only what is needed.
+
+    ``settings`` (the data settings that made them) are recorded in the manifest; a folder whose manifest records
+    other settings belongs to another run's data and is refused (DataError), never rebuilt under it.
 
     Inputs changed (fingerprint), or no usable manifest (absent, not JSON, fields missing: a warning): every shard is
     rebuilt. Otherwise every listed tar is verified (exists, size and sha256 as in the manifest) and exactly the tars
@@ -248,10 +252,12 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
     ids = {split: source.ids(split) for split in splits}
     fp = _fingerprint(source, ids, shard_size)
     mpath = out_dir / MANIFEST
+    _check_settings(mpath, settings)
     old = _usable_manifest(mpath, fp, ids, shard_size)
     if old is None:
         mpath.unlink(missing_ok=True)  # no manifest may vouch for shards while they are rewritten
         manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
+                                    **({"data": settings} if settings is not None else {}),
                                     "source": {"voc_root": str(source.voc_root),
                                                "sbd_root": str(source.sbd_root or ""),
                                                "lists_dir": str(source.lists_dir or "")},
@@ -270,6 +276,9 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
     logger.info("verified %d shards in %s against %s in %.2f s: %d missing or different", listed, out_dir, MANIFEST,
                 seconds, len(bad))
     report = ShardsReport(old, verified=listed, verify_seconds=round(seconds, 3))
+    if settings is not None and old.get("data") != settings:  # a manifest of an older version: record them
+        old["data"] = settings
+        runs.write_json(mpath, old)
     if not bad:
         logger.info("shards in %s are up to date (same inputs), nothing to do", out_dir)
         return report
@@ -284,6 +293,21 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
             logger.info("rebuilt %s (%d samples)", out_dir / name, len(samples))
     runs.write_json(mpath, old)
     return report
+
+
+def _check_settings(mpath: Path, settings: dict | None) -> None:
+    """DataError when the manifest in ``mpath`` records other data settings than ``settings`` (another run's data)."""
+    if settings is None or not mpath.is_file():
+        return
+    try:
+        old = runs.read_json(mpath).get("data")
+    except (ValueError, OSError, AttributeError):
+        return  # an unreadable manifest is rebuilt (update_shards)
+    if isinstance(old, dict) and old != settings:
+        diff = ", ".join(f"{k}={old.get(k)} there, {settings.get(k)} here" for k in sorted(set(old) | set(settings))
+                         if old.get(k) != settings.get(k))
+        raise DataError(f"{mpath.parent}: holds the shards of other data settings ({diff}); leave data.shards_dir "
+                        "unset (each data setting gets its own folder) or name another folder")
 
 
 def _usable_manifest(mpath: Path, fp: str, ids: dict[str, list[str]], shard_size: int) -> dict | None:
@@ -556,6 +580,14 @@ def check_tars() -> Callable[[Iterable[dict]], Iterator[dict]]:
     return stage
 
 
+def producing_stage(path: Path) -> str | None:
+    """The stage whose output folder holds the shard ``path`` (``runs/<run>/<stage>/``, ``aff/labels/``), or None."""
+    parent = Path(path).parent
+    if parent.name == "labels" and parent.parent.name == "aff":
+        return "aff"
+    return parent.name if parent.name in STAGES and parent.name != "shards" else None
+
+
 def verify_against_manifest(url: str) -> None:
     """Check a shard against what was recorded when it was written: the ``manifest.json`` next to it (input shards)
     or its per-shard record ``<shard>.json`` (a stage's output shards). A mismatch is a DataError whose advice
@@ -574,6 +606,10 @@ def verify_against_manifest(url: str) -> None:
         if want is not None and _sha256(path) != want:
             raise DataError(f"{path}: sha256 differs from {mpath} (corrupt or modified shard); run stage=shards again")
         return
+    stage = producing_stage(path)
+    if stage is not None and not record_path(path).is_file():
+        raise DataError(f"{path}: its record {record_path(path).name} is missing (an output shard is trusted only with "
+                        f"its record); run stage={stage} again: it redoes exactly the shards without records")
     problem = record_problem(path)
     if problem is not None:
         stage = runs.read_json(record_path(path)).get("stage") or "that wrote it"

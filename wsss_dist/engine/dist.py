@@ -1,6 +1,7 @@
 """This process's place in the job (Accelerate's process state) and the autocast context of a precision."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,13 @@ def dist() -> Dist:
     """The Accelerate process state (initialises torch.distributed under accelerate/torchrun/SLURM)."""
     from accelerate import PartialState
 
-    s = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True a CUDA-less job would not join its group
+    s = PartialState(cpu=on_cpu())  # without cpu=True a CUDA-less job would not join its group
     return Dist(s.process_index, s.num_processes, s.device, s)
+
+
+def on_cpu() -> bool:
+    """Whether this process runs on the CPU: no CUDA device, or asked for (``device=cpu``, accelerate's ``--cpu``)."""
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def autocast(device: torch.device, precision: str):

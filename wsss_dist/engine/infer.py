@@ -20,6 +20,7 @@ import torch
 
 from .. import runs
 from ..config import Config
+from ..errors import DataError
 from ..data.shards import (check_skip_fraction, load_manifest, record_path, record_problem, sha256_bytes, split_urls,
                            tar_bytes)
 from ..data.stream import image_tensor, prepare_image, shard_samples
@@ -47,9 +48,10 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     (e.g. :func:`wsss_dist.data.stream.prepare_image`, whose ``image`` :func:`image_tensor` moves to the device).
     With ``batch=n``, ``process`` takes a list of up to n consecutive samples of one shard whose images have the
     same size and returns a list of ``(record, prediction)``.
-    Each output shard's record ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to
-    rerun to repair it); readers check the sha256. Shards already written and matching their record are skipped; a
-    damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
+    Each output shard's record ``<shard>.json`` holds its sample counts, its sha256, the sha256 of the input shard
+    it was made from, that of its confusion matrix ``<shard>.cm.npy`` and ``stage`` (the name to rerun to repair
+    it); readers check the sha256s. Shards already written and matching their record (and made from the input shard
+    as it is now) are skipped; a damaged or stale one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
     every rank); more broken samples than ``data.max_skip_fraction`` is a DataError.
     """
     from tqdm import tqdm
@@ -62,7 +64,8 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     if d.main:
         runs.remove_stale_tmp(out_dir)  # temp files of a killed writer (no rank writes yet)
     d.barrier()
-    todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
+    made_from = manifest["splits"][split].get("sha256", {})  # output shard name = input shard name
+    todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None, made_from.get(Path(u).name))]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
     if todo:
@@ -70,7 +73,7 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
                                 num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
         with contextlib.closing(samples), \
                 tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
-            writer = _ShardWriter(out_dir, evaluate, stage or desc)
+            writer = _ShardWriter(out_dir, evaluate, stage or desc, made_from)
             pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
 
             def run(group: list[dict]) -> None:
@@ -109,8 +112,8 @@ class _ShardWriter:
     marker arrives (per-shard records first, the shard itself last). Its error is raised in the caller's thread, by
     the next :meth:`put` or by :meth:`close`."""
 
-    def __init__(self, out_dir: Path, evaluate: Evaluate | None, stage: str) -> None:
-        self.out_dir, self.evaluate, self.stage = out_dir, evaluate, stage
+    def __init__(self, out_dir: Path, evaluate: Evaluate | None, stage: str, made_from: dict[str, str]) -> None:
+        self.out_dir, self.evaluate, self.stage, self.made_from = out_dir, evaluate, stage, made_from
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="map_shards-writer", daemon=True)
@@ -159,11 +162,14 @@ class _ShardWriter:
 
     def _write(self, name: str, outputs: list, cms: list, samples: int, skipped: int) -> None:
         """An output shard: the per-shard records first, the shard itself last (a shard on disk is a finished one)."""
+        extra = {}
         if self.evaluate is not None:
-            runs.write_npy(self.out_dir / f"{name}.cm.npy", np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64))
+            cm_path = runs.write_npy(self.out_dir / f"{name}.cm.npy", np.sum(cms, axis=0) if cms else np.zeros((0,), np.int64))
+            extra["cm_sha256"] = sha256_bytes(cm_path.read_bytes())
         data, records = tar_bytes(outputs)
         runs.write_json(record_path(self.out_dir / name), {"samples": samples, "skipped": skipped, "records": records,
-                                                           "sha256": sha256_bytes(data), "stage": self.stage})
+                                                           "sha256": sha256_bytes(data), "stage": self.stage,
+                                                           "input_sha256": self.made_from.get(name), **extra})
         runs.atomic_write(self.out_dir / name, data)
 
 
@@ -173,15 +179,29 @@ def _size(sample: dict) -> tuple[int, ...]:
     return tuple(image.shape) if image is not None else ()
 
 
-def _shard_done(out_dir: Path, name: str, with_cm: bool) -> bool:
-    """An output shard is finished when it and its records exist (they are written before it) and it matches the
-    sha256 of its record (a damaged shard is redone)."""
+def _shard_done(out_dir: Path, name: str, with_cm: bool, input_sha256: str | None = None) -> bool:
+    """An output shard is finished when it and its records exist (they are written before it), it and its confusion
+    matrix match the sha256s of its record, and it was made from the input shard as it is now (else it is redone)."""
     if not all((out_dir / f).exists() for f in (name, f"{name}.json") + ((f"{name}.cm.npy",) if with_cm else ())):
         return False
-    problem = record_problem(out_dir / name)
+    problem = record_problem(out_dir / name) or (_cm_problem(out_dir, name) if with_cm else None)
+    if problem is None and input_sha256 is not None:
+        made_from = runs.read_json(record_path(out_dir / name)).get("input_sha256")
+        if made_from != input_sha256:
+            problem = "made from another version of its input shard (the shards were rebuilt since)"
     if problem is not None:
         logger.warning("%s: %s; redoing it", out_dir / name, problem)
     return problem is None
+
+
+def _cm_problem(out_dir: Path, name: str) -> str | None:
+    """Why ``<shard>.cm.npy`` does not match the sha256 in the shard's record (None when it does)."""
+    want = runs.read_json(record_path(out_dir / name)).get("cm_sha256")
+    path = out_dir / f"{name}.cm.npy"
+    if want is None:
+        return f"its record {record_path(out_dir / name)} has no checksum of {path.name} (written by an older version)"
+    return None if path.is_file() and sha256_bytes(path.read_bytes()) == want else \
+        f"{path.name} differs from the sha256 in its record (changed after it was written)"
 
 
 def _count(manifest: dict, split: str, url: str) -> int:
@@ -198,11 +218,19 @@ def _gather(out_dir: Path, urls: list[str]) -> dict:
     cm = None
     for u in urls:
         name = Path(u).name
-        info = runs.read_json(out_dir / f"{name}.json")
+        try:
+            info = runs.read_json(out_dir / f"{name}.json")
+        except FileNotFoundError:
+            raise DataError(f"{out_dir / name}: its record {name}.json is missing; run stage={out_dir.name} again: it "
+                            "redoes exactly the shards without records") from None
         samples += info["samples"]
         skipped += info["skipped"]
         p = out_dir / f"{name}.cm.npy"
         if p.exists():
+            problem = _cm_problem(out_dir, name)
+            if problem is not None:
+                raise DataError(f"{p}: {problem}; run stage={info.get('stage') or out_dir.name} again: it redoes "
+                                "exactly the damaged shards")
             m = np.load(p, allow_pickle=False)
             if m.size:
                 cm = m if cm is None else cm + m

@@ -25,6 +25,7 @@ from ..data.stream import augment_on_device
 from ..errors import Interrupted, TrainingDiverged
 from ..models.weights import WEIGHTS, load_model_weights, save_model_weights
 from .checkpoint import checkpoint_step, complete_checkpoints, read_train_state, remove_partial, save_checkpoint
+from .dist import on_cpu
 from .optim import build_optimizer, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _make_accelerator(train: TrainCfg):
 
     reset_accelerate_precision(train.mixed_precision)
     return Accelerator(mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accum,
-                       cpu=not torch.cuda.is_available())
+                       cpu=on_cpu())
 
 
 def _finished(out_dir: Path, steps: int, log_name: str) -> dict | None:

@@ -24,7 +24,7 @@ from .backbones import create_backbone
 from .cam_net import CAMNet
 from .deeplab import DeepLabV2
 from .pretrained import Weights, load_pretrained, normalization, parse_weights, read_state_dict
-from .weights import MODEL_JSON, WEIGHTS, load_model_weights
+from .weights import MODEL_JSON, WEIGHTS, load_model_weights, redo_advice
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def read_spec(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / MODEL_JSON
     if not path.is_file():
         raise WeightsError(f"{path}: no such file, so the architecture of the model in {Path(out_dir)} is unknown "
-                           f"(trained by an older wsss-dist?); delete {Path(out_dir)} and rerun the stage that trains it")
+                           f"(trained by an older wsss-dist?); {redo_advice(out_dir)}")
     return runs.read_json(path)
 
 

@@ -26,12 +26,12 @@ from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
 from ..data.shards import load_manifest, read_shard, split_ids, split_urls
 from ..data.voc import CLASSES, PALETTE
+from ..registry import STAGE_SPECS
 
 logger = logging.getLogger(__name__)
 
-STAGES = (("cam", "miou", "CAM (train)"), ("cam", "best_miou", "CAM best thr (train)"),
-          ("pseudo", "miou", "after RW (train)"), ("eval", "miou", "DeepLab (val)"))
-CHAIN = ("cls", "cam", "aff", "pseudo", "seg", "eval")
+STAGES = tuple((s.name, key, title) for s in STAGE_SPECS.values() for key, title in s.report)  # the table columns
+CHAIN = tuple(s.name for s in STAGE_SPECS.values() if s.uses_gpu and not s.optional)  # every run's GPU stages: its status
 
 
 def load_run(run: Path) -> dict[str, Any]:
@@ -89,7 +89,45 @@ def summary_rows(grouped: dict[tuple[str, str], list[dict]]) -> list[dict]:
 def _pct(s: dict) -> str:
     if s["mean"] is None:
         return "–"
+    if s["n"] == 1:  # one run: no spread to show
+        return f"{100 * s['mean']:.1f} (n=1)"
     return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} (n={s['n']})"
+
+
+def stage_times(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per run: each finished stage's minutes, the total and the GPU-hours (seconds × GPUs the stage used)."""
+    stages = [st for st in ("teacher", *CHAIN) if any(st in p["done"] for p in points)]
+    rows = []
+    for p in points:
+        gpu_h = 0.0
+        for st in stages:
+            if st in p["done"]:
+                env = _environment(Path(p["run"]) / st)
+                gpu_h += float(p["done"][st].get("seconds", 0)) * env.get("gpus_used", 0) / 3600
+        total = sum(float(p["done"][st].get("seconds", 0)) for st in stages if st in p["done"]) / 60
+        rows.append([p["name"], *[f"{p['done'][st]['seconds'] / 60:.1f}" if "seconds" in p["done"].get(st, {}) else "–"
+                                  for st in stages], f"{total:.1f}", f"{gpu_h:.2f}"])
+    return ["run", *[f"{st} (min)" for st in stages], "total (min)", "GPU-hours"], rows
+
+
+def recipes(points: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per run: the method, networks, weights and training lengths that made its numbers."""
+    def get(cfg: dict, key: str) -> str:
+        for part in key.split("."):
+            cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+        return "–" if cfg in ({}, None, "") else str(cfg)
+
+    keys = ("method", "model.backbone", "model.weights", "cls.train.steps", "cls.train.batch_size", "aff.init",
+            "seg.backbone", "seg.init", "seg.weights", "seg.train.steps")
+    return ["run", *keys], [[p["name"], *[get(p["config"], k) for k in keys]] for p in points]
+
+
+def _environment(stage_dir: Path) -> dict:
+    try:
+        env = runs.read_json(stage_dir / "environment.json")
+    except (OSError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -267,6 +305,9 @@ def run(cfg: Config) -> dict:
           markdown(header, table), "", "## Runs", "", markdown(run_header, run_rows), ""]
     page = [f"<h1>wsss-dist report</h1><p>{html.escape(summary)}</p><h2>mIoU (%) per method: mean ± std over seeds (n)</h2>",
             html_table(header, table), "<h2>Runs</h2>", html_table(run_header, run_rows)]
+    for title, (h, t) in (("Stage times and GPU-hours", stage_times(points)), ("Recipes", recipes(points))):
+        md += [f"## {title}", "", markdown(h, t), ""]
+        page += [f"<h2>{title}</h2>", html_table(h, t)]
     for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
                          ("eval", "DeepLab per-class IoU (val)")):
         h = ["method", "split", "bg", *CLASSES]
