@@ -61,8 +61,8 @@ def stage_flops(cfg: Any, stage: str, size: tuple[int, int], device: Any) -> flo
     from wsss_dist.models.build import (
         affinity_spec,
         classifier_spec,
+        create_model,
         deeplab_spec,
-        from_spec,
     )
 
     H, W = size
@@ -74,7 +74,7 @@ def stage_flops(cfg: Any, stage: str, size: tuple[int, int], device: Any) -> flo
         spec = deeplab_spec(cfg)
     else:
         return 0.0
-    model = from_spec(spec).to(device).eval()
+    model = create_model(spec).to(device).eval()
     if stage in TRAINERS:
         crop = getattr(cfg, stage).train.crop
         out = 3 * forward_flops(model, crop, crop, device)

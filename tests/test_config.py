@@ -126,8 +126,10 @@ def test_keys_lists_every_key_with_type_default_and_doc():
     ("cls=3", ["cls is a group"]),
 ])
 def test_bad_values_fail_when_the_config_is_built(arg, words):
+    from wsss_dist.models.preflight import preflight  # names timm must know: the pre-flight, before any job
+
     with pytest.raises(ConfigError) as e:
-        make_config([arg])
+        preflight(make_config([arg]))
     for w in words:
         assert w in str(e.value)
 

@@ -44,14 +44,14 @@ def words(tmp_path_factory) -> list[str]:
 def models(words, tmp_path_factory) -> Path:
     """A run dir whose cls, aff and seg stages are done, with seeded random networks."""
     from wsss_dist.engine import save_model_weights
-    from wsss_dist.models.build import affinity_spec, classifier_spec, deeplab_spec, from_spec, write_spec
+    from wsss_dist.models.build import affinity_spec, classifier_spec, create_model, deeplab_spec, write_spec
 
     run = tmp_path_factory.mktemp("models") / "run"
     cfg = make_config(words + [f"run={run}"])
     for i, (stage, spec) in enumerate((("cls", classifier_spec(cfg)), ("aff", affinity_spec(cfg)),
                                        ("seg", deeplab_spec(cfg)))):
         torch.manual_seed(i)
-        save_model_weights(from_spec(spec), run / stage / "model.safetensors")
+        save_model_weights(create_model(spec), run / stage / "model.safetensors")
         write_spec(run / stage, spec)
         runs.mark_done(run, stage, {"steps": 0})
     return run

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from wsss_dist.models import AffinityNet, CAMNet, DeepLabV2, create_model
-from wsss_dist.models.backbones import create_backbone, load_weights
+from wsss_dist.models.backbones import create_backbone
+from wsss_dist.models.pretrained import load_weights
 
 
 def _bns(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -244,3 +245,69 @@ def test_manifold_mix_at_each_stage(r18):
     with pytest.raises(ValueError, match="mix_at"):
         r18(x, mix_at=r18.num_stages, mix_fn=half)
 
+
+
+# ------------------------------------------------------------------------------ normalisation follows the weights
+def test_backbone_normalises_to_its_weights_statistics():
+    from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD, renormalize
+
+    torch.manual_seed(0)
+    imagenet = create_model({"kind": "cam", "backbone": "resnet18", "frozen_bn": False}).eval()
+    half = create_model({"kind": "cam", "backbone": "resnet18", "frozen_bn": False, "mean": [0.5] * 3, "std": [0.5] * 3}).eval()
+    half.load_state_dict(imagenet.state_dict())
+    assert imagenet.backbone.normalization == (IMAGENET_MEAN, IMAGENET_STD)  # no mean/std in a spec: ImageNet's
+    x = torch.randn(1, 3, 32, 32)
+    assert imagenet.backbone.renormalize(x) is x  # ImageNet's (toy runs, psa files): the input untouched
+    with torch.no_grad():
+        assert torch.allclose(half(x)["logits"], imagenet(renormalize(x, (0.5,) * 3, (0.5,) * 3))["logits"], atol=1e-5)
+        assert not torch.allclose(half(x)["logits"], imagenet(x)["logits"], atol=1e-3)
+    aff = create_model({"kind": "affinity", "backbone": "resnet18", "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert aff.backbone.normalization == ((0.5,) * 3, (0.5,) * 3)
+
+
+def test_spec_records_normalisation_and_trained_models_use_it(tmp_path):
+    from wsss_dist.config import make_config
+    from wsss_dist.engine import save_model_weights
+    from wsss_dist.models.build import classifier_spec, deeplab_spec, load_model, teacher_spec, write_spec
+
+    cfg = make_config(["model.backbone=resnet18", "model.weights=timm:resnet18.a1_in1k", "seg.init=cls",
+                       "seg.backbone=resnet18", "teacher.weights=timm", "teacher.arch=vit_tiny_patch16_224"])
+    spec = classifier_spec(cfg)
+    assert (spec["mean"], spec["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # timm's a1 cfg
+    assert deeplab_spec(cfg)["mean"] == spec["mean"]  # seg.init=cls: the classifier's
+    assert teacher_spec(cfg)["mean"] == [0.5, 0.5, 0.5]  # augreg ViT
+    spec = {**spec, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_model_weights(create_model(spec), tmp_path / "model.safetensors")
+    write_spec(tmp_path, spec)
+    assert load_model(tmp_path).backbone.normalization == ((0.5,) * 3, (0.25,) * 3)
+
+
+# ------------------------------------------------------------------------------ the trainer stamp
+def test_trainer_stamp_writes_model_json_before_the_weights(tmp_path):
+    import json
+
+    import engine_script as es
+
+    from wsss_dist.engine import train_model
+    from wsss_dist.errors import WeightsError
+    from wsss_dist.models.build import load_model
+
+    seen = []
+
+    def loss_fn(model, batch, step):
+        seen.append(((tmp_path / "model.json").is_file(), (tmp_path / "model.safetensors").is_file()))
+        return es.loss_fn(model, batch, step)
+
+    t, o = es.configs(2, 0, 1)
+    spec = {"kind": "tiny", "width": 3}
+    kwargs = dict(loss_fn=loss_fn, make_loader=es.make_loader, train=t, optim=o, log_name="tiny")
+    metrics, _ = train_model(tmp_path, spec, es.make_model, lambda m: m.param_groups(), **kwargs)
+    assert metrics["steps"] == 2 and seen and all(j and not w for j, w in seen)  # model.json first, weights last
+    assert json.loads((tmp_path / "model.json").read_text()) == spec
+    (tmp_path / "model.json").unlink()  # a run of an older wsss-dist: weights, no model.json
+    with pytest.raises(WeightsError) as e:
+        load_model(tmp_path)
+    assert str(tmp_path / "model.json") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(WeightsError, match="model.json: no such file"):  # never rebuilt from today's config
+        train_model(tmp_path, spec, es.make_model, lambda m: m.param_groups(), **kwargs)
+    assert not (tmp_path / "model.json").exists()

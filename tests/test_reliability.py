@@ -102,13 +102,13 @@ def _opt(args: list[str], key: str) -> str:
 @pytest.fixture(scope="module")
 def trained_cls(shards, tmp_path_factory):  # noqa: F811
     """A run dir whose cls stage is finished (seeded random weights: what cam needs, without training)."""
-    from wsss_dist.models.build import from_spec, classifier_spec
+    from wsss_dist.models.build import classifier_spec, create_model
 
     run = tmp_path_factory.mktemp("cls-run") / "run"
     cfg = make_config(shards + [f"run={run}"])
     torch.manual_seed(0)
-    save_model_weights(from_spec(classifier_spec(cfg)), run / "cls" / "model.safetensors")
-    runs.write_json(run / "cls" / "model.json", {"backbone": cfg.model.backbone, "num_sub": 0, "method": "cam"})
+    save_model_weights(create_model(classifier_spec(cfg)), run / "cls" / "model.safetensors")
+    runs.write_json(run / "cls" / "model.json", classifier_spec(cfg))
     runs.mark_done(run, "cls", {"steps": 0})
     return run
 

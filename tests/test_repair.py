@@ -204,7 +204,7 @@ def test_damaged_stage_output_is_refused_when_read_and_its_stage_redoes_exactly_
 
     from wsss_dist import pipeline
     from wsss_dist.config import make_config
-    from wsss_dist.models.build import classifier_spec, from_spec, write_spec
+    from wsss_dist.models.build import classifier_spec, create_model, write_spec
     from wsss_dist.models.weights import save_model_weights
 
     run = tmp_path / "run"
@@ -212,7 +212,7 @@ def test_damaged_stage_output_is_refused_when_read_and_its_stage_redoes_exactly_
              "cam.split=val", "cam.eval_split=val", "aff.train.steps=2", "aff.train.batch_size=2", "aff.train.crop=48"]
     cfg = make_config(words + ["stage=cam"])
     torch.manual_seed(0)
-    save_model_weights(from_spec(classifier_spec(cfg)), run / "cls" / "model.safetensors")  # random weights will do
+    save_model_weights(create_model(classifier_spec(cfg)), run / "cls" / "model.safetensors")  # random weights will do
     write_spec(run / "cls", classifier_spec(cfg))
     runs.mark_done(run, "cls", {"steps": 0})
     pipeline.run(cfg)

@@ -12,14 +12,23 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from wsss_dist.config import make_config, parse_weights, to_yaml
+from wsss_dist.config import Config, make_config, to_yaml
 from wsss_dist.errors import ConfigError, WeightsError
-from wsss_dist.models.backbones import create_backbone, create_timm_model, load_weights, read_state_dict
-from wsss_dist.models.build import (build_deeplab, build_teacher, deeplab_spec, from_spec, imagenet_weights,
-                                    teacher_normalization)
+from wsss_dist.models.backbones import create_backbone
+from wsss_dist.models.build import build_deeplab, build_teacher, create_model, deeplab_spec, imagenet_weights
 from wsss_dist.models.mxnet_params import MXNetFormatError, read_params
+from wsss_dist.models.preflight import preflight
+from wsss_dist.models.pretrained import (Weights, create_timm_model, load_weights, normalization, parse_weights,
+                                         read_state_dict)
 
 VOC = ["data=voc", "data.voc_root=/nowhere/VOC2012"]
+
+
+def checked_config(words: list[str]) -> Config:
+    """A config as the command line takes it: built, then the pre-flight checks of names and weights."""
+    cfg = make_config(words)
+    preflight(cfg)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------ MXNet NDArray files, by hand
@@ -118,7 +127,7 @@ def test_convert_weights_command_writes_safetensors(psa_params, tmp_path, capsys
     assert not [p for p in out.parent.iterdir() if p != out]  # atomic: no temporary left
     sd = load_file(str(out))
     assert sd.keys() == expected.keys() and all(torch.equal(sd[k], expected[k]) for k in sd)
-    cfg = make_config(VOC + ["stage=cls", f"model.weights={out}"])  # passes the header check at config build
+    cfg = checked_config(VOC + ["stage=cls", f"model.weights={out}"])  # passes the header check at config build
     assert cfg.model.weights == str(out)
     with pytest.raises(SystemExit) as e:  # a backbone it does not fit: one-line user error, exit 2
         main(["convert-weights", str(path), str(tmp_path / "x.safetensors"), "--backbone=resnet18"])
@@ -176,25 +185,43 @@ def r18_file(tmp_path_factory):
 
 
 def test_parse_weights_forms():
-    assert parse_weights("") == ("unset", None, None)
-    assert parse_weights(None) == parse_weights("none") == parse_weights("NULL") == ("none", None, None)
-    assert parse_weights("timm") == ("timm", None, None)
-    assert parse_weights("timm:resnet101.a1h_in1k") == ("timm", "resnet101.a1h_in1k", None)
-    assert parse_weights("resnet101.a1h_in1k") == ("timm", "resnet101.a1h_in1k", None)
-    assert parse_weights("hf-hub:timm/resnet50.a1_in1k") == ("timm", "hf-hub:timm/resnet50.a1_in1k", None)
-    assert parse_weights("timm:resnet18.a1_in1k@/w/r18.safetensors") == ("timm", "resnet18.a1_in1k", "/w/r18.safetensors")
-    assert parse_weights("resnet18.a1_in1k@/w/r18.safetensors") == ("timm", "resnet18.a1_in1k", "/w/r18.safetensors")
-    assert parse_weights("timm@/w/r18.safetensors") == ("timm", None, "/w/r18.safetensors")
-    assert parse_weights("hf-hub:timm/resnet18.a1_in1k@main") == ("timm", "hf-hub:timm/resnet18.a1_in1k@main", None)
-    assert parse_weights("/w/resnet38d.safetensors") == ("file", None, "/w/resnet38d.safetensors")
-    assert parse_weights("r101.pth") == ("file", None, "r101.pth")
+    assert parse_weights("") == Weights("unset")
+    assert parse_weights(None) == parse_weights("none") == parse_weights("NULL") == Weights("none", text="none")
+    assert parse_weights("timm") == Weights("timm", text="timm")
+    forms = {"timm:resnet101.a1h_in1k": ("timm", "resnet101.a1h_in1k", None),
+             "resnet101.a1h_in1k": ("timm", "resnet101.a1h_in1k", None),
+             "hf-hub:timm/resnet50.a1_in1k": ("hf", "hf-hub:timm/resnet50.a1_in1k", None),
+             "timm:resnet18.a1_in1k@/w/r18.safetensors": ("timm", "resnet18.a1_in1k", "/w/r18.safetensors"),
+             "resnet18.a1_in1k@/w/r18.safetensors": ("timm", "resnet18.a1_in1k", "/w/r18.safetensors"),
+             "timm@/w/r18.safetensors": ("timm", None, "/w/r18.safetensors"),
+             "hf-hub:timm/resnet18.a1_in1k@main": ("hf", "hf-hub:timm/resnet18.a1_in1k@main", None),
+             "/w/resnet38d.safetensors": ("file", None, "/w/resnet38d.safetensors"),
+             "r101.pth": ("file", None, "r101.pth")}
+    for text, (kind, name, path) in forms.items():
+        w = parse_weights(text)
+        assert (w.kind, w.name, w.path, w.text) == (kind, name, path, text), text
+        assert w.given and parse_weights(w) is w  # parsed once: a parsed value passes through
+    assert not parse_weights("").given and not parse_weights("none").given
+    with pytest.raises(Exception):  # frozen
+        parse_weights("timm").kind = "file"  # type: ignore[misc]
+
+
+def test_config_imports_no_heavy_library():
+    """The config layer is pure: the checks that need timm, torch or safetensors run in the pre-flight."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from wsss_dist.config import make_config; make_config(['stage=all', 'method=teach']); "
+            "print(sorted(m for m in ('timm', 'torch', 'safetensors') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("form", ["timm:resnet18.a1_in1k@{}", "resnet18.a1_in1k@{}", "timm@{}"])
 def test_timm_names_load_through_timm_with_a_local_copy(r18_file, form):
     path, sd = r18_file
     value = form.format(path)
-    make_config(VOC + ["stage=cls", "model.backbone=resnet18", f"model.weights={value}"])  # accepted at config build
+    checked_config(VOC + ["stage=cls", "model.backbone=resnet18", f"model.weights={value}"])  # accepted at config build
     bb = create_backbone("resnet18", weights=value, output_stride=8)
     got = bb.body.state_dict()
     assert all(torch.equal(got[k], sd[k]) for k in got if not k.endswith("num_batches_tracked"))
@@ -207,13 +234,13 @@ def test_timm_names_never_build_random_weights(r18_file, monkeypatch):
 
     path, _ = r18_file
     with pytest.raises(ConfigError, match=r"model\.weights=timm:resnet50\.a1_in1k: weights of resnet50, but model\.backbone=resnet18"):
-        make_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet50.a1_in1k"])
+        checked_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet50.a1_in1k"])
     with pytest.raises(ConfigError, match=r"model\.weights=timm:resnet18\.bogus: timm has no pretrained weights.*known: resnet18\.a1_in1k"):
-        make_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet18.bogus"])
+        checked_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet18.bogus"])
     with pytest.raises(ConfigError, match=r"model\.weights=timm: timm has no weights of our resnet38d"):
-        make_config(VOC + ["stage=cls", "model.weights=timm"])
+        checked_config(VOC + ["stage=cls", "model.weights=timm"])
     with pytest.raises(ConfigError, match=r"model\.weights=timm:resnet18\.a1_in1k@/nope/r18\.safetensors: weights file not found"):
-        make_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet18.a1_in1k@/nope/r18.safetensors"])
+        checked_config(VOC + ["stage=cls", "model.backbone=resnet18", "model.weights=timm:resnet18.a1_in1k@/nope/r18.safetensors"])
     with pytest.raises(WeightsError, match="Invalid pretrained tag"):
         create_backbone("resnet18", weights="timm:resnet18.bogus")
     with pytest.raises(WeightsError, match="are of resnet50, not resnet18"):
@@ -236,7 +263,7 @@ def test_timm_names_never_build_random_weights(r18_file, monkeypatch):
     no_source = type(no_source)(**{**no_source.to_dict(), "url": "", "hf_hub_id": None, "architecture": "resnet18"})
     monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: no_source)
     with pytest.raises(WeightsError, match="no download source"):
-        create_timm_model("resnet18", "resnet18.a1_in1k", features_only=True)
+        create_timm_model("resnet18", "timm:resnet18.a1_in1k", features_only=True)
 
 
 # ------------------------------------------------------------------------------------------------ the ViT teacher
@@ -250,7 +277,7 @@ def test_teacher_pos_embed_resampled_to_img_size(vit224, form):
     from timm.layers import resample_abs_pos_embed
 
     path, sd = vit224
-    cfg = make_config(VOC + ["method=teach", "stage=teacher", "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=64",
+    cfg = checked_config(VOC + ["method=teach", "stage=teacher", "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=64",
                              f"teacher.weights={form.format(path)}"])  # the header check allows the resampled pos_embed
     model = build_teacher(cfg)
     assert sd["pos_embed"].shape == (1, 197, 192) and model.pos_embed.shape == (1, 17, 192)
@@ -262,14 +289,17 @@ def test_teacher_pos_embed_resampled_to_img_size(vit224, form):
 
 
 def test_teacher_normalization_from_timm_data_config(vit224):
-    cfg = make_config(["teacher.arch=vit_small_patch16_224"])
-    assert teacher_normalization(cfg) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the default tag: augreg
-    cfg = make_config(["teacher.arch=vit_small_patch16_224", "teacher.weights=timm:vit_small_patch16_224.dino"])
-    mean, std = teacher_normalization(cfg)
+    assert normalization("timm", "vit_small_patch16_224") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the default tag: augreg
+    mean, std = normalization("timm:vit_small_patch16_224.dino", "vit_small_patch16_224")
     assert np.allclose(mean, (0.485, 0.456, 0.406)) and np.allclose(std, (0.229, 0.224, 0.225))
     path, _ = vit224
-    cfg = make_config(["teacher.arch=vit_tiny_patch16_224", f"teacher.weights={path}"])
-    assert teacher_normalization(cfg) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    cfg = checked_config(["method=teach", "stage=teacher", "teacher.arch=vit_tiny_patch16_224", f"teacher.weights={path}"])
+    assert normalization(cfg.teacher.weights, cfg.teacher.arch) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # the arch's tag
+    from wsss_dist.models.build import spec_normalization, teacher_spec
+
+    assert spec_normalization(teacher_spec(cfg)) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # recorded in model.json
+    scratch = make_config(["teacher.arch=vit_small_patch16_224"])  # from scratch: ImageNet's, as every stage
+    assert spec_normalization(teacher_spec(scratch)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # ------------------------------------------------------------------------------------------- deeplab-pytorch init
@@ -313,7 +343,7 @@ def test_deeplab_pytorch_init_maps_onto_deeplab_v2(coco_init, tmp_path, variant)
             sd[f"base.aspp.c{i}.weight"], sd[f"base.aspp.c{i}.bias"] = torch.randn(21, 2048, 3, 3), torch.randn(21)
     path = tmp_path / "deeplabv1_resnet101-coco.pth"
     torch.save(sd, path)
-    cfg = make_config(VOC + ["stage=seg", f"seg.weights={path}"])
+    cfg = checked_config(VOC + ["stage=seg", f"seg.weights={path}"])
     torch.manual_seed(0)
     model = build_deeplab(cfg)
     got = model.backbone.body.state_dict()
@@ -341,7 +371,7 @@ def test_deeplab_pytorch_init_maps_onto_deeplab_v2(coco_init, tmp_path, variant)
     assert torch.allclose(have, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
 
 
-def test_deeplab_pytorch_via_convert_and_from_spec(coco_init, tmp_path):
+def test_deeplab_pytorch_via_convert_and_create_model(coco_init, tmp_path):
     from wsss_dist.models.backbones import convert_weights
 
     sd, _ = coco_init
@@ -349,52 +379,52 @@ def test_deeplab_pytorch_via_convert_and_from_spec(coco_init, tmp_path):
     torch.save({"state_dict": sd}, pth)
     out = convert_weights(pth, tmp_path / "coco.safetensors")
     assert out["format"] == "deeplab-pytorch" and out["backbone"] == "resnet101"
-    spec = deeplab_spec(make_config(VOC + ["stage=seg", f"seg.weights={tmp_path / 'coco.safetensors'}"]))
-    a = from_spec(spec, weights=str(tmp_path / "coco.safetensors")).backbone.body.state_dict()
-    b = from_spec(spec, weights=str(pth)).backbone.body.state_dict()
+    spec = deeplab_spec(checked_config(VOC + ["stage=seg", f"seg.weights={tmp_path / 'coco.safetensors'}"]))
+    a = create_model(spec, weights=str(tmp_path / "coco.safetensors")).backbone.body.state_dict()
+    b = create_model(spec, weights=str(pth)).backbone.body.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # converted once, the same as mapped at load
 
 
 # ---------------------------------------------------------------------------------------- config: given or none
 def test_voc_needs_weights_unless_none(caplog):
-    assert make_config([]).model.weights == ""  # the toy preset trains from scratch without any weights key
-    make_config(["stage=all", "method=teach"])
+    assert checked_config([]).model.weights == ""  # the toy preset trains from scratch without any weights key
+    checked_config(["stage=all", "method=teach"])
     with pytest.raises(ConfigError, match=r"^data=voc: stage cls needs model\.weights .*model\.weights=none") as e:
-        make_config(VOC)
+        checked_config(VOC)
     assert "\n" not in str(e.value)
-    assert make_config(VOC + ["stage=shards"]).model.backbone == "resnet38d"
+    assert checked_config(VOC + ["stage=shards"]).model.backbone == "resnet38d"
     with pytest.raises(ConfigError, match=r"stage aff needs model\.weights"):
-        make_config(VOC + ["stage=aff"])
-    make_config(VOC + ["stage=aff", "aff.init=cls"])  # the trained classifier's backbone: no ImageNet weights needed
+        checked_config(VOC + ["stage=aff"])
+    checked_config(VOC + ["stage=aff", "aff.init=cls"])  # the trained classifier's backbone: no ImageNet weights needed
     with pytest.raises(ConfigError, match=r"stage seg needs seg\.weights"):
-        make_config(VOC + ["stage=seg"])
+        checked_config(VOC + ["stage=seg"])
     with pytest.raises(ConfigError, match=r"stage teacher needs teacher\.weights"):
-        make_config(VOC + ["stage=teacher", "method=teach"])
-    cfg = make_config(VOC + ["model.weights=none", "seg.weights=null", "stage=[cls,aff,seg]"])
+        checked_config(VOC + ["stage=teacher", "method=teach"])
+    cfg = checked_config(VOC + ["model.weights=none", "seg.weights=null", "stage=[cls,aff,seg]"])
     assert cfg.model.weights is None and cfg.seg.weights is None
     caplog.set_level(logging.WARNING)
-    assert imagenet_weights(cfg.model.weights, "model.weights") is None
+    assert not imagenet_weights(cfg.model.weights, "model.weights").given
     assert "model.weights=none: the network starts from random weights" in caplog.text
     caplog.clear()
-    assert imagenet_weights("", "model.weights") is None and not caplog.text  # not given (toy): silent
+    assert not imagenet_weights("", "model.weights").given and not caplog.text  # not given (toy): silent
 
 
 def test_unset_and_none_survive_the_saved_config(tmp_path):
-    cfg = make_config(VOC + ["model.weights=none", "stage=[cls,aff]"])
+    cfg = checked_config(VOC + ["model.weights=none", "stage=[cls,aff]"])
     (tmp_path / "c.yaml").write_text(to_yaml(cfg))
-    assert make_config([f"config={tmp_path / 'c.yaml'}"]).model.weights is None
-    toy = make_config([])
+    assert checked_config([f"config={tmp_path / 'c.yaml'}"]).model.weights is None
+    toy = checked_config([])
     (tmp_path / "t.yaml").write_text(to_yaml(toy))
-    assert make_config([f"config={tmp_path / 't.yaml'}"]).model.weights == ""
+    assert checked_config([f"config={tmp_path / 't.yaml'}"]).model.weights == ""
     (tmp_path / "n.yaml").write_text("data: {name: voc, voc_root: /v}\nmodel: {weights: none}\nstage: cls\n")
-    assert parse_weights(make_config([f"config={tmp_path / 'n.yaml'}"]).model.weights)[0] == "none"
+    assert parse_weights(checked_config([f"config={tmp_path / 'n.yaml'}"]).model.weights).kind == "none"
 
 
 def test_missing_or_misfit_weights_file_is_a_config_error(tmp_path, r18_file, monkeypatch):
     with pytest.raises(ConfigError, match=r"^model\.weights=/nope/r38\.safetensors: weights file not found"):
-        make_config(VOC + ["stage=cls", "model.weights=/nope/r38.safetensors"])
+        checked_config(VOC + ["stage=cls", "model.weights=/nope/r38.safetensors"])
     with pytest.raises(ConfigError, match=r"seg\.weights=.*weights file not found"):
-        make_config(["stage=seg", "seg.init=imagenet", f"seg.weights={tmp_path / 'x.pth'}"])  # toy too: a given path
+        checked_config(["stage=seg", "seg.init=imagenet", f"seg.weights={tmp_path / 'x.pth'}"])  # toy too: a given path
     path, _ = r18_file
     import safetensors.torch
 
@@ -402,22 +432,22 @@ def test_missing_or_misfit_weights_file_is_a_config_error(tmp_path, r18_file, mo
         raise AssertionError("the config check reads only the safetensors header")
 
     monkeypatch.setattr(safetensors.torch, "load_file", no_full_read)
-    make_config(["stage=cls", f"model.weights={path}"])  # toy resnet18: fits
+    checked_config(["stage=cls", f"model.weights={path}"])  # toy resnet18: fits
     with pytest.raises(ConfigError, match=r"^model\.weights=.*resnet18_a1_in1k\.safetensors: weights do not fit resnet50: "
                                           r".*of another shape \(e\.g\. layer1\.0\.conv1\.weight: file \(64, 64, 3, 3\) vs model \(64, 64, 1, 1\)"):
-        make_config(["stage=cls", "model.backbone=resnet50", f"model.weights={path}"])
+        checked_config(["stage=cls", "model.backbone=resnet50", f"model.weights={path}"])
     with pytest.raises(ConfigError, match=r"model\.weights=.*does not look|weights do not fit resnet38d"):
-        make_config(VOC + ["stage=cls", f"model.weights={path}"])  # a resnet18 file for resnet38d
+        checked_config(VOC + ["stage=cls", f"model.weights={path}"])  # a resnet18 file for resnet38d
     with pytest.raises(ConfigError, match=r"teacher\.weights=.*weights do not fit vit_tiny_patch16_224"):
-        make_config(["method=teach", "stage=teacher", f"teacher.weights={path}"])
+        checked_config(["method=teach", "stage=teacher", f"teacher.weights={path}"])
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ConfigError, match=r"model\.weights=.*junk\.safetensors: not a readable safetensors file"):
-        make_config(["stage=cls", f"model.weights={bad}"])
+        checked_config(["stage=cls", f"model.weights={bad}"])
     params = tmp_path / "r.params"
     params.write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"model\.weights=.*r\.params: an MXNet \.params file is psa's ResNet-38d"):
-        make_config(["stage=cls", f"model.weights={params}"])
+        checked_config(["stage=cls", f"model.weights={params}"])
     monkeypatch.undo()
-    unused = make_config(["stage=cls", "seg.weights=/nope/r101.pth"])  # a stage that does not load it: not checked
+    unused = checked_config(["stage=cls", "seg.weights=/nope/r101.pth"])  # a stage that does not load it: not checked
     assert unused.seg.weights == "/nope/r101.pth"

@@ -886,159 +886,10 @@ def _finite(value: Any) -> bool:
     return all(math.isfinite(x) for x in items if isinstance(x, float))
 
 
-def check_backbone(key: str, name: str) -> None:
-    """ConfigError unless ``name`` is one of our backbones or a timm model (with the closest names)."""
-    if name in BACKBONES:
-        return
-    import timm
-
-    if timm.is_model(name):
-        return
-    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"{key}={name}: unknown backbone (resnet38d or a timm model name){hint}")
-
-
-WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar", ".params", ".npz")
-
-
-def parse_weights(value: str | None) -> tuple[str, str | None, str | None]:
-    """A ``*.weights`` value → ``(kind, timm name, file)`` (docs/usage.md#weights); the one parser of these values.
-
-    ``""`` → ``("unset", None, None)`` (not given); ``None`` / ``none`` / ``null`` → ``("none", None, None)`` (from
-    scratch); ``timm`` → ``("timm", None, None)`` (the architecture's default pretrained tag); ``timm:NAME``, a bare
-    tagged timm name (``resnet101.a1h_in1k``) or ``hf-hub:ID`` → ``("timm", NAME, None)``; any of these with
-    ``@FILE`` → ``("timm", NAME or None, FILE)`` (a local copy loaded through timm); anything else is a local file
-    → ``("file", None, PATH)``.
-    """
-    if value is None or value.strip().lower() in ("none", "null"):
-        return ("none", None, None)
-    v = value.strip()
-    if not v:
-        return ("unset", None, None)
-    if v == "timm" or v.startswith("timm@"):
-        body = v[4:]
-    elif v.startswith("timm:"):
-        body = v[5:]
-    elif v.startswith("hf-hub:"):
-        body = v
-    else:
-        base = v.split("@", 1)[0]
-        bare = ("." in base and "/" not in base and not base.endswith(WEIGHTS_SUFFIXES) and not Path(v).exists())
-        if not bare:
-            return ("file", None, v)
-        import timm
-
-        if not timm.is_model(base):
-            return ("file", None, v)
-        body = v
-    name, file = body, None
-    at = body.rfind("@")
-    if at >= 0:
-        tail = body[at + 1:]
-        if "/" in tail or tail.endswith(WEIGHTS_SUFFIXES) or Path(tail).is_file():
-            name, file = body[:at], tail
-    return ("timm", name or None, file)
-
-
-def _check_weights(cfg: Config, stages: list[str]) -> None:
-    """The ``*.weights`` of the stages that load them: given with data=voc (or ``none``), existing, of the right
-    architecture; a safetensors file's tensor names and shapes (its header only) fit the network."""
-    uses = []
-    if "cls" in stages or ("aff" in stages and cfg.aff.init == "imagenet"):
-        uses.append(("model.weights", cfg.model.weights, "model.backbone", cfg.model.backbone,
-                     "cls" if "cls" in stages else "aff"))
-    if "seg" in stages and cfg.seg.init == "imagenet":
-        uses.append(("seg.weights", cfg.seg.weights, "seg.backbone", cfg.seg.backbone, "seg"))
-    if "teacher" in stages:
-        uses.append(("teacher.weights", cfg.teacher.weights, "teacher.arch", cfg.teacher.arch, "teacher"))
-    for key, value, arch_key, arch, stage in uses:
-        kind, name, file = parse_weights(value)
-        if kind == "unset":
-            if cfg.data.name == "voc":
-                raise ConfigError(f"data=voc: stage {stage} needs {key} (ImageNet weights of {arch_key}={arch}: a "
-                                  f"local file, timm, timm:NAME[@FILE] or hf-hub:ID; see docs/usage.md#weights), or "
-                                  f"{key}=none to train from scratch")
-            continue
-        if kind == "none":
-            continue
-        if kind == "timm":
-            _check_timm_weights(key, value, arch_key, arch, name)  # type: ignore[arg-type]
-        if file is not None and not Path(file).is_file():
-            raise ConfigError(f"{key}={value}: weights file not found: {file}")
-        if kind == "file" and file.endswith(".params") and arch != "resnet38d":  # type: ignore[union-attr]
-            raise ConfigError(f"{key}={value}: an MXNet .params file is psa's ResNet-38d; {arch_key}={arch}")
-        if kind == "file" and file.endswith(".safetensors"):  # type: ignore[union-attr]
-            _check_safetensors(key, file, arch, cfg.teacher.img_size if key == "teacher.weights" else None)  # type: ignore[arg-type]
-
-
-def _check_timm_weights(key: str, value: str, arch_key: str, arch: str, name: str | None) -> None:
-    if arch in BACKBONES:
-        raise ConfigError(f"{key}={value}: timm has no weights of our {arch}; give a local file (psa's .params or "
-                          f"its conversion)")
-    if name is not None and name.startswith("hf-hub:"):
-        return  # the hub's config names the architecture: checked when the model is built
-    import timm
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    name = name or arch
-    named_arch, tag = split_model_name_tag(name)
-    if named_arch != arch:
-        raise ConfigError(f"{key}={value}: weights of {named_arch}, but {arch_key}={arch}")
-    try:
-        pcfg = get_pretrained_cfg(name)
-    except RuntimeError:
-        pcfg = None
-    if pcfg is None:
-        known = timm.list_pretrained(f"{arch}.*")
-        raise ConfigError(f"{key}={value}: timm has no pretrained weights {name}"
-                          + (f"; known: {', '.join(known[:6])}" if known else ""))
-
-
-def _check_safetensors(key: str, file: str, arch: str, img_size: int | None) -> None:
-    """Header-only check of a safetensors file against ``arch`` (timm: its meta-device state dict; resnet38d: psa's
-    names and three anchor shapes, the full check runs at load). deeplab-pytorch names are mapped at load."""
-    import torch
-    from safetensors import safe_open
-
-    try:
-        with safe_open(file, framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{key}={file}: not a readable safetensors file ({_first_line(e)})") from None
-    if shapes and all(k.startswith("module.") for k in shapes):
-        shapes = {k[len("module."):]: v for k, v in shapes.items()}
-    if any(p + "layer1.conv1.conv.weight" in shapes for p in ("", "base.")):
-        return
-    heads = HEAD_PREFIXES
-    if arch == "resnet38d":
-        own = {"conv1a.weight": (64, 3, 3, 3), "b7.conv_branch2b2.weight": (4096, 2048, 1, 1), "bn7.running_var": (4096,)}
-        foreign = [k for k in shapes if not re.match(r"(conv1a|bn7|b[2-7](_[1-5])?)\.", k) and not k.startswith(heads)]
-        missing = [k for k in own if k not in shapes]
-        unexpected, bad = foreign, [k for k in own if k in shapes and shapes[k] != own[k]]
-    else:
-        import timm
-
-        kwargs = {"img_size": img_size} if img_size else {}
-        with torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        resampled = ("pos_embed",) if img_size else ()  # a ViT's position embedding is resampled to img_size
-        missing = [k for k in own if k not in shapes and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in shapes if k not in own and not k.startswith(heads)]
-        bad = [k for k in shapes if k in own and shapes[k] != own[k] and not (k in resampled and shapes[k][-1] == own[k][-1])]
-    if missing or unexpected or bad:
-        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:3])})"] if missing else []
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if bad:
-            parts.append(f"{len(bad)} of another shape (e.g. " + ", ".join(
-                f"{k}: file {shapes[k]} vs model {own[k]}" for k in bad[:3]) + ")")
-        raise ConfigError(f"{key}={file}: weights do not fit {arch}: " + "; ".join(parts))
-
-
 def validate(cfg: Config) -> None:
-    """Value ranges, names and cross-field checks that a key's type cannot express (ConfigError naming the key)."""
+    """Value ranges and cross-field checks that a key's type cannot express (ConfigError naming the key); pure: the
+    checks that need timm or the weights files (backbone names, ``*.weights``) are
+    :func:`wsss_dist.models.preflight.preflight`, run before any job."""
     stages = cfg.stages()
     extra = [s for s in cfg.redo_stages() if s not in stages]
     if extra:
@@ -1054,12 +905,8 @@ def validate(cfg: Config) -> None:
         if not ok(value):
             shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
             raise ConfigError(f"{key}={shown}: must be {allowed}")
-    check_backbone("model.backbone", cfg.model.backbone)
-    check_backbone("seg.backbone", cfg.seg.backbone)
-    check_backbone("teacher.arch", cfg.teacher.arch)
     if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
-    _check_weights(cfg, stages)
     check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 

@@ -317,8 +317,11 @@ def check_data(cfg: Config) -> list[str]:
 
 
 def run(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Run the config's stages in order, skipping finished ones."""
+    """Run the config's stages in order, skipping finished ones (after the pre-flight checks of names and weights)."""
+    from .models.preflight import preflight
+
     check_device(cfg)
+    preflight(cfg)
     check_settings(cfg)
     for warning in check_data(cfg):
         logger.warning("%s", warning)

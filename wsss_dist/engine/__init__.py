@@ -7,6 +7,7 @@ from .dist import Dist, autocast, dist
 from .infer import map_shards, split_features
 from .loop import fit, step_seed
 from .optim import build_optimizer, poly_lr
+from .stamp import train_model
 
 __all__ = ["Dist", "Interrupted", "autocast", "build_optimizer", "dist", "fit", "load_model_weights", "map_shards",
-           "newest_checkpoint", "poly_lr", "save_model_weights", "split_features", "step_seed"]
+           "newest_checkpoint", "poly_lr", "save_model_weights", "split_features", "step_seed", "train_model"]

@@ -23,14 +23,13 @@ from ..compat import close_loader, reset_accelerate_precision
 from ..config import OptimCfg, TrainCfg
 from ..data.stream import augment_on_device
 from ..errors import Interrupted, TrainingDiverged
-from ..models.weights import load_model_weights, save_model_weights
+from ..models.weights import WEIGHTS, load_model_weights, save_model_weights
 from .checkpoint import checkpoint_step, complete_checkpoints, read_train_state, remove_partial, save_checkpoint
 from .dist import on_cpu
 from .optim import build_optimizer, poly_lr
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 NO_STEP = 2**62  # "no non-finite loss" in the divergence check

@@ -26,6 +26,9 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     if points:
         return submit_sweep(launch, Path(root), points, out)
     cfg = make_config(words)
+    from ..models.preflight import preflight  # timm and the weights files: names and headers before any job
+
+    preflight(cfg)
     _check_cluster(cfg, launch)
     check_writable(cfg)
     check_settings(cfg)

@@ -72,6 +72,10 @@ def submit_sweep(launch: LaunchCfg, root: Path, points: list[Point], out: Callab
     Every point's config is checked before any job."""
     words, teachers = shared_teachers(root, points)
     cfgs = [make_config(w) for w in words]
+    from ..models.preflight import preflight  # timm and the weights files: names and headers before any job
+
+    for c in cfgs:
+        preflight(c)
     first = cfgs[0]
     slurm = first.cluster == "slurm"
     _check_cluster(first, launch)

@@ -1,74 +1,104 @@
-"""The models of a run: built from its config for training, and rebuilt from ``model.json`` once trained.
+"""The models of a run: one factory (:func:`create_model`) that builds a model from its spec, the specs of a config,
+the trainer stamp's ``model.json``, and trained models rebuilt from it.
 
-Every trainer writes ``<stage>/model.json`` (the model's kind and architecture) beside ``model.safetensors``;
-:func:`load_trained` rebuilds the architecture from that file, loads the weights and returns the model in eval mode,
-so a later stage never needs the code of the stage that trained it.
+Every trainer writes ``<stage>/model.json`` (the model's kind, architecture and the input normalisation of its
+weights) *before* ``model.safetensors``, whose presence marks training done; :func:`load_trained` rebuilds the
+architecture from that file, loads the weights and returns the model in eval mode, so a later stage never needs
+the code (nor the config) of the stage that trained it.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from torch import Tensor, nn
 
 from .. import runs
-from ..config import Config, parse_weights
+from ..config import Config
+from ..data.stream import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, WeightsError
 from .affinity_net import AffinityNet
-from .backbones import create_backbone, create_timm_model, load_weights, read_state_dict
+from .backbones import create_backbone
 from .cam_net import CAMNet
 from .deeplab import DeepLabV2
-from .weights import load_model_weights
+from .pretrained import Weights, load_pretrained, normalization, parse_weights, read_state_dict
+from .weights import MODEL_JSON, WEIGHTS, load_model_weights, redo_advice
 
 logger = logging.getLogger(__name__)
 
-MODEL_JSON = "model.json"
-WEIGHTS = "model.safetensors"
+MODELS = MappingProxyType({"cam": CAMNet, "affinity": AffinityNet, "deeplab": DeepLabV2})
+NUM_CLASSES = MappingProxyType({"cam": 20, "deeplab": 21, "vit": 20})  # VOC: 20 foreground classes (+ background)
+
+
+def _normalization(weights: str | None, arch: str) -> dict[str, list[float]]:
+    """The spec entries ``mean`` and ``std`` of the images a network of ``arch`` expects with ``weights``."""
+    mean, std = normalization(weights, arch)
+    return {"mean": list(mean), "std": list(std)}
 
 
 def classifier_spec(cfg: Config, num_sub: int = 0) -> dict[str, Any]:
     """The architecture of the CAM classifier of ``cfg`` (what ``cls/model.json`` holds)."""
     m = cfg.model
     return {"kind": "cam", "backbone": m.backbone, "output_stride": m.output_stride, "frozen_bn": m.frozen_bn,
-            "num_sub": num_sub, "method": cfg.method}
+            "num_sub": num_sub, "method": cfg.method, **_normalization(m.weights, m.backbone)}
 
 
 def affinity_spec(cfg: Config) -> dict[str, Any]:
-    """The architecture of AffinityNet (``aff/model.json``)."""
-    return {"kind": "affinity", "backbone": cfg.model.backbone, "frozen_bn": cfg.model.frozen_bn, "stride": cfg.aff.stride}
+    """The architecture of AffinityNet (``aff/model.json``): ``model.weights``' normalisation, whether its backbone
+    starts from them or from the classifier trained on them."""
+    return {"kind": "affinity", "backbone": cfg.model.backbone, "frozen_bn": cfg.model.frozen_bn, "stride": cfg.aff.stride,
+            **_normalization(cfg.model.weights, cfg.model.backbone)}
 
 
 def deeplab_spec(cfg: Config) -> dict[str, Any]:
-    """The architecture of DeepLab-v2 (``seg/model.json``)."""
-    return {"kind": "deeplab", "backbone": cfg.seg.backbone, "frozen_bn": cfg.seg.frozen_bn}
+    """The architecture of DeepLab-v2 (``seg/model.json``); ``seg.init=cls``: the classifier's normalisation."""
+    weights = cfg.seg.weights if cfg.seg.init == "imagenet" else cfg.model.weights
+    return {"kind": "deeplab", "backbone": cfg.seg.backbone, "frozen_bn": cfg.seg.frozen_bn,
+            **_normalization(weights, cfg.seg.backbone)}
 
 
 def teacher_spec(cfg: Config) -> dict[str, Any]:
     """The architecture of the ViT teacher (``teacher/model.json``)."""
-    return {"kind": "vit", "arch": cfg.teacher.arch, "img_size": cfg.teacher.img_size}
+    return {"kind": "vit", "arch": cfg.teacher.arch, "img_size": cfg.teacher.img_size,
+            **_normalization(cfg.teacher.weights, cfg.teacher.arch)}
 
 
-def from_spec(spec: dict[str, Any], weights: str | None = None) -> nn.Module:
-    """A model of the architecture ``spec`` (random heads); ``weights``: the backbone's (the ViT's) init, a
-    ``*.weights`` value (docs/usage.md#weights)."""
+def spec_normalization(spec: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a spec's model expects (ImageNet's for a spec without them)."""
+    return tuple(spec.get("mean", IMAGENET_MEAN)), tuple(spec.get("std", IMAGENET_STD))
+
+
+def create_model(spec: Mapping[str, Any] | str, backbone: str | None = None, *, weights: str | Weights | None = None,
+                 **arch: Any) -> nn.Module:
+    """The one model factory: a model of the architecture ``spec`` (a ``model.json`` dict, or its ``kind`` — cam,
+    affinity, deeplab, vit — with ``backbone`` and the other entries as keywords), heads randomly initialised;
+    ``weights``: the backbone's (the ViT's) init (docs/usage.md#weights).
+
+    >>> model = create_model("cam", "resnet18", frozen_bn=False, num_classes=20)   # doctest: +SKIP
+    >>> model = create_model(runs.read_json(Path("runs/x/seg/model.json")))          # doctest: +SKIP
+    """
+    spec = dict(spec) if isinstance(spec, Mapping) else {"kind": spec, **({"backbone": backbone} if backbone else {}), **arch}
     kind = spec["kind"]
+    w = parse_weights(weights)
     if kind == "vit":
-        return _vit(spec, weights)
-    heads = {"cam": lambda bb: CAMNet(bb, num_classes=20, num_sub=spec.get("num_sub", 0)),
-             "affinity": lambda bb: AffinityNet(bb, stride=spec.get("stride", 8)),
-             "deeplab": lambda bb: DeepLabV2(bb, num_classes=21)}
-    if kind not in heads:
-        raise ValueError(f"unknown model kind {kind!r} in a model.json; known: vit, {', '.join(heads)}")
-    form = parse_weights(weights or "")
-    sd = read_state_dict(form[2]) if kind == "deeplab" and form[0] == "file" else None  # read once: backbone + ASPP
-    backbone = create_backbone(spec["backbone"], weights=None if sd is not None else weights,
-                               output_stride=spec.get("output_stride", 8), frozen_bn=spec.get("frozen_bn", True))
+        return _vit(spec, w)
+    if kind not in MODELS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of vit, {', '.join(MODELS)}")
+    sd = read_state_dict(w.path) if kind == "deeplab" and w.kind == "file" else None  # read once: backbone + ASPP
+    bb = create_backbone(spec.get("backbone", "resnet38d"), weights=None if sd is not None else w,
+                         output_stride=spec.get("output_stride", 8), frozen_bn=spec.get("frozen_bn", True))
     if sd is not None:
-        backbone.load_weights(sd, source=str(form[2]))
-    model = heads[kind](backbone)
+        bb.load_weights(sd, source=str(w.path))
+    bb.normalization = spec_normalization(spec)
+    num_classes = spec.get("num_classes", NUM_CLASSES.get(kind))
+    heads = {"cam": lambda: CAMNet(bb, num_classes=num_classes, num_sub=spec.get("num_sub", 0)),
+             "affinity": lambda: AffinityNet(bb, stride=spec.get("stride", 8)),
+             "deeplab": lambda: DeepLabV2(bb, num_classes=num_classes)}
+    model = heads[kind]()
     if sd is not None:
-        _load_aspp(model, sd, str(form[2]))  # type: ignore[arg-type]
+        _load_aspp(model, sd, str(w.path))  # type: ignore[arg-type]
     return model
 
 
@@ -86,20 +116,16 @@ def _load_aspp(model: DeepLabV2, sd: dict[str, Tensor], source: str) -> None:
                     source, ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(aspp.items())[:1]), model.num_classes)
 
 
-def _vit(spec: dict[str, Any], weights: str | None) -> nn.Module:
-    """The ViT teacher: timm's pretrained weights through timm (which resamples the position embedding), or a
-    local file with its position embedding resampled to ``img_size`` here."""
+def _vit(spec: dict[str, Any], weights: Weights) -> nn.Module:
+    """The ViT teacher (any timm classifier ``arch``): timm's pretrained weights through timm (which resamples the
+    position embedding), or a local file with its position embedding resampled to ``img_size`` here."""
     import timm
 
-    kind, name, file = parse_weights(weights or "")
-    kwargs = dict(num_classes=20, img_size=spec["img_size"])
-    if kind == "timm":
-        return create_timm_model(spec["arch"], name, file, **kwargs)
-    model = timm.create_model(spec["arch"], pretrained=False, **kwargs)
-    if kind == "file":
-        sd = resample_pos_embed(model, read_state_dict(file), source=str(file))  # type: ignore[arg-type]
-        load_weights(model, sd, source=str(file))
-    return model
+    kwargs: dict[str, Any] = dict(num_classes=spec.get("num_classes", NUM_CLASSES["vit"]))
+    if spec.get("img_size"):
+        kwargs["img_size"] = spec["img_size"]
+    return load_pretrained(spec["arch"], weights, lambda: timm.create_model(spec["arch"], pretrained=False, **kwargs),
+                           adapt=resample_pos_embed, **kwargs)
 
 
 def resample_pos_embed(model: nn.Module, sd: dict[str, Tensor], source: str = "weights") -> dict[str, Tensor]:
@@ -124,45 +150,25 @@ def resample_pos_embed(model: nn.Module, sd: dict[str, Tensor], source: str = "w
     return out
 
 
-def teacher_normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the teacher's weights expect, from timm's data config of the model they name: the tag of
-    ``teacher.weights`` (``timm:NAME``, ``NAME@FILE``, ``hf-hub:ID``: its hub config), else ``teacher.arch``'s
-    default pretrained tag (a local file is taken to be of that tag)."""
-    import torch
-    import timm
-    from timm.data import resolve_data_config
-
-    kind, name, _ = parse_weights(cfg.teacher.weights or "")
-    model_name = name if kind == "timm" and name else cfg.teacher.arch
-    try:
-        with torch.device("meta"):  # no memory, no weights: only the pretrained cfg is wanted
-            model = timm.create_model(model_name, pretrained=False, num_classes=0)
-    except Exception as e:  # an hf-hub config that is neither cached nor reachable, an unknown tag
-        raise WeightsError(f"teacher.weights={cfg.teacher.weights}: timm cannot resolve {model_name}'s data config "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    data = resolve_data_config({}, model=model)
-    return tuple(float(x) for x in data["mean"]), tuple(float(x) for x in data["std"])
-
-
 def write_spec(out_dir: Path, spec: dict[str, Any]) -> None:
     """Write ``out_dir/model.json`` (call on the main process)."""
     runs.write_json(Path(out_dir) / MODEL_JSON, spec)
 
 
-def load_model(out_dir: Path, fallback: dict[str, Any] | None = None) -> nn.Module:
-    """The trained model in ``out_dir`` (``model.json`` + ``model.safetensors``), in eval mode.
+def read_spec(out_dir: Path) -> dict[str, Any]:
+    """``out_dir/model.json``; a one-line WeightsError naming it when it is missing (a run trained before trainers
+    wrote it first: its architecture is not rebuilt from today's config)."""
+    path = Path(out_dir) / MODEL_JSON
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file, so the architecture of the model in {Path(out_dir)} is unknown "
+                           f"(trained by an older wsss-dist?); {redo_advice(out_dir)}")
+    return runs.read_json(path)
 
-    ``fallback``: the architecture to assume when an older run has no ``model.json``.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / MODEL_JSON
-    spec = runs.read_json(path) if path.is_file() else fallback
-    if spec is None:
-        raise FileNotFoundError(f"{path}: no such file; rerun the stage that trained {out_dir}")
-    if fallback is not None:
-        spec = {**fallback, **spec}  # keys an older model.json did not hold
-    model = from_spec(spec)
-    load_model_weights(model, out_dir / WEIGHTS)
+
+def load_model(out_dir: Path) -> nn.Module:
+    """The trained model in ``out_dir`` (``model.json`` + ``model.safetensors``), in eval mode."""
+    model = create_model(read_spec(out_dir))
+    load_model_weights(model, Path(out_dir) / WEIGHTS)
     return model.eval()
 
 
@@ -174,31 +180,27 @@ def load_trained(cfg: Config, stage: str, needed_by: str) -> nn.Module:
         runs.require_done_at(where, stage, needed_by)
     else:
         runs.require_done(cfg.run_dir, stage, needed_by)
-    fallback = {"cls": classifier_spec(cfg), "aff": affinity_spec(cfg), "seg": deeplab_spec(cfg),
-                "teacher": teacher_spec(cfg)}[stage]
-    return load_model(where, fallback)
+    return load_model(where)
 
 
-def imagenet_weights(value: str | None, key: str) -> str | None:
-    """The ``*.weights`` value ``key`` as :func:`from_spec` takes it: None when not given or ``none`` (the latter
-    logged as a warning: the network starts from scratch)."""
-    kind = parse_weights(value)[0]
-    if kind == "none":
+def imagenet_weights(value: str | None, key: str) -> Weights:
+    """The ``*.weights`` value ``key``, parsed; ``none`` logged as a warning (the network starts from scratch)."""
+    w = parse_weights(value)
+    if w.kind == "none":
         logger.warning("%s=none: the network starts from random weights (from scratch)", key)
-    return None if kind in ("none", "unset") else value
+    return w
 
 
 def build_classifier(cfg: Config, num_sub: int = 0) -> CAMNet:
     """The CAM classifier of ``cfg.model`` with ImageNet weights from ``model.weights`` when given."""
-    weights = imagenet_weights(cfg.model.weights, "model.weights")
-    return from_spec(classifier_spec(cfg, num_sub), weights=weights)  # type: ignore[return-value]
+    return create_model(classifier_spec(cfg, num_sub), weights=imagenet_weights(cfg.model.weights, "model.weights"))  # type: ignore[return-value]
 
 
 def build_affinity(cfg: Config, needed_by: str = "aff") -> AffinityNet:
     """AffinityNet on ``cfg.model``'s backbone, initialised per ``aff.init`` (ImageNet ``model.weights``, or the
     trained classifier's backbone)."""
     imagenet = imagenet_weights(cfg.model.weights, "model.weights") if cfg.aff.init == "imagenet" else None
-    model = from_spec(affinity_spec(cfg), weights=imagenet)
+    model = create_model(affinity_spec(cfg), weights=imagenet)
     if cfg.aff.init == "cls":
         init_from_classifier(cfg, model, cfg.model.backbone, "aff")
     return model  # type: ignore[return-value]
@@ -208,7 +210,7 @@ def build_deeplab(cfg: Config) -> DeepLabV2:
     """DeepLab-v2 on ``seg.backbone``, initialised per ``seg.init`` (ImageNet ``seg.weights`` — also
     deeplab-pytorch's COCO init, whose ASPP loads when it fits —, or the trained classifier's backbone)."""
     imagenet = imagenet_weights(cfg.seg.weights, "seg.weights") if cfg.seg.init == "imagenet" else None
-    model = from_spec(deeplab_spec(cfg), weights=imagenet)
+    model = create_model(deeplab_spec(cfg), weights=imagenet)
     if cfg.seg.init == "cls":
         init_from_classifier(cfg, model, cfg.seg.backbone, "seg")
     return model  # type: ignore[return-value]
@@ -216,7 +218,7 @@ def build_deeplab(cfg: Config) -> DeepLabV2:
 
 def build_teacher(cfg: Config) -> nn.Module:
     """A timm ViT with a 20-way multi-label head at ``teacher.img_size``, initialised from ``teacher.weights``."""
-    return from_spec(teacher_spec(cfg), weights=imagenet_weights(cfg.teacher.weights, "teacher.weights"))
+    return create_model(teacher_spec(cfg), weights=imagenet_weights(cfg.teacher.weights, "teacher.weights"))
 
 
 def init_from_classifier(cfg: Config, model: nn.Module, backbone_name: str, who: str) -> None:

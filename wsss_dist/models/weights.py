@@ -9,6 +9,9 @@ import torch
 from .. import runs
 from ..errors import WeightsError
 
+WEIGHTS = "model.safetensors"  # a trainer's trained weights, written last: they mark its training done
+MODEL_JSON = "model.json"  # a trainer's architecture (and input normalisation), written before the weights
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The bare model inside DDP / DataParallel / torch.compile wrappers."""
@@ -38,20 +41,24 @@ def save_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are meant to be shared
 
 
+def redo_advice(out_dir: str | Path) -> str:
+    """How to retrain the model of a trainer's folder (``<run>/<stage>`` or ``<run>/cls/round<r>``)."""
+    out_dir = Path(out_dir)
+    stage = out_dir.parent.name if out_dir.name.startswith("round") else out_dir.name
+    return f"run stage {stage} again with redo={stage} (it trains from scratch; the stages after it follow)"
+
+
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load weights written by :func:`save_model_weights`; WeightsError when the file is missing or does not fit."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    stage = path.parent.parent.name if path.parent.name.startswith("round") else path.parent.name
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; run stage {stage} again with redo={stage} "
-                           "(it trains from scratch; the stages after it follow)")
+        raise WeightsError(f"weights file {path} does not exist; {redo_advice(path.parent)}")
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type on a truncated/corrupt file
-        raise WeightsError(f"{path} is not a readable safetensors file ({str(e)[:200]}); run stage {stage} again with "
-                           f"redo={stage} (it trains from scratch; the stages after it follow)") from None
+        raise WeightsError(f"{path} is not a readable safetensors file ({str(e)[:200]}); {redo_advice(path.parent)}") from None
     try:
         unwrap(model).load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-import torch
 import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
 from ..data.records import CAM_KEYS, decode_cam, encode_label
 from ..data.stream import train_loader_for
-from ..engine import dist, fit, map_shards
+from ..engine import map_shards, train_model
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..methods.crf import crf_for
-from ..models.build import affinity_spec, build_affinity, write_spec
+from ..models.build import affinity_spec, build_affinity
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +66,9 @@ def run(cfg: Config) -> dict:
     runs.require_done(cfg.run_dir, "cam", "aff")
     result = write_labels(cfg)
     out = runs.stage_dir(cfg.run_dir, "aff")
-    t = cfg.aff.train
-    torch.manual_seed(t.seed)  # initial weights are a function of the seed
-    model = build_affinity(cfg)
-    metrics = fit(model=model, param_groups=model.param_groups(cfg.aff.optim.lr, cfg.aff.optim.weight_decay),
-                  loss_fn=make_loss(cfg.aff.radius), make_loader=train_loader_for(cfg, t, cfg.cam.split, mask_dir=out / "labels"),
-                  out_dir=out, train=t, optim=cfg.aff.optim, log_name="aff")
-    if dist().main:
-        write_spec(out, affinity_spec(cfg))
+    t, o = cfg.aff.train, cfg.aff.optim
+    metrics, _ = train_model(out, affinity_spec(cfg), lambda: build_affinity(cfg),
+                             lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=make_loss(cfg.aff.radius),
+                             make_loader=train_loader_for(cfg, t, cfg.cam.split, mask_dir=out / "labels"), train=t,
+                             optim=o, log_name="aff")
     return {**metrics, "label_samples": result["samples"]}

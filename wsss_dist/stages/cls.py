@@ -28,11 +28,11 @@ import torch
 from .. import runs
 from ..config import ClsCfg, Config
 from ..data.stream import train_loader_for
-from ..engine import dist, fit, split_features
+from ..engine import dist, split_features, train_model
 from ..methods import losses, mixing
 from ..methods.subcategory import cluster_subcategories
-from ..models.build import MODEL_JSON, WEIGHTS, build_classifier, classifier_spec, load_model, write_spec
-from ..models.weights import unwrap
+from ..models.build import build_classifier, classifier_spec, load_model
+from ..models.weights import MODEL_JSON, WEIGHTS, unwrap
 from ..registry import METHODS, Method
 
 logger = logging.getLogger(__name__)
@@ -81,14 +81,11 @@ def make_loss(cfg: Config, sub_labels: dict[str, np.ndarray] | None = None):
 
 def train_classifier(cfg: Config, out_dir: Path, sub_labels: dict[str, np.ndarray] | None = None, num_sub: int = 0) -> dict:
     """Train one classifier into ``out_dir`` (resumable); returns the engine's metrics."""
-    t = cfg.cls.train
-    torch.manual_seed(t.seed)  # initial weights are a function of the seed
-    model = build_classifier(cfg, num_sub=num_sub)
-    metrics = fit(model=model, param_groups=model.param_groups(cfg.cls.optim.lr, cfg.cls.optim.weight_decay),
-                  loss_fn=make_loss(cfg, sub_labels), make_loader=train_loader_for(cfg, t, cfg.cls.split),
-                  out_dir=out_dir, train=t, optim=cfg.cls.optim, log_name=f"cls/{cfg.method}")
-    if dist().main:
-        write_spec(out_dir, classifier_spec(cfg, num_sub))
+    t, o = cfg.cls.train, cfg.cls.optim
+    metrics, _ = train_model(out_dir, classifier_spec(cfg, num_sub), lambda: build_classifier(cfg, num_sub=num_sub),
+                             lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=make_loss(cfg, sub_labels),
+                             make_loader=train_loader_for(cfg, t, cfg.cls.split), train=t, optim=o,
+                             log_name=f"cls/{cfg.method}")
     return metrics
 
 
@@ -142,7 +139,7 @@ def run(cfg: Config) -> dict:
     if rounds[-1] < cfg.cls.sc_rounds - 1:
         return {**metrics, "partial": True}  # a per-round job (cls.round=r): the stage is done after the last round
     if dist().main:
-        for name in (WEIGHTS, MODEL_JSON):
+        for name in (MODEL_JSON, WEIGHTS):  # the architecture first: the weights mark training done
             with runs.atomic_path(out / name) as tmp:
                 shutil.copyfile(runs.round_dir(cfg.run_dir, rounds[-1]) / name, tmp)
     return metrics

@@ -9,15 +9,14 @@ Engine: :func:`wsss_dist.engine.fit`. Outputs: ``seg/model.safetensors`` and ``s
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .. import runs
 from ..config import Config
 from ..data.stream import train_loader_for
-from ..engine import dist, fit
+from ..engine import train_model
 from ..metrics import IGNORE
-from ..models.build import build_deeplab, deeplab_spec, write_spec
+from ..models.build import build_deeplab, deeplab_spec
 
 
 def loss_fn(model, batch, step):
@@ -31,12 +30,9 @@ def run(cfg: Config) -> dict:
     """Train DeepLab-v2 on the pseudo labels of ``cam.split``."""
     runs.require_done(cfg.run_dir, "pseudo", "seg")
     out = runs.stage_dir(cfg.run_dir, "seg")
-    t = cfg.seg.train
-    torch.manual_seed(t.seed)  # initial weights are a function of the seed
-    model = build_deeplab(cfg)
+    t, o = cfg.seg.train, cfg.seg.optim
     make_loader = train_loader_for(cfg, t, cfg.cam.split, mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
-    metrics = fit(model=model, param_groups=model.param_groups(cfg.seg.optim.lr, cfg.seg.optim.weight_decay),
-                  loss_fn=loss_fn, make_loader=make_loader, out_dir=out, train=t, optim=cfg.seg.optim, log_name="seg")
-    if dist().main:
-        write_spec(out, deeplab_spec(cfg))
+    metrics, _ = train_model(out, deeplab_spec(cfg), lambda: build_deeplab(cfg),
+                             lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=loss_fn,
+                             make_loader=make_loader, train=t, optim=o, log_name="seg")
     return metrics

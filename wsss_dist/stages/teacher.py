@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import runs
-from ..config import Config, parse_weights
-from ..data.stream import IMAGENET_MEAN, IMAGENET_STD, renormalize, train_loader_for
-from ..engine import dist, fit, split_features
+from ..config import Config
+from ..data.stream import renormalize, train_loader_for
+from ..engine import dist, split_features, train_model
 from ..methods.losses import multilabel_loss
-from ..models.build import build_teacher, load_model, teacher_normalization, teacher_spec, write_spec
+from ..models.build import build_teacher, load_model, spec_normalization, teacher_spec
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,10 @@ def run(cfg: Config) -> dict:
         logger.info("teacher: using the finished teacher in %s (teacher.dir)", cfg.teacher_dir)
         return runs.read_json(cfg.teacher_dir / "DONE")
     out = runs.stage_dir(cfg.run_dir, "teacher")
-    t = cfg.teacher.train
-    torch.manual_seed(t.seed)  # initial weights are a function of the seed
-    model = build_teacher(cfg)
+    t, o = cfg.teacher.train, cfg.teacher.optim
+    spec = teacher_spec(cfg)
     size = cfg.teacher.img_size
-    make_loader = train_loader_for(cfg, t, cfg.cls.split)
-
-    pretrained = parse_weights(cfg.teacher.weights)[0] not in ("unset", "none")
-    mean, std = teacher_normalization(cfg) if pretrained else (IMAGENET_MEAN, IMAGENET_STD)  # what its weights expect
+    mean, std = spec_normalization(spec)  # what its weights expect (ImageNet's from scratch)
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return resize(renormalize(x, mean, std), size)
@@ -61,10 +57,9 @@ def run(cfg: Config) -> dict:
     def loss_fn(model, batch, step):
         return multilabel_loss(model(prepare(batch["image"])).float(), batch["labels"]), {}
 
-    metrics = fit(model=model, param_groups=param_groups(model, cfg.teacher.optim.lr, cfg.teacher.optim.weight_decay),
-                  loss_fn=loss_fn, make_loader=make_loader, out_dir=out, train=t, optim=cfg.teacher.optim, log_name="teacher")
-    if dist().main:
-        write_spec(out, teacher_spec(cfg))
+    metrics, _ = train_model(out, spec, lambda: build_teacher(cfg), lambda model: param_groups(model, o.lr, o.weight_decay),
+                             loss_fn=loss_fn, make_loader=train_loader_for(cfg, t, cfg.cls.split), train=t, optim=o,
+                             log_name="teacher")
     d = dist()
     if d.main:  # not data-parallel: rank 0 writes the embeddings, the other ranks wait
         model = load_model(out).to(d.device)  # the trained weights, also when fit() found the stage already trained

@@ -1,0 +1,125 @@
+"""The pre-flight check: what needs timm or the weights files, run before any job (the runner and the launcher call
+:func:`preflight`; the config build itself imports neither timm, torch nor safetensors)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wsss_dist.errors import ConfigError
+from wsss_dist.models.pretrained import Weights, header_shapes, parse_weights, strip_module, weights_mismatch
+from wsss_dist.registry import BACKBONES
+
+if TYPE_CHECKING:
+    from wsss_dist.config import Config
+
+
+def preflight(cfg: Config) -> None:
+    """Checks before any job that need timm or the weights files (ConfigError naming the key): the backbone and ViT
+    names, and every ``*.weights`` of the stages that load them — given with data=voc (or ``none``), existing, of
+    the right architecture, a safetensors file's names and shapes (its header only) fitting the network."""
+    check_backbone("model.backbone", cfg.model.backbone)
+    check_backbone("seg.backbone", cfg.seg.backbone)
+    check_backbone("teacher.arch", cfg.teacher.arch)
+    stages = cfg.stages()
+    uses = []
+    if "cls" in stages or ("aff" in stages and cfg.aff.init == "imagenet"):
+        uses.append(("model.weights", cfg.model.weights, "model.backbone", cfg.model.backbone,
+                     "cls" if "cls" in stages else "aff"))
+    if "seg" in stages and cfg.seg.init == "imagenet":
+        uses.append(("seg.weights", cfg.seg.weights, "seg.backbone", cfg.seg.backbone, "seg"))
+    if "teacher" in stages:
+        uses.append(("teacher.weights", cfg.teacher.weights, "teacher.arch", cfg.teacher.arch, "teacher"))
+    for key, value, arch_key, arch, stage in uses:
+        w = parse_weights(value)
+        if w.kind == "unset":
+            if cfg.data.name == "voc":
+                raise ConfigError(f"data=voc: stage {stage} needs {key} (ImageNet weights of {arch_key}={arch}: a "
+                                  f"local file, timm, timm:NAME[@FILE] or hf-hub:ID; see docs/usage.md#weights), or "
+                                  f"{key}=none to train from scratch")
+            continue
+        if w.kind == "none":
+            continue
+        if w.through_timm:
+            _check_timm_weights(key, value, arch_key, arch, w)  # type: ignore[arg-type]
+        if w.path is not None and not Path(w.path).is_file():
+            raise ConfigError(f"{key}={value}: weights file not found: {w.path}")
+        if w.kind == "file" and w.path.endswith(".params") and arch != "resnet38d":  # type: ignore[union-attr]
+            raise ConfigError(f"{key}={value}: an MXNet .params file is psa's ResNet-38d; {arch_key}={arch}")
+        if w.kind == "file" and w.path.endswith(".safetensors"):  # type: ignore[union-attr]
+            _check_header(key, w.path, arch, cfg.teacher.img_size if key == "teacher.weights" else None)  # type: ignore[arg-type]
+
+
+def check_backbone(key: str, name: str) -> None:
+    """ConfigError unless ``name`` is one of our backbones or a timm model (with the closest names)."""
+    if name in BACKBONES:
+        return
+    import difflib
+
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"{key}={name}: unknown backbone (resnet38d or a timm model name){hint}")
+
+
+def _check_timm_weights(key: str, value: str, arch_key: str, arch: str, w: Weights) -> None:
+    """A timm tag of ``arch`` that timm knows (a hub id: its config names the architecture, checked at build)."""
+    if arch in BACKBONES:
+        raise ConfigError(f"{key}={value}: timm has no weights of our {arch}; give a local file (psa's .params or "
+                          f"its conversion)")
+    if w.kind == "hf":
+        return
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    name = w.name or arch
+    named_arch, _ = split_model_name_tag(name)
+    if named_arch != arch:
+        raise ConfigError(f"{key}={value}: weights of {named_arch}, but {arch_key}={arch}")
+    try:
+        pcfg = get_pretrained_cfg(name)
+    except RuntimeError:
+        pcfg = None
+    if pcfg is None:
+        known = timm.list_pretrained(f"{arch}.*")
+        raise ConfigError(f"{key}={value}: timm has no pretrained weights {name}"
+                          + (f"; known: {', '.join(known[:6])}" if known else ""))
+
+
+def _check_header(key: str, file: str, arch: str, img_size: int | None) -> None:
+    """Header-only check of a safetensors file against ``arch``'s state dict (built on the meta device);
+    deeplab-pytorch names are mapped at load."""
+    import torch
+
+    from wsss_dist.models.deeplab_pytorch import is_deeplab_pytorch
+
+    try:
+        shapes = strip_module(header_shapes(file))
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"{key}={file}: not a readable safetensors file ({_first_line(e)})") from None
+    if is_deeplab_pytorch(shapes):
+        return
+    with torch.device("meta"):
+        if arch in BACKBONES:
+            from wsss_dist.models.resnet38d import ResNet38d
+
+            model = ResNet38d()
+        else:
+            import timm
+
+            model = timm.create_model(arch, pretrained=False, num_classes=0, **({"img_size": img_size} if img_size else {}))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = weights_mismatch(own, shapes, resampled=("pos_embed",) if img_size else ())
+    if problem:
+        raise ConfigError(f"{key}={file}: weights do not fit {arch}: {problem}")
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's first non-empty line (its type name when it has none)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+__all__ = ["check_backbone", "preflight"]
