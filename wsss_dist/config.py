@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 from .errors import ConfigError
-from .registry import BACKBONES, HEAD_PREFIXES, METHOD_NAMES, METHODS, STAGE_NAMES, STAGE_SPECS, TRAINERS, MethodName
+from .registry import METHOD_NAMES, METHODS, STAGE_NAMES, STAGE_SPECS, TRAINERS, MethodName
 
 STAGES = STAGE_NAMES
 Precision = Literal["no", "fp16", "bf16"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import runs
-from .config import DATA_KEYS, Config, data_settings, is_operational, to_dict
+from .config import Config, data_settings, is_operational, to_dict
 from .registry import STAGE_SPECS
 
 IGNORED_FILES = frozenset({"DONE", "LOCK", "STARTED", "metrics.json", "environment.json"})  # not results, or written after the digest
