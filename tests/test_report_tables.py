@@ -44,3 +44,29 @@ def test_loss_curves_come_from_the_trainers_tensorboard_events(tmp_path):
     png = loss_figure([{"run": str(run), "name": run.name}])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert loss_figure([{"run": str(tmp_path / "nothing"), "name": "x"}]) is None
+
+
+def test_log_with_mlflow_gets_the_training_curve_and_the_scores(tmp_path, monkeypatch):
+    """Issue 25 #5: log_with=[mlflow] (accelerate's tracker; a local file store here) receives the engine's scalars
+    beside TensorBoard; an unknown tracker or a missing package is a one-line config error."""
+    import pytest
+
+    from wsss_dist.config import make_config
+    from wsss_dist.engine.scalars import open_scalars
+    from wsss_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"log_with=neptune: allowed trackers are wandb, mlflow"):
+        make_config(["log_with=[neptune]"])
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow-skinny)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local store, no server
+    assert make_config(["log_with=[mlflow]"]).log_with == ("mlflow",)
+    sink = open_scalars(tmp_path / "tb", ("mlflow",), "run/cls")
+    for step, loss in ((10, 0.7), (20, 0.5)):
+        sink.add_scalar("cls/cam/loss", loss, step)
+    sink.close()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    run = client.search_runs([client.get_experiment_by_name("wsss-dist").experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "cls/cam/loss")
+    assert [(m.step, round(m.value, 3)) for m in history] == [(10, 0.7), (20, 0.5)]
+    assert run.info.run_name == "run/cls" and list((tmp_path / "tb").glob("events.out.tfevents.*"))

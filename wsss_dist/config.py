@@ -231,6 +231,7 @@ class Config:
     run: Optional[str] = None  # run directory; default runs/<method>-<data>[-<values of the result-changing keys typed>]
     cluster: Literal["local", "slurm", "debug"] = "local"  # where launch/submit.py runs the jobs
     log_level: str = "INFO"  # logging level
+    log_with: tuple[str, ...] = ()  # experiment trackers besides TensorBoard: wandb, mlflow (accelerate's trackers; the package must be installed; their env vars apply, e.g. WANDB_MODE=offline, MLFLOW_TRACKING_URI)
     device: Literal["auto", "cpu"] = "auto"  # auto: CUDA where present, and a multi-process run that finds none stops; cpu: run on the CPU on purpose (also a multi-process gloo rehearsal)
     redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
     data: DataCfg = field(default_factory=DataCfg)
@@ -511,7 +512,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
 
 
 # Keys that never change a result: where things live, how they are run and logged (every other key does).
-OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "report", "sweep", "slurm", "teacher.dir",
+OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "log_with", "report", "sweep", "slurm", "teacher.dir",
                "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
                "cls.round", "cam.batch_images")
 OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")
@@ -905,6 +906,11 @@ def validate(cfg: Config) -> None:
         if not ok(value):
             shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
             raise ConfigError(f"{key}={shown}: must be {allowed}")
+    for name in cfg.log_with:
+        if name not in ("wandb", "mlflow"):
+            raise ConfigError(f"log_with={name}: allowed trackers are wandb, mlflow (TensorBoard is always written)")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"log_with={name} needs its package: pip install {'mlflow-skinny' if name == 'mlflow' else name}")
     if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))

@@ -196,21 +196,21 @@ def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
                 out = (fingerprints.manifest_digest(cfg.shards_dir) if stage == "shards"
                        else fingerprints.output_digest(fingerprints.stage_path(cfg, stage)))
                 metrics["fingerprint"] = fp.record(out)
-            log_scores(cfg.run_dir / stage / "tb", stage, metrics)
+            log_scores(cfg, stage, metrics)
             runs.mark_done(cfg.run_dir, stage, metrics)
     logger.info("stage %s: done in %.1f s %s", stage, time.time() - t0, summary(metrics))
     return metrics
 
 
-def log_scores(tb_dir: Path, stage: str, metrics: dict[str, Any]) -> None:
-    """A stage's mIoU (and best-threshold mIoU) and per-class IoU in TensorBoard (``<stage>/tb``), beside the losses."""
+def log_scores(cfg: Config, stage: str, metrics: dict[str, Any]) -> None:
+    """A stage's mIoU (and best-threshold mIoU) and per-class IoU in TensorBoard (``<stage>/tb``, beside the losses)
+    and the trackers of ``log_with``."""
     if not isinstance(metrics.get("miou"), float):
         return
-    from torch.utils.tensorboard import SummaryWriter
-
     from .data.voc import CLASSES
+    from .engine.scalars import open_scalars
 
-    with contextlib.closing(SummaryWriter(str(tb_dir))) as writer:
+    with contextlib.closing(open_scalars(cfg.run_dir / stage / "tb", cfg.log_with, f"{cfg.run_dir.name}/{stage}")) as writer:
         writer.add_scalar(f"{stage}/miou", metrics["miou"], 0)
         if isinstance(metrics.get("best_miou"), float):
             writer.add_scalar(f"{stage}/best_miou", metrics["best_miou"], 0)

@@ -27,6 +27,7 @@ from ..models.weights import WEIGHTS, load_model_weights, save_model_weights
 from .checkpoint import checkpoint_step, complete_checkpoints, read_train_state, remove_partial, save_checkpoint
 from .dist import on_cpu
 from .optim import build_optimizer, poly_lr
+from .scalars import open_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class _Window:
 
 
 def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable[[int, int, int], Iterator[dict]],
-        out_dir: Path, train: TrainCfg, optim: OptimCfg, log_name: str = "train") -> dict:
+        out_dir: Path, train: TrainCfg, optim: OptimCfg, log_name: str = "train", log_with: tuple[str, ...] = ()) -> dict:
     """Train ``model`` for ``train.steps`` optimiser steps into ``out_dir``; resume from its newest checkpoint.
 
     ``loss_fn(model, batch, step) -> (loss, logs)`` gets the prepared (DDP-wrapped) model and a batch on the device;
@@ -284,11 +285,11 @@ def fit(*, model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
         load_model_weights(model, out_dir / WEIGHTS)
         return done
     with StopSignals() as stop:
-        return _train(model, param_groups, loss_fn, make_loader, out_dir, train, optim, log_name, stop)
+        return _train(model, param_groups, loss_fn, make_loader, out_dir, train, optim, log_name, stop, log_with)
 
 
 def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, make_loader: Callable, out_dir: Path,
-           train: TrainCfg, optim: OptimCfg, log_name: str, stop: StopSignals) -> dict:
+           train: TrainCfg, optim: OptimCfg, log_name: str, stop: StopSignals, log_with: tuple[str, ...] = ()) -> dict:
     """The loop: per step seed, lr, (accumulated) forward/backward/step; log, stop on a signal, checkpoint."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -312,7 +313,7 @@ def _train(model: torch.nn.Module, param_groups: list[dict], loss_fn: Callable, 
     base_lrs = [optim.lr * g.get("lr_mult", 1.0) for g in optimizer.param_groups]
     step_optimizer = _optimizer_step(accelerator, optimizer)
     batches = make_loader(rank, world, state.step * train.grad_accum)
-    writer = _tensorboard(out_dir / "tb") if main else None
+    writer = open_scalars(out_dir / "tb", log_with, f"{out_dir.parent.name}/{log_name}") if main else None
     tty = sys.stderr.isatty()
     images, t0, first = 0, time.time(), state.step
 
@@ -451,11 +452,3 @@ def _close(batches: Any, writer: Any) -> None:
     if writer is not None:
         writer.close()
 
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.warning("tensorboard is not installed: no TensorBoard scalars (metrics.json is still written)")
-        return None
-    return SummaryWriter(str(path))

@@ -16,7 +16,7 @@ from .loop import fit
 def train_model(out_dir: Path, spec: dict[str, Any], build: Callable[[], torch.nn.Module],
                 param_groups: Callable[[torch.nn.Module], list[dict]], *, loss_fn: Callable,
                 make_loader: Callable[[int, int, int], Iterator[dict]], train: TrainCfg, optim: OptimCfg,
-                log_name: str) -> tuple[dict, torch.nn.Module]:
+                log_name: str, log_with: tuple[str, ...] = ()) -> tuple[dict, torch.nn.Module]:
     """Seed (``train.seed``: initial weights are a function of it), build the model, write ``out_dir/model.json``
     (``spec``) *before* the weights that mark training done, then :func:`fit`; returns (metrics, trained model).
 
@@ -30,5 +30,5 @@ def train_model(out_dir: Path, spec: dict[str, Any], build: Callable[[], torch.n
     if dist().main:
         write_spec(out_dir, spec)
     metrics = fit(model=model, param_groups=param_groups(model), loss_fn=loss_fn, make_loader=make_loader,
-                  out_dir=out_dir, train=train, optim=optim, log_name=log_name)
+                  out_dir=out_dir, train=train, optim=optim, log_name=log_name, log_with=log_with)
     return metrics, model

@@ -70,5 +70,5 @@ def run(cfg: Config) -> dict:
     metrics, _ = train_model(out, affinity_spec(cfg), lambda: build_affinity(cfg),
                              lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=make_loss(cfg.aff.radius),
                              make_loader=train_loader_for(cfg, t, cfg.cam.split, mask_dir=out / "labels"), train=t,
-                             optim=o, log_name="aff")
+                             optim=o, log_name="aff", log_with=cfg.log_with)
     return {**metrics, "label_samples": result["samples"]}

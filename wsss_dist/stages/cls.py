@@ -85,7 +85,7 @@ def train_classifier(cfg: Config, out_dir: Path, sub_labels: dict[str, np.ndarra
     metrics, _ = train_model(out_dir, classifier_spec(cfg, num_sub), lambda: build_classifier(cfg, num_sub=num_sub),
                              lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=make_loss(cfg, sub_labels),
                              make_loader=train_loader_for(cfg, t, cfg.cls.split), train=t, optim=o,
-                             log_name=f"cls/{cfg.method}")
+                             log_name=f"cls/{cfg.method}", log_with=cfg.log_with)
     return metrics
 
 

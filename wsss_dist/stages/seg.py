@@ -34,5 +34,5 @@ def run(cfg: Config) -> dict:
     make_loader = train_loader_for(cfg, t, cfg.cam.split, mask_dir=cfg.run_dir / "pseudo", scale_range=cfg.seg.scale_range)
     metrics, _ = train_model(out, deeplab_spec(cfg), lambda: build_deeplab(cfg),
                              lambda model: model.param_groups(o.lr, o.weight_decay), loss_fn=loss_fn,
-                             make_loader=make_loader, train=t, optim=o, log_name="seg")
+                             make_loader=make_loader, train=t, optim=o, log_name="seg", log_with=cfg.log_with)
     return metrics

@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
 
     metrics, _ = train_model(out, spec, lambda: build_teacher(cfg), lambda model: param_groups(model, o.lr, o.weight_decay),
                              loss_fn=loss_fn, make_loader=train_loader_for(cfg, t, cfg.cls.split), train=t, optim=o,
-                             log_name="teacher")
+                             log_name="teacher", log_with=cfg.log_with)
     d = dist()
     if d.main:  # not data-parallel: rank 0 writes the embeddings, the other ranks wait
         model = load_model(out).to(d.device)  # the trained weights, also when fit() found the stage already trained
