@@ -10,10 +10,12 @@ sample in the skipped part was broken: broken samples are dropped after decoding
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
 import logging
+import os
 import random
 import tarfile
 import warnings
@@ -500,7 +502,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
                      max_skip_fraction=max_skip_fraction, on_device=on_device)
     if workers == 0:
         return iter(ds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                         worker_init_fn=functools.partial(reader_worker_init, os.getpid()))
     return _one_line_errors(iter(loader))
 
 
@@ -609,14 +612,23 @@ class ShardSamples(torch.utils.data.IterableDataset):
         yield {"__shard__": name, "__end__": True, "samples": n, "skipped": counter.skipped}
 
 
-def _die_with_parent(parent: int, worker: int) -> None:
-    """A reader worker ends when its parent process does (Linux): a stage killed by SIGTERM or SIGKILL would
-    otherwise leave its workers blocked on a full queue for good."""
+READER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # the stop signals: the main process owns them
+
+
+def reader_worker_init(parent: int, worker: int) -> None:
+    """Set up a DataLoader reader worker (training stream and inference readers): it ignores the stop signals (a
+    signal to the whole process group, e.g. ``scancel``, SLURM preemption, a container stop or a terminal's Ctrl-C,
+    reaches it too; the main process checkpoints and then shuts the workers down) and ends when its parent process
+    does (Linux), so a stage killed by SIGKILL never leaves workers blocked on a full queue."""
     import ctypes
     import os
     import signal
     import sys
 
+    for name in READER_IGNORES:  # after torch's own worker handlers (its SIGTERM one would end the worker)
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -637,14 +649,11 @@ def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[
     Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
     when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
     """
-    import functools
-    import os
-
     workers = min(num_workers, len(urls))
     loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare), batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,
-                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
+                                         worker_init_fn=functools.partial(reader_worker_init, os.getpid()) if workers else None)
     return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,7 +24,9 @@ from ..config import Config
 from ..data.shards import (check_skip_fraction, load_manifest, record_path, record_problem, sha256_bytes, split_urls,
                            tar_bytes)
 from ..data.stream import image_tensor, prepare_image, shard_samples
+from ..errors import Interrupted
 from .dist import dist
+from .loop import StopAgreement, StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +53,10 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     Each output shard's record ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to
     rerun to repair it); readers check the sha256. Shards already written and matching their record are skipped; a
     damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
-    every rank); more broken samples than ``data.max_skip_fraction`` is a DataError.
+    every rank); more broken samples than ``data.max_skip_fraction`` is a DataError. A stop signal (TERM, INT,
+    USR1, USR2; the reader workers ignore them) stops the reading: the shards read to their end are still written,
+    the one being read is dropped (redone by the rerun), and every rank raises Interrupted.
     """
-    from tqdm import tqdm
-
     d = dist()
     manifest = load_manifest(cfg.shards_dir, verify=False)
     urls = split_urls(cfg.shards_dir, split, manifest)
@@ -65,43 +68,66 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
-    if todo:
-        samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
-                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-        with contextlib.closing(samples), \
-                tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
-            writer = _ShardWriter(out_dir, evaluate, stage or desc)
-            pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
-
-            def run(group: list[dict]) -> None:
-                outs = process(group) if batch is not None else [process(group[0])]
-                for sample, (record, prediction) in zip(group, outs):
-                    kept = {k: v for k, v in sample.items() if k != "image"} if evaluate is not None else None
-                    writer.put(("sample", sample["__shard__"], record, kept, prediction))
-                bar.update(len(group))
-
-            try:
-                for sample in samples:
-                    name = sample["__shard__"]
-                    group = pending.get(name, [])
-                    if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
-                        run(pending.pop(name))
-                    if sample.get("__end__"):
-                        writer.put(("end", name, sample["samples"], sample["skipped"]))
-                    elif batch is None:
-                        run([sample])
-                    else:
-                        pending.setdefault(name, []).append(sample)
-                        if len(pending[name]) >= batch:
-                            run(pending.pop(name))
-            except BaseException:
-                writer.close(check=False)  # the shards already whole are still written; this error is the one raised
-                raise
-            writer.close()
-    d.barrier()
+    written = 0
+    with StopSignals("finishing the shards already read, dropping the one being read, then stopping") as stop:
+        if todo:
+            written = _map(cfg, split, out_dir, todo, manifest, keys, process, evaluate, paired, desc, stage, prepare,
+                           batch, stop)
+        agree = StopAgreement(d.world)  # all ranks stop together (a signal may reach only some): also the barrier
+        signum = agree(stop.signum) or agree.wait()
+    if signum:
+        name = signal.Signals(signum).name
+        raise Interrupted(signum, f"{desc or stage}: stopped by {name} with {len(mine) - len(todo) + written} of "
+                                  f"{len(mine)} shards of this rank written in {out_dir} (a shard being read when the "
+                                  f"signal came is redone)")
     result = _gather(out_dir, urls)
     check_skip_fraction(result["skipped"], result["samples"] + result["skipped"], cfg.data.max_skip_fraction, desc)
     return result
+
+
+def _map(cfg: Config, split: str, out_dir: Path, todo: list[str], manifest: dict, keys: tuple[str, ...],
+         process: Process, evaluate: Evaluate | None, paired: Iterable[tuple[Path, tuple[str, ...]]], desc: str,
+         stage: str, prepare: Prepare | None, batch: int | None, stop: StopSignals) -> int:
+    """:func:`map_shards` on this rank's shards still to do; stops reading at a stop signal (the shards whose end
+    was read are still written, the one being read is dropped). The number of shards written."""
+    from tqdm import tqdm
+
+    d = dist()
+    samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
+                            num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+    with contextlib.closing(samples), \
+            tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
+        writer = _ShardWriter(out_dir, evaluate, stage or desc)
+        pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
+
+        def run(group: list[dict]) -> None:
+            outs = process(group) if batch is not None else [process(group[0])]
+            for sample, (record, prediction) in zip(group, outs):
+                kept = {k: v for k, v in sample.items() if k != "image"} if evaluate is not None else None
+                writer.put(("sample", sample["__shard__"], record, kept, prediction))
+            bar.update(len(group))
+
+        try:
+            for sample in samples:
+                if stop.signum:
+                    break
+                name = sample["__shard__"]
+                group = pending.get(name, [])
+                if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
+                    run(pending.pop(name))
+                if sample.get("__end__"):
+                    writer.put(("end", name, sample["samples"], sample["skipped"]))
+                elif batch is None:
+                    run([sample])
+                else:
+                    pending.setdefault(name, []).append(sample)
+                    if len(pending[name]) >= batch:
+                        run(pending.pop(name))
+        except BaseException:
+            writer.close(check=False)  # the shards already whole are still written; this error is the one raised
+            raise
+        writer.close()
+    return writer.written
 
 
 class _ShardWriter:
@@ -113,6 +139,7 @@ class _ShardWriter:
         self.out_dir, self.evaluate, self.stage = out_dir, evaluate, stage
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
+        self.written = 0  # output shards written
         self.thread = threading.Thread(target=self._run, name="map_shards-writer", daemon=True)
         self.thread.start()
 
@@ -165,6 +192,8 @@ class _ShardWriter:
         runs.write_json(record_path(self.out_dir / name), {"samples": samples, "skipped": skipped, "records": records,
                                                            "sha256": sha256_bytes(data), "stage": self.stage})
         runs.atomic_write(self.out_dir / name, data)
+        self.written += 1
+        logger.debug("%s: wrote %s (%d samples, %d skipped)", self.stage, self.out_dir / name, samples, skipped)
 
 
 def _size(sample: dict) -> tuple[int, ...]:
@@ -218,8 +247,11 @@ def split_features(cfg: Config, split: str, features: Callable[[torch.Tensor], t
     rows: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {Path(u).name: [] for u in urls}
     samples = shard_samples(urls, ("jpg", "cls.npy"), prepare=prepare_image, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
-    with contextlib.closing(samples):
+    with contextlib.closing(samples), StopSignals("stopping now (the features are computed again on rerun)") as stop:
         for s in samples:
+            if stop.signum:
+                raise Interrupted(stop.signum, f"features of {split}: stopped by {signal.Signals(stop.signum).name} "
+                                               "(nothing to keep: the rerun computes them again)")
             if not s.get("__end__"):
                 f = features(image_tensor(s, device))[0].float().cpu().numpy()
                 rows[s["__shard__"]].append((s["__key__"], f, s["cls.npy"]))
