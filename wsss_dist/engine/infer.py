@@ -55,8 +55,10 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
     every rank); more broken samples than ``data.max_skip_fraction`` is a DataError. A stop signal (TERM, INT,
     USR1, USR2; the reader workers ignore them) stops the reading: the shards read to their end are still written,
-    the one being read is dropped (redone by the rerun), and every rank raises Interrupted.
+    the one being read is dropped (the rerun redoes it), and every rank raises Interrupted.
     """
+    from tqdm import tqdm
+
     d = dist()
     manifest = load_manifest(cfg.shards_dir, verify=False)
     urls = split_urls(cfg.shards_dir, split, manifest)
@@ -68,66 +70,52 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None)]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
-    written = 0
-    with StopSignals("finishing the shards already read, dropping the one being read, then stopping") as stop:
-        if todo:
-            written = _map(cfg, split, out_dir, todo, manifest, keys, process, evaluate, paired, desc, stage, prepare,
-                           batch, stop)
-        agree = StopAgreement(d.world)  # all ranks stop together (a signal may reach only some): also the barrier
-        signum = agree(stop.signum) or agree.wait()
+    stop, written = StopSignals("finishing the shards already read, dropping the one being read, then stopping"), 0
+    if todo:
+        samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+        with contextlib.closing(samples), stop, \
+                tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
+            writer = _ShardWriter(out_dir, evaluate, stage or desc)
+            pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
+
+            def run(group: list[dict]) -> None:
+                outs = process(group) if batch is not None else [process(group[0])]
+                for sample, (record, prediction) in zip(group, outs):
+                    kept = {k: v for k, v in sample.items() if k != "image"} if evaluate is not None else None
+                    writer.put(("sample", sample["__shard__"], record, kept, prediction))
+                bar.update(len(group))
+
+            try:
+                for sample in samples:
+                    if stop.signum:  # a stop signal: no new sample; the shards whose end was read are written
+                        break
+                    name = sample["__shard__"]
+                    group = pending.get(name, [])
+                    if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
+                        run(pending.pop(name))
+                    if sample.get("__end__"):
+                        writer.put(("end", name, sample["samples"], sample["skipped"]))
+                    elif batch is None:
+                        run([sample])
+                    else:
+                        pending.setdefault(name, []).append(sample)
+                        if len(pending[name]) >= batch:
+                            run(pending.pop(name))
+            except BaseException:
+                writer.close(check=False)  # the shards already whole are still written; this error is the one raised
+                raise
+            writer.close()
+            written = writer.written
+    agree = StopAgreement(d.world)  # the ranks agree on a stop (a signal may reach only some); also the barrier
+    signum = agree(stop.signum) or agree.wait()
     if signum:
-        name = signal.Signals(signum).name
-        raise Interrupted(signum, f"{desc or stage}: stopped by {name} with {len(mine) - len(todo) + written} of "
-                                  f"{len(mine)} shards of this rank written in {out_dir} (a shard being read when the "
-                                  f"signal came is redone)")
+        raise Interrupted(signum, f"{desc or stage}: stopped by {signal.Signals(signum).name} with "
+                                  f"{len(mine) - len(todo) + written} of {len(mine)} shards of this rank written in "
+                                  f"{out_dir} (a shard being read when the signal came is redone)")
     result = _gather(out_dir, urls)
     check_skip_fraction(result["skipped"], result["samples"] + result["skipped"], cfg.data.max_skip_fraction, desc)
     return result
-
-
-def _map(cfg: Config, split: str, out_dir: Path, todo: list[str], manifest: dict, keys: tuple[str, ...],
-         process: Process, evaluate: Evaluate | None, paired: Iterable[tuple[Path, tuple[str, ...]]], desc: str,
-         stage: str, prepare: Prepare | None, batch: int | None, stop: StopSignals) -> int:
-    """:func:`map_shards` on this rank's shards still to do; stops reading at a stop signal (the shards whose end
-    was read are still written, the one being read is dropped). The number of shards written."""
-    from tqdm import tqdm
-
-    d = dist()
-    samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
-                            num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-    with contextlib.closing(samples), \
-            tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
-        writer = _ShardWriter(out_dir, evaluate, stage or desc)
-        pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
-
-        def run(group: list[dict]) -> None:
-            outs = process(group) if batch is not None else [process(group[0])]
-            for sample, (record, prediction) in zip(group, outs):
-                kept = {k: v for k, v in sample.items() if k != "image"} if evaluate is not None else None
-                writer.put(("sample", sample["__shard__"], record, kept, prediction))
-            bar.update(len(group))
-
-        try:
-            for sample in samples:
-                if stop.signum:
-                    break
-                name = sample["__shard__"]
-                group = pending.get(name, [])
-                if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
-                    run(pending.pop(name))
-                if sample.get("__end__"):
-                    writer.put(("end", name, sample["samples"], sample["skipped"]))
-                elif batch is None:
-                    run([sample])
-                else:
-                    pending.setdefault(name, []).append(sample)
-                    if len(pending[name]) >= batch:
-                        run(pending.pop(name))
-        except BaseException:
-            writer.close(check=False)  # the shards already whole are still written; this error is the one raised
-            raise
-        writer.close()
-    return writer.written
 
 
 class _ShardWriter:
@@ -193,7 +181,6 @@ class _ShardWriter:
                                                            "sha256": sha256_bytes(data), "stage": self.stage})
         runs.atomic_write(self.out_dir / name, data)
         self.written += 1
-        logger.debug("%s: wrote %s (%d samples, %d skipped)", self.stage, self.out_dir / name, samples, skipped)
 
 
 def _size(sample: dict) -> tuple[int, ...]:
