@@ -42,6 +42,9 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
                desc: str = "", stage: str = "", prepare: Prepare | None = None, batch: int | None = None) -> dict:
     """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
 
+    A stop signal (TERM, INT, USR1, USR2; the reader workers ignore them) stops the reading: the shards read to their
+    end are still written, the one being read is dropped (the rerun redoes it), and every rank raises Interrupted.
+
     ``process(sample)`` returns ``(record, prediction)``: the record (``__key__`` + members, None, or a function
     making it, called off the critical path) goes into the output shard, the prediction to ``evaluate(sample,
     prediction)``, whose confusion matrices are summed per shard; both run in the writer thread, so a prediction
@@ -53,9 +56,7 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     Each output shard's record ``<shard>.json`` holds its sample counts, its sha256 and ``stage`` (the name to
     rerun to repair it); readers check the sha256. Shards already written and matching their record are skipped; a
     damaged one is redone. Returns ``{"samples", "skipped", "cm"}`` summed over all shards (after a barrier, on
-    every rank); more broken samples than ``data.max_skip_fraction`` is a DataError. A stop signal (TERM, INT,
-    USR1, USR2; the reader workers ignore them) stops the reading: the shards read to their end are still written,
-    the one being read is dropped (the rerun redoes it), and every rank raises Interrupted.
+    every rank); more broken samples than ``data.max_skip_fraction`` is a DataError.
     """
     from tqdm import tqdm
 
