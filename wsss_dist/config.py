@@ -53,6 +53,7 @@ class DataCfg:
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
     shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer
     max_skip_fraction: float = 0.01  # a stream that skips more broken samples than this fails the stage
+    max_pixels: int = 25_000_000  # images with more pixels are skipped (counted, with a warning) before decoding; 0 = no cap (PIL's own decompression-bomb cap still holds)
     toy: ToyCfg = field(default_factory=ToyCfg)
 
 
@@ -818,7 +819,8 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     add("cam.sweep", (lambda v: len(v) > 0, "a non-empty list"))
     add("data.toy.size", at_least(24))
     add("cls.sc_rounds", at_least(1))
-    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "slurm.array_parallelism"):
+    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "slurm.array_parallelism",
+                "data.max_pixels"):
         add(key, at_least(0))
     for key in ("data.max_skip_fraction", "cam.bg_threshold", "aff.conf_fg", "aff.conf_bg"):
         add(key, unit)

@@ -74,7 +74,8 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     stop, written = StopSignals("finishing the shards already read, dropping the one being read, then stopping"), 0
     if todo:
         samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
-                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
+                                max_pixels=cfg.data.max_pixels, min_side=cfg.model.output_stride)
         with contextlib.closing(samples), stop, \
                 tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
             writer = _ShardWriter(out_dir, evaluate, stage or desc)
@@ -234,7 +235,7 @@ def split_features(cfg: Config, split: str, features: Callable[[torch.Tensor], t
     urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir, verify=False))
     rows: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {Path(u).name: [] for u in urls}
     samples = shard_samples(urls, ("jpg", "cls.npy"), prepare=prepare_image, num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", max_pixels=cfg.data.max_pixels)
     with contextlib.closing(samples), StopSignals("stopping now (the features are computed again on rerun)") as stop:
         for s in samples:
             if stop.signum:
