@@ -624,7 +624,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
                                "far)", sample["__key__"], name, image.shape[1], image.shape[0], self.min_side,
                                counter.skipped)
                 continue
-            if any(sample["__key__"] not in other and n for other, n in zip(others, skips)):
+            if any(sample["__key__"] not in other and skipped for other, skipped in zip(others, skips)):
                 counter.skipped += 1  # an image an earlier stage skipped (too small or too large): skipped here too
                 logger.warning("skipped image %s of %s: an earlier stage skipped it (%d skipped so far)",
                                sample["__key__"], name, counter.skipped)
@@ -674,13 +674,15 @@ def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[
                   prepare: Callable[[dict], dict] | None = None, num_workers: int = 0,
                   pin_memory: bool = False, max_pixels: int = 0, min_side: int = 0) -> _Samples:
     """The samples and end markers of :class:`ShardSamples` over ``urls``, decoded and prepared in ``num_workers``
-    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA).
+    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA); images
+    with more than ``max_pixels`` pixels (0: no cap) or a side under ``min_side`` are counted skips.
 
     Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
     when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
     """
     workers = min(num_workers, len(urls))
-    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side), batch_size=None, collate_fn=_as_is,
+    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side),
+                                         batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,
                                          worker_init_fn=functools.partial(reader_worker_init, os.getpid()) if workers else None)
