@@ -221,7 +221,7 @@ def _gather(out_dir: Path, urls: list[str]) -> dict:
         skipped += info["skipped"]
         p = out_dir / f"{name}.cm.npy"
         if p.exists():
-            m = runs.read_npy(p)
+            m = np.load(p, allow_pickle=False)
             if m.size:
                 cm = m if cm is None else cm + m
     return {"samples": samples, "skipped": skipped, "cm": cm}
