@@ -489,7 +489,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
         try:
             while True:
                 finished = job.done()
-                results = runs.read_json(progress, expect=list) if progress.is_file() else []
+                results = runs.read_json(progress) if progress.is_file() else []
                 for metrics in results[seen:]:
                     out(f"{heads[group[seen]]}: done in {time.time() - t0:.0f} s {summary(metrics)}")
                     seen += 1

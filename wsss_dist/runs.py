@@ -129,9 +129,9 @@ def damaged(path: str | os.PathLike, what: str, advice: str | None = None) -> Ex
     return DamagedFile(f"{path}: damaged file ({what}); {advice or repair_advice(path)}")
 
 
-def read_json(path: str | os.PathLike, expect: type | None = dict) -> Any:
-    """Read a JSON file holding an ``expect`` (a mapping unless told; None: anything); DamagedFile (a DataError and
-    a ValueError) naming the file, what is wrong and what to do when it is not UTF-8, not JSON or another type."""
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """Read a JSON file (holding an ``expect``, e.g. dict, when given); DamagedFile (a DataError and a ValueError)
+    naming the file, what is wrong and what to do when it is not UTF-8, not JSON or of another type."""
     path = Path(path)
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -214,7 +214,7 @@ def is_done(run_dir: str | os.PathLike, stage: str) -> bool:
 
 def read_done(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
     """The metrics a finished stage wrote into its DONE marker."""
-    return read_json(Path(run_dir) / stage / "DONE")
+    return read_json(Path(run_dir) / stage / "DONE", expect=dict)
 
 
 def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | None = None) -> Path:

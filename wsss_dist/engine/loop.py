@@ -165,7 +165,7 @@ def _finished(out_dir: Path, steps: int, log_name: str) -> dict | None:
     """The metrics of a finished training of ``steps`` steps in ``out_dir``, or None when it must (continue to) train."""
     if not (out_dir / WEIGHTS).is_file():
         return None
-    done = runs.read_json(out_dir / METRICS) if (out_dir / METRICS).is_file() else {"steps": steps}
+    done = runs.read_json(out_dir / METRICS, expect=dict) if (out_dir / METRICS).is_file() else {"steps": steps}
     if done.get("steps") == steps:
         return done
     if done.get("steps", 0) > steps:
