@@ -52,7 +52,7 @@ def _error(e: DamagedFile, path: Path) -> str:
     return msg.split("); ", 1)[1]
 
 
-@pytest.mark.parametrize("damage", [b"{bad", b"[1, 2]", b"\xff\xfe{}"], ids=["not-json", "a-list", "not-utf8"])
+@pytest.mark.parametrize("damage", [b"{bad", b"\xff\xfe{}"], ids=["not-json", "not-utf8"])
 def test_damaged_model_json_is_one_line_and_the_advice_works(shards, done_run, tmp_path, damage):  # noqa: F811
     run = _copy(done_run, tmp_path)
     path = run / "cls" / "model.json"

@@ -1051,10 +1051,19 @@ def validate(cfg: Config) -> None:
     stages = cfg.stages()
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
-    for key in _schema():
+    for key in _schema():  # finite, no control characters, within its range or choices
         check_value(key, get(cfg, key))
     if cfg.model.backbone == "resnet38d" and cfg.model.output_stride != 8:
         raise ConfigError(f"model.output_stride={cfg.model.output_stride}: resnet38d has a fixed output stride of 8")
+    for key in _schema():
+        value = get(cfg, key)
+        if not _finite(value):
+            raise ConfigError(f"{key}={value}: expected a finite number")
+    for key, ok, allowed in _ranges():
+        value = get(cfg, key)
+        if not ok(value):
+            shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
+            raise ConfigError(f"{key}={shown}: must be {allowed}")
     check_backbone("model.backbone", cfg.model.backbone)
     check_backbone("seg.backbone", cfg.seg.backbone)
     check_backbone("teacher.arch", cfg.teacher.arch)

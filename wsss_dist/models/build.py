@@ -156,7 +156,7 @@ def load_model(out_dir: Path, fallback: dict[str, Any] | None = None) -> nn.Modu
     """
     out_dir = Path(out_dir)
     path = out_dir / MODEL_JSON
-    spec = runs.read_json(path, expect=dict) if path.is_file() else fallback
+    spec = runs.read_json(path) if path.is_file() else fallback
     if spec is None:
         raise FileNotFoundError(f"{path}: no such file; rerun the stage that trained {out_dir}")
     if fallback is not None:
