@@ -54,6 +54,7 @@ class DataCfg:
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
     shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer
     max_skip_fraction: float = 0.01  # a stream that skips more broken samples than this fails the stage
+    max_pixels: int = 25_000_000  # images with more pixels are skipped (counted, with a warning) before decoding; 0 = no cap (PIL's own decompression-bomb cap still holds)
     toy: ToyCfg = field(default_factory=ToyCfg)
 
 
@@ -552,7 +553,9 @@ def typed_value(key: str, text: str, schema: type = None) -> Any:  # type: ignor
         return getattr(OmegaConf.to_object(node), name)
     cfg = OmegaConf.structured(Config)
     _set(cfg, key, text)
-    return get(OmegaConf.to_object(cfg), key)
+    value = get(OmegaConf.to_object(cfg), key)
+    check_value(key, value)
+    return value
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -754,6 +757,7 @@ def sweep_points(words: list[str]) -> tuple[str, list[Point]]:
         combos = list(itertools.product(*(v for _, v in axes)))
     name = opts.get("sweep.name") or "-".join(k.split(".")[-1] for k, _ in axes)
     base = dict(parse_words(words)).get("run")
+    check_value("sweep.name", name)
     root = str(Path(base) if base else Path("runs") / name)
     swept = {k for k, _ in axes}
     fixed = [w for w in words if w.split("=", 1)[0].strip().lstrip("-") not in swept | {"run"}]
@@ -761,6 +765,9 @@ def sweep_points(words: list[str]) -> tuple[str, list[Point]]:
     for combo in combos:
         values = tuple((k, v) for (k, _), v in zip(axes, combo))
         pname = "-".join(_short(k, v) for k, v in values)
+        if not _safe_path(f"{root}/{pname}"):  # checked before anything is written or submitted
+            raise ConfigError(f"run={root}/{pname} (a point of the sweep): must be {PATH_RULE}; choose sweep.name "
+                              "or run=, or sweep values that make shorter names")
         points.append(Point(pname, tuple(fixed + [f"{k}={v}" for k, v in values] + [f"run={root}/{pname}"]), values))
     if len({p.name for p in points}) != len(points):
         raise ConfigError("two points of the sweep get the same name; sweep distinct values")
@@ -862,12 +869,26 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         for name in ("weight_decay", "poly_power", "warmup_steps", "grad_clip"):
             add(f"{k}.optim.{name}", at_least(0))
         out.append((f"{k}.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"))
-    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "model.output_stride",
-                "cam.out_stride", "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images"):
+    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "cam.out_stride", "cam.batch_images",
+                "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images", "slurm.nodes",
+                "slurm.cpus_per_task", "slurm.mem_gb", "slurm.time_min"):
         add(key, at_least(1))
+    add("model.output_stride", (lambda v: v in OUTPUT_STRIDES, "one of " + ", ".join(map(str, OUTPUT_STRIDES))))
+    add("log_level", (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)))
+    for key in ("cls.split", "cam.split", "cam.eval_split"):
+        add(key, (lambda v: v in SPLITS, "one of " + ", ".join(SPLITS)))
+    for key in ("data.toy.seed", *(f"{k}.train.seed" for k in ("cls", "aff", "seg", "teacher"))):
+        add(key, at_least(0))
+    for key in ("slurm.gpus_per_node", "slurm.signal_delay_s", "cls.ent_weight", "cls.con_weight", "cls.sub_weight"):
+        add(key, at_least(0))
+    for key in ("cls.mixup_alpha", "cls.fmix_alpha", "cls.fmix_decay", "cls.manifold_alpha"):
+        add(key, positive)
+    add("cls.round", at_least(-1))
+    add("cam.sweep", (lambda v: len(v) > 0, "a non-empty list"))
     add("data.toy.size", at_least(24))
     add("cls.sc_rounds", at_least(1))
-    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "slurm.array_parallelism"):
+    for key in ("data.num_workers", "data.shuffle_buffer", "data.toy.n_sbd", "pseudo.logt", "slurm.array_parallelism",
+                "data.max_pixels"):
         add(key, at_least(0))
     for key in ("data.max_skip_fraction", "cam.bg_threshold", "aff.conf_fg", "aff.conf_bg"):
         add(key, unit)
@@ -879,7 +900,62 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         add(key, positive)
     out.append(("cls.finch_partition", lambda v: v in ("last", "first") or re.fullmatch(r"-?\d+", v) is not None,
                 "last, first or an integer column"))
+    # names that reach the file system and SLURM's batch script: no newline, no shell syntax, bounded length
+    add("run", (lambda v: v is None or _safe_path(v), PATH_RULE))
+    add("sweep.name", (lambda v: v is None or _safe_path(v), PATH_RULE))
+    for key in ("slurm.partition", "slurm.account", "slurm.qos"):
+        add(key, (lambda v: v is None or re.fullmatch(rf"[{SLURM_NAME}]{{1,100}}", v) is not None,
+                  f"1-100 of the characters {SLURM_NAME} (a SLURM name or a comma-separated list of them)"))
+    add("slurm.constraint", (lambda v: v is None or re.fullmatch(rf"[{SLURM_FEATURES}]{{1,200}}", v) is not None,
+                             "1-200 of the characters A-Za-z0-9_.,:&|!*()[]- (a SLURM feature expression)"))
+    add("slurm.extra", (lambda v: all(re.fullmatch(SLURM_FLAG, x) is not None for x in v),
+                        "sbatch flags key=value: key of letters, digits, - and _; value of the characters "
+                        "A-Za-z0-9_.,:@%+=/[]()*&|!~- (no space, quote, $, ;, newline), at most 200 in all"))
     return out
+
+
+OUTPUT_STRIDES = (8, 16, 32)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SPLITS = ("train", "val", "train_aug")  # the splits stage=shards writes
+PATH_CHARS = "A-Za-z0-9_.+@=,:~/-"  # run and sweep names: no space, quote, %, $, ;, newline (they reach sbatch scripts)
+PATH_RULE = (f"a path of the characters {PATH_CHARS}, not starting with -, at most 200 characters and 100 per "
+             "directory name")
+SLURM_NAME = "A-Za-z0-9_.,-"
+SLURM_FEATURES = "A-Za-z0-9_.,:&|!*()\\[\\]-"
+SLURM_FLAG = r"(?=.{1,200}$)-{0,2}[A-Za-z][A-Za-z0-9_-]*(=[A-Za-z0-9_.,:@%+=/\[\]()*&|!~-]*)?"
+
+
+def _safe_path(value: str) -> bool:
+    """A run or sweep path that is safe in a file name and an sbatch script (:data:`PATH_RULE`)."""
+    return (re.fullmatch(f"[{PATH_CHARS}]{{1,200}}", value) is not None and not value.startswith("-")
+            and all(len(part) <= 100 for part in value.split("/")))
+
+
+def _control_free(value: Any) -> bool:
+    """No control characters (newline, NUL, escape ...) in a string value or a list of them."""
+    items = value if isinstance(value, tuple) else (value,)
+    return not any(isinstance(x, str) and re.search(r"[\x00-\x1f\x7f]", x) for x in items)
+
+
+@functools.cache
+def _rules() -> dict[str, list[tuple[Callable[[Any], bool], str]]]:
+    out: dict[str, list[tuple[Callable[[Any], bool], str]]] = {}
+    for key, ok, allowed in _ranges():
+        out.setdefault(key, []).append((ok, allowed))
+    return out
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming ``key`` unless ``value`` is finite, free of control characters and within the key's
+    range or choices (:func:`_ranges`); run for every key when a config is built and for ``slurm.<stage>.<key>``."""
+    shown = f"[{','.join(map(str, value))}]" if isinstance(value, tuple) else value
+    if not _finite(value):
+        raise ConfigError(f"{key}={shown}: expected a finite number")
+    if not _control_free(value):
+        raise ConfigError(f"{key}={shown!r}: must not hold a newline or other control character")
+    for ok, allowed in _rules().get(key, ()):
+        if not ok(value):
+            raise ConfigError(f"{key}={shown}: must be {allowed}")
 
 
 def _finite(value: Any) -> bool:
@@ -897,6 +973,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"redo={cfg.redo}: names stage {extra[0]!r}, which this call does not run (stage={cfg.stage})")
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
+    for key in _schema():  # finite, no control characters, within its range or choices
+        check_value(key, get(cfg, key))
+    if cfg.model.backbone == "resnet38d" and cfg.model.output_stride != 8:
+        raise ConfigError(f"model.output_stride={cfg.model.output_stride}: resnet38d has a fixed output stride of 8")
     for key in _schema():
         value = get(cfg, key)
         if not _finite(value):

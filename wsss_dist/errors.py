@@ -14,6 +14,11 @@ class DataError(UserError):
     """Missing or malformed data files (lists, images, masks, shards, manifests)."""
 
 
+class DamagedFile(DataError, ValueError):
+    """A file the package wrote or reads (JSON record, DONE, model.json, manifest, npz, list) that is not what it
+    must be: not UTF-8, not valid JSON or npz, or of the wrong structure. The message names it and what to do."""
+
+
 class WeightsError(UserError):
     """A weights file that is missing or does not fit the model."""
 

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -361,9 +362,23 @@ def environment_fault(e: BaseException) -> OSError | None:
     return None
 
 
+STOP_NOW = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # outside the engine's loops (which checkpoint first): stop at once
+
+
+def _stop_now(signum: int, frame: Any) -> None:
+    """A stop signal outside the engine's loops: stop at once (every artifact is written atomically, so all that
+    is finished stays; the engine's loops install their own handlers, which checkpoint first)."""
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} (everything finished so far is kept)")
+
+
 def exit_on_user_error(fn: Callable[[], Any]) -> Any:
-    """Call ``fn``; a user error, an environment fault or an interruption prints one line on stderr and exits
-    (2, 2 or 3), no traceback."""
+    """Call ``fn``; a user error, an environment fault or an interruption (a stop signal, Ctrl-C) prints one line on
+    stderr and exits (2, 2, 3 or 130), no traceback."""
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_NOW:
+            if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) == signal.SIG_DFL:
+                old[getattr(signal, name)] = signal.signal(getattr(signal, name), _stop_now)
     try:
         return fn()
     except UserError as e:
@@ -371,11 +386,17 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
     except Interrupted as e:
         code = EXIT_SIGINT if e.signum == signal.SIGINT else EXIT_INTERRUPTED
         message = f"interrupted: {one_line(e)}; run the same command again to resume"
+    except KeyboardInterrupt:  # Ctrl-C outside the engine's loops, or twice: what is finished is kept
+        code, message = EXIT_SIGINT, ("interrupted: stopped by SIGINT (everything finished so far is kept); run the "
+                                      "same command again to resume")
     except Exception as e:
         fault = environment_fault(e)
         if fault is None:
             raise
         code, message = EXIT_USER_ERROR, f"error: {describe_fault(fault)}"
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     sys.stderr.flush()
     print(message, file=sys.stderr)
     sys.exit(code)

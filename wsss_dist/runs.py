@@ -106,13 +106,81 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file (ValueError naming the file when it is not valid JSON)."""
+def repair_advice(path: str | os.PathLike) -> str:
+    """What to do about a damaged file that a stage wrote: delete it (and that stage's DONE), run the stage again."""
+    from .config import STAGES
+
+    p = Path(path)
+    if p.name == "manifest.json":
+        return "delete it and run stage=shards again (it verifies the shards and rebuilds what differs)"
+    stage = next((d for d in reversed(p.parent.parts) if d in STAGES), None)
+    if stage is None:
+        return "restore it, or delete it and run the stage that wrote it again"
+    done = Path(*p.parts[:len(p.parts) - 1 - list(reversed(p.parent.parts)).index(stage)]) / "DONE"
+    if p.name == "DONE":
+        return f"delete it and run stage={stage} again"
+    return f"delete it and {done}, then run stage={stage} again"
+
+
+def damaged(path: str | os.PathLike, what: str, advice: str | None = None) -> Exception:
+    """The one-line error for a damaged file: its path, what is wrong, what to do (:func:`repair_advice`)."""
+    from .errors import DamagedFile
+
+    return DamagedFile(f"{path}: damaged file ({what}); {advice or repair_advice(path)}")
+
+
+def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
+    """Read a JSON file (holding an ``expect``, e.g. dict, when given); DamagedFile (a DataError and a ValueError)
+    naming the file, what is wrong and what to do when it is not UTF-8, not JSON or of another type."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise damaged(path, f"not UTF-8 text: byte {e.start}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise damaged(path, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise damaged(path, "not valid JSON: nested too deeply") from None
+    if expect is not None and not isinstance(value, expect):
+        raise damaged(path, f"holds a JSON {type(value).__name__}, not a {'mapping' if expect is dict else expect.__name__}")
+    return value
+
+
+def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The arrays of an ``.npz`` written by :func:`write_npz` (no pickles), all read now; DamagedFile naming the file
+    when it is not a readable npz or lacks one of ``keys``."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise damaged(path, f"not a readable npz: {_first_line(e)}") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise damaged(path, f"no array {missing[0]!r} (holds {', '.join(arrays) or 'none'})")
+    return arrays
+
+
+def read_npy(path: str | os.PathLike) -> Any:
+    """One array of an ``.npy`` written by :func:`write_npy` (no pickles); DamagedFile naming the file when it is not
+    a readable npy."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:
+        raise damaged(path, f"not a readable npy: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def remove_stale_tmp(directory: str | os.PathLike) -> int:
@@ -146,7 +214,7 @@ def is_done(run_dir: str | os.PathLike, stage: str) -> bool:
 
 def read_done(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
     """The metrics a finished stage wrote into its DONE marker."""
-    return read_json(Path(run_dir) / stage / "DONE")
+    return read_json(Path(run_dir) / stage / "DONE", expect=dict)
 
 
 def mark_done(run_dir: str | os.PathLike, stage: str, metrics: dict[str, Any] | None = None) -> Path:

@@ -504,8 +504,26 @@ def refuse_pickles(sample: dict) -> dict:
     return sample
 
 
-def decode_sample(sample: dict, keys: Sequence[str]) -> dict:
-    """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample; ``"seg.png?"`` is optional)."""
+def check_pixels(sample: dict, key: str, max_pixels: int) -> None:
+    """ValueError (a counted skip) when the image ``key`` of a raw sample has more than ``max_pixels`` pixels
+    (``data.max_pixels``; 0: no cap), read from its header: a decompression bomb is never decoded."""
+    if not max_pixels or key not in sample:
+        return
+    try:
+        with Image.open(io.BytesIO(sample[key])) as img:  # the header only
+            w, h = img.size
+    except Image.DecompressionBombError as e:  # beyond PIL's own cap (2 × Image.MAX_IMAGE_PIXELS)
+        raise ValueError(f"{sample.get('__url__', '?')}: image {sample.get('__key__')} refused undecoded: {e}") from None
+    except Exception:  # noqa: BLE001 - a broken header: the decoder reports it
+        return
+    if w * h > max_pixels:
+        raise ValueError(f"{sample.get('__url__', '?')}: image {sample.get('__key__')} of {w}×{h} px is above "
+                         f"data.max_pixels={max_pixels}; skipped undecoded")
+
+
+def decode_sample(sample: dict, keys: Sequence[str], max_pixels: int = 0) -> dict:
+    """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample; ``"seg.png?"`` is
+    optional); a JPEG of more than ``max_pixels`` pixels (0: no cap) is a ValueError before decoding."""
     refuse_pickles(sample)
     if not isinstance(sample.get("__key__"), str) or not _KEY_RE.match(sample["__key__"]):
         raise ValueError(f"{sample.get('__url__', '?')}: sample key {sample.get('__key__')!r} is not a plain name "
@@ -517,6 +535,8 @@ def decode_sample(sample: dict, keys: Sequence[str]) -> dict:
             continue
         if k not in sample:
             raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no {k!r}")
+        if _ext(k) in ("jpg", "jpeg"):
+            check_pixels(sample, k, max_pixels)
         out[k] = decode_value(k, sample[k])
     return out
 
@@ -625,8 +645,9 @@ def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) 
     return iter(pipeline)
 
 
-def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None) -> Iterator[dict]:
-    """Decoded samples of one tar (``__key__`` + ``keys``); broken samples are skipped and counted in ``counter``.
+def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None, max_pixels: int = 0) -> Iterator[dict]:
+    """Decoded samples of one tar (``__key__`` + ``keys``); broken samples (and images of more than ``max_pixels``
+    pixels, 0: no cap) are skipped and counted in ``counter``.
 
     A tar listed in a ``manifest.json`` next to it must match its sha256; a truncated or corrupt tar is a DataError.
     """
@@ -640,7 +661,7 @@ def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None
         wds.SimpleShardList([str(url)]),
         check_tars(),
         wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)),
-        wds.map(lambda s: decode_sample(s, keys), handler=counter.handler),
+        wds.map(lambda s: decode_sample(s, keys, max_pixels), handler=counter.handler),
     )
     for sample in pipeline:
         counter.seen += 1

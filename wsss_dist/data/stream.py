@@ -10,10 +10,12 @@ sample in the skipped part was broken: broken samples are dropped after decoding
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
 import logging
+import os
 import random
 import tarfile
 import warnings
@@ -24,9 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from .. import runs
 from ..compat import close_loader
 from ..errors import DataError
-from .shards import (SkipCounter, check_skip_fraction, check_tars, decode_sample, decode_value, read_shard, refuse_pickles,
+from .shards import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, read_shard, refuse_pickles,
                      selector, verify_against_manifest)
 from ..metrics import IGNORE
 
@@ -298,6 +301,15 @@ def split_by_worker(worker: int, workers: int) -> Callable[[Iterable[dict]], Ite
     return lambda src: itertools.islice(src, worker, None, workers)
 
 
+def _record_skips(path: Path) -> int:
+    """The samples an earlier stage skipped in its output shard ``path`` (its record ``<shard>.json``; 0 without)."""
+    from .shards import record_path
+
+    rec = record_path(path)
+    skipped = runs.read_json(rec).get("skipped", 0) if rec.is_file() else 0
+    return skipped if isinstance(skipped, int) else 0
+
+
 def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage: attach ``__mask__`` bytes from the same-named tar in ``mask_dir`` (same keys), failing on a mismatch."""
     from .shards import raw_samples
@@ -312,7 +324,7 @@ def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable
             refuse_pickles(s)
             if mask_key in s:
                 out[s["__key__"]] = s[mask_key]
-        return out
+        return out, _record_skips(path)
 
     def finish(url: str | None, masks: dict, skipped_before: int) -> None:
         if url is not None and masks and counter.skipped == skipped_before:
@@ -320,13 +332,14 @@ def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable
                             "the mask shards do not belong to these image shards (rerun the stage that wrote them)")
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
-        url, masks, skipped_before = None, {}, 0
+        url, masks, skipped_before, skips = None, {}, 0, 0
         for sample in src:
             if sample["__url__"] != url:
                 finish(url, masks, skipped_before)
                 url, skipped_before = sample["__url__"], counter.skipped
-                masks = load(url)
+                masks, skips = load(url)
             sample["__mask__"] = masks.pop(sample["__key__"], None)
+            sample["__mask_skips__"] = skips  # the mask stage skipped images of this shard: a missing mask is one
             yield sample
         finish(url, masks, skipped_before)
 
@@ -339,9 +352,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None,
                  seed: int, rank: int, world: int, start_batch: int, mask_dir: str | Path | None, mask_key: str,
                  jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int,
-                 max_skip_fraction: float = 0.01, on_device: bool = False) -> None:
+                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0) -> None:
         super().__init__()
-        self.on_device = on_device
+        self.on_device, self.max_pixels = on_device, max_pixels
         self.max_skip_fraction = max_skip_fraction
         self.urls, self.batch_size, self.crop = [str(u) for u in urls], batch_size, crop
         self.resize_long, self.scale_range, self.jitter = resize_long, scale_range, jitter
@@ -360,6 +373,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Decode (only jpg, labels and the merged mask) and augment one sample; with ``on_device`` the JPEG stays
         encoded (its size read from its header) and the sample carries its augmentation record instead."""
         keys = ("cls.npy",) if self.on_device else ("jpg", "cls.npy")
+        check_pixels(sample, "jpg", self.max_pixels)  # before any decoding (a decompression bomb: a counted skip)
         d = decode_sample(sample, keys)
         if self.on_device:
             if "jpg" not in sample:
@@ -375,6 +389,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         mask = None
         if self.mask_dir is not None:
             raw = sample.get("__mask__")
+            if raw is None and sample.get("__mask_skips__"):  # an image the mask stage skipped (counted there)
+                raise ValueError(f"{sample['__url__']}: image {sample['__key__']} has no mask: the stage that wrote "
+                                 f"{self.mask_dir} skipped it")
             if raw is None:
                 raise DataError(f"{Path(self.mask_dir) / Path(sample['__url__']).name}: no {self.mask_key!r} for key "
                                 f"{sample['__key__']} of {sample['__url__']}; rerun the stage that wrote {self.mask_dir}")
@@ -476,7 +493,7 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, start_batch: int = 0,
                  mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
                  scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500,
-                 max_skip_fraction: float = 0.01, on_device: bool = False) -> Iterator[dict]:
+                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0) -> Iterator[dict]:
     """Infinite deterministic batches of ``batch_size`` for rank ``rank`` of ``world``: {key, image, labels, [mask],
     skipped}. Every rank reads the same shuffled sample sequence and keeps every ``world``-th sample (decoding only
     those), so the union of the ranks' batch j is the batch j of one process with ``world × batch_size``.
@@ -497,10 +514,11 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
                      seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
                      jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer,
-                     max_skip_fraction=max_skip_fraction, on_device=on_device)
+                     max_skip_fraction=max_skip_fraction, on_device=on_device, max_pixels=max_pixels)
     if workers == 0:
         return iter(ds)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
+                                         worker_init_fn=functools.partial(reader_worker_init, os.getpid()))
     return _one_line_errors(iter(loader))
 
 
@@ -554,7 +572,8 @@ def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable
                             seed=train.seed, rank=rank, world=world, num_workers=cfg.data.num_workers,
                             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer,
                             max_skip_fraction=cfg.data.max_skip_fraction,
-                            on_device=stream_on_device(cfg.data.augment_on), **extra)
+                            on_device=stream_on_device(cfg.data.augment_on), max_pixels=cfg.data.max_pixels,
+                            **extra)
 
     return make_loader
 
@@ -576,8 +595,9 @@ class ShardSamples(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], keys: Sequence[str], paired: Sequence[tuple[str, Sequence[str]]] = (),
-                 prepare: Callable[[dict], dict] | None = None) -> None:
+                 prepare: Callable[[dict], dict] | None = None, max_pixels: int = 0, min_side: int = 0) -> None:
         super().__init__()
+        self.max_pixels, self.min_side = max_pixels, min_side  # images outside them: counted skips, with a warning
         self.urls = [str(u) for u in urls]
         self.keys = tuple(keys)
         self.paired = [(str(d), tuple(k)) for d, k in paired]
@@ -594,8 +614,21 @@ class ShardSamples(torch.utils.data.IterableDataset):
         name = Path(url).name
         counter = SkipCounter()
         others = [{s["__key__"]: s for s in read_shard(str(Path(d) / name), k, counter)} for d, k in self.paired]
+        skips = [_record_skips(Path(d) / name) for d, _ in self.paired]  # samples the earlier stages skipped
         n = 0
-        for sample in read_shard(url, self.keys, counter):
+        for sample in read_shard(url, self.keys, counter, self.max_pixels):
+            image = sample.get("jpg")
+            if image is not None and min(image.shape[:2]) < self.min_side:
+                counter.skipped += 1
+                logger.warning("skipped image %s of %s: %d×%d px, smaller than the network's stride %d (%d skipped so "
+                               "far)", sample["__key__"], name, image.shape[1], image.shape[0], self.min_side,
+                               counter.skipped)
+                continue
+            if any(sample["__key__"] not in other and skipped for other, skipped in zip(others, skips)):
+                counter.skipped += 1  # an image an earlier stage skipped (too small or too large): skipped here too
+                logger.warning("skipped image %s of %s: an earlier stage skipped it (%d skipped so far)",
+                               sample["__key__"], name, counter.skipped)
+                continue
             for other in others:
                 if sample["__key__"] not in other:
                     raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier "
@@ -609,14 +642,23 @@ class ShardSamples(torch.utils.data.IterableDataset):
         yield {"__shard__": name, "__end__": True, "samples": n, "skipped": counter.skipped}
 
 
-def _die_with_parent(parent: int, worker: int) -> None:
-    """A reader worker ends when its parent process does (Linux): a stage killed by SIGTERM or SIGKILL would
-    otherwise leave its workers blocked on a full queue for good."""
+READER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # the stop signals: the main process owns them
+
+
+def reader_worker_init(parent: int, worker: int) -> None:
+    """Set up a DataLoader reader worker (training stream and inference readers): it ignores the stop signals (a
+    signal to the whole process group, e.g. ``scancel``, SLURM preemption, a container stop or a terminal's Ctrl-C,
+    reaches it too; the main process checkpoints and then shuts the workers down) and ends when its parent process
+    does (Linux), so a stage killed by SIGKILL never leaves workers blocked on a full queue."""
     import ctypes
     import os
     import signal
     import sys
 
+    for name in READER_IGNORES:  # after torch's own worker handlers (its SIGTERM one would end the worker)
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -630,21 +672,20 @@ def _as_is(sample: dict) -> dict:
 
 def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[tuple[str, Sequence[str]]] = (),
                   prepare: Callable[[dict], dict] | None = None, num_workers: int = 0,
-                  pin_memory: bool = False) -> _Samples:
+                  pin_memory: bool = False, max_pixels: int = 0, min_side: int = 0) -> _Samples:
     """The samples and end markers of :class:`ShardSamples` over ``urls``, decoded and prepared in ``num_workers``
-    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA).
+    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA); images
+    with more than ``max_pixels`` pixels (0: no cap) or a side under ``min_side`` are counted skips.
 
     Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
     when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
     """
-    import functools
-    import os
-
     workers = min(num_workers, len(urls))
-    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare), batch_size=None, collate_fn=_as_is,
+    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side),
+                                         batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,
-                                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
+                                         worker_init_fn=functools.partial(reader_worker_init, os.getpid()) if workers else None)
     return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
 
 

@@ -84,8 +84,15 @@ def _read_list(path: Path) -> list[str]:
     """Ids of a list file: bare ids (VOC, irn) or psa lines ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``."""
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {e.start}); save the list as UTF-8 or ASCII "
+                        "text") from None
     ids = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         tok = line.split()
         if not tok:
             continue

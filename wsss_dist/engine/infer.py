@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,7 +25,9 @@ from ..errors import DataError
 from ..data.shards import (check_skip_fraction, load_manifest, record_path, record_problem, sha256_bytes, split_urls,
                            tar_bytes)
 from ..data.stream import image_tensor, prepare_image, shard_samples
+from ..errors import Interrupted
 from .dist import dist
+from .loop import StopAgreement, StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
                evaluate: Evaluate | None = None, paired: Iterable[tuple[Path, tuple[str, ...]]] = (),
                desc: str = "", stage: str = "", prepare: Prepare | None = None, batch: int | None = None) -> dict:
     """Map ``process`` over every sample of ``split``, one output shard per input shard, across ranks.
+
+    A stop signal (TERM, INT, USR1, USR2; the reader workers ignore them) stops the reading: the shards read to their
+    end are still written, the one being read is dropped (the rerun redoes it), and every rank raises Interrupted.
 
     ``process(sample)`` returns ``(record, prediction)``: the record (``__key__`` + members, None, or a function
     making it, called off the critical path) goes into the output shard, the prediction to ``evaluate(sample,
@@ -68,10 +74,12 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     todo = [u for u in mine if not _shard_done(out_dir, Path(u).name, evaluate is not None, made_from.get(Path(u).name))]
     if len(todo) < len(mine):
         logger.info("%s: %d of %d shards of this rank already done, resuming", desc, len(mine) - len(todo), len(mine))
+    stop, written = StopSignals("finishing the shards already read, dropping the one being read, then stopping"), 0
     if todo:
         samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
-                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-        with contextlib.closing(samples), \
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
+                                max_pixels=cfg.data.max_pixels, min_side=cfg.model.output_stride)
+        with contextlib.closing(samples), stop, \
                 tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
             writer = _ShardWriter(out_dir, evaluate, stage or desc, made_from)
             pending: dict[str, list[dict]] = {}  # with batch: per shard, the samples waiting for their forward
@@ -85,6 +93,8 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
 
             try:
                 for sample in samples:
+                    if stop.signum:  # a stop signal: no new sample; the shards whose end was read are written
+                        break
                     name = sample["__shard__"]
                     group = pending.get(name, [])
                     if group and (sample.get("__end__") or _size(sample) != _size(group[0])):
@@ -101,7 +111,13 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
                 writer.close(check=False)  # the shards already whole are still written; this error is the one raised
                 raise
             writer.close()
-    d.barrier()
+            written = writer.written
+    agree = StopAgreement(d.world)  # the ranks agree on a stop (a signal may reach only some); also the barrier
+    signum = agree(stop.signum) or agree.wait()
+    if signum:
+        raise Interrupted(signum, f"{desc or stage}: stopped by {signal.Signals(signum).name} with "
+                                  f"{len(mine) - len(todo) + written} of {len(mine)} shards of this rank written in "
+                                  f"{out_dir} (a shard being read when the signal came is redone)")
     result = _gather(out_dir, urls)
     check_skip_fraction(result["skipped"], result["samples"] + result["skipped"], cfg.data.max_skip_fraction, desc)
     return result
@@ -116,6 +132,7 @@ class _ShardWriter:
         self.out_dir, self.evaluate, self.stage, self.made_from = out_dir, evaluate, stage, made_from
         self.queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
         self.error: BaseException | None = None
+        self.written = 0  # output shards written
         self.thread = threading.Thread(target=self._run, name="map_shards-writer", daemon=True)
         self.thread.start()
 
@@ -171,6 +188,7 @@ class _ShardWriter:
                                                            "sha256": sha256_bytes(data), "stage": self.stage,
                                                            "input_sha256": self.made_from.get(name), **extra})
         runs.atomic_write(self.out_dir / name, data)
+        self.written += 1
 
 
 def _size(sample: dict) -> tuple[int, ...]:
@@ -245,9 +263,12 @@ def split_features(cfg: Config, split: str, features: Callable[[torch.Tensor], t
     urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir, verify=False))
     rows: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {Path(u).name: [] for u in urls}
     samples = shard_samples(urls, ("jpg", "cls.npy"), prepare=prepare_image, num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda")
-    with contextlib.closing(samples):
+                            pin_memory=device.type == "cuda", max_pixels=cfg.data.max_pixels)
+    with contextlib.closing(samples), StopSignals("stopping now (the features are computed again on rerun)") as stop:
         for s in samples:
+            if stop.signum:
+                raise Interrupted(stop.signum, f"features of {split}: stopped by {signal.Signals(stop.signum).name} "
+                                               "(nothing to keep: the rerun computes them again)")
             if not s.get("__end__"):
                 f = features(image_tensor(s, device))[0].float().cpu().numpy()
                 rows[s["__shard__"]].append((s["__key__"], f, s["cls.npy"]))

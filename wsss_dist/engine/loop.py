@@ -35,7 +35,7 @@ METRICS = "metrics.json"
 STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 NO_STEP = 2**62  # "no non-finite loss" in the divergence check
 
-__all__ = ["fit", "step_seed"]
+__all__ = ["StopSignals", "fit", "step_seed"]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -77,8 +77,9 @@ class StopSignals:
     handlers and ignore these signals (a terminal's Ctrl-C reaches them too); the trainer stops them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, action: str = "writing a checkpoint at the end of this step") -> None:
         self.signum = 0
+        self.action = action  # what the log line says happens next
         self._old: dict[int, Any] = {}
         self._sigint = False
         self._pid = os.getpid()
@@ -102,8 +103,8 @@ class StopSignals:
                 raise KeyboardInterrupt
             self._sigint = True
         self.signum = signum
-        logger.warning("received %s: writing a checkpoint at the end of this step%s", signal.Signals(signum).name,
-                       " (Ctrl-C again to abort without one)" if signum == signal.SIGINT else "")
+        logger.warning("received %s: %s%s", signal.Signals(signum).name, self.action,
+                       " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
@@ -165,7 +166,7 @@ def _finished(out_dir: Path, steps: int, log_name: str) -> dict | None:
     """The metrics of a finished training of ``steps`` steps in ``out_dir``, or None when it must (continue to) train."""
     if not (out_dir / WEIGHTS).is_file():
         return None
-    done = runs.read_json(out_dir / METRICS) if (out_dir / METRICS).is_file() else {"steps": steps}
+    done = runs.read_json(out_dir / METRICS, expect=dict) if (out_dir / METRICS).is_file() else {"steps": steps}
     if done.get("steps") == steps:
         return done
     if done.get("steps", 0) > steps:

@@ -102,7 +102,7 @@ def subcategories(cfg: Config, feats: Callable[[], dict[str, np.ndarray]], out: 
         runs.write_npz(out, keys=np.array(list(f["keys"])), sub_labels=sub.sub_labels, parent=sub.parent)
         logger.info("sub-categories: K=%d (%s) over %d images", sub.num_sub, c.cluster, len(f["keys"]))
     d.barrier()
-    saved = np.load(out, allow_pickle=False)
+    saved = runs.read_npz(out, keys=("keys", "sub_labels", "parent"))
     return dict(zip(list(saved["keys"]), saved["sub_labels"])), int(saved["parent"].shape[0])
 
 
@@ -118,7 +118,7 @@ def run(cfg: Config) -> dict:
     method = METHODS[cfg.method]
     if method.subcategories == "teacher":
         runs.require_done_at(cfg.teacher_dir, "teacher", "cls")  # teacher.dir: a sweep's shared teacher
-        sub, k = subcategories(cfg, lambda: dict(np.load(cfg.teacher_dir / "embeddings.npz", allow_pickle=False)),
+        sub, k = subcategories(cfg, lambda: runs.read_npz(cfg.teacher_dir / "embeddings.npz", keys=("keys", "features", "labels")),
                                out / "subcategories.npz")
         return {**train_classifier(cfg, out, sub, k), "num_sub": k}
     if not method.rounds:

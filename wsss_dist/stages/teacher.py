@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,5 +66,5 @@ def run(cfg: Config) -> dict:
                              lambda x: model.forward_head(model.forward_features(prepare(x)), pre_logits=True))
         runs.write_npz(out / "embeddings.npz", **emb)
     d.barrier()
-    emb = np.load(out / "embeddings.npz", allow_pickle=False)
+    emb = runs.read_npz(out / "embeddings.npz", keys=("keys", "features", "labels"))
     return {**metrics, "embeddings": int(len(emb["keys"])), "dim": int(emb["features"].shape[1])}
