@@ -33,16 +33,15 @@ def _copy(done_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def _stage(shards, run: Path, stage: str) -> dict:  # noqa: F811
-    return pipeline.run(make_config(shards + [f"run={run}", f"stage={stage}", "method=cam"]))
+def _stage(shards, run: Path, stage: str, *words: str) -> dict:  # noqa: F811
+    return pipeline.run(make_config(shards + [f"run={run}", f"stage={stage}", "method=cam", *words]))
 
 
-def _follow(advice: str) -> str:
-    """Do what an error's advice says (``delete A and B, then run stage=S again`` / ``delete A and run stage=S
-    again``); returns the stage to run."""
-    m = re.fullmatch(r"delete it and (?:\S+, then )?run stage=(\w+) again", advice)
+def _follow(advice: str) -> tuple[str, str]:
+    """What an error's advice says to run (``run stage=S again with redo=S (…)``): the words, to run literally."""
+    m = re.fullmatch(r"run stage=(\w+) again with (redo=\1) \(it starts \1 over; the stages after it follow\)", advice)
     assert m, advice
-    return m.group(1)
+    return m.group(1), m.group(2)
 
 
 def _error(e: DamagedFile, path: Path) -> str:
@@ -60,10 +59,8 @@ def test_damaged_model_json_is_one_line_and_the_advice_works(shards, done_run, t
     with pytest.raises(DamagedFile) as e:
         _stage(shards, run, "cam")
     advice = _error(e.value, path)
-    assert advice == f"delete it and {run / 'cls' / 'DONE'}, then run stage=cls again"
-    path.unlink()
-    (run / "cls" / "DONE").unlink()
-    _stage(shards, run, _follow(advice))
+    assert _follow(advice) == ("cls", "redo=cls")
+    _stage(shards, run, *_follow(advice))
     assert runs.read_done(run, "cam")["samples"] > 0 and _stage(shards, run, "cam")["cam"]["samples"] > 0
 
 
@@ -74,9 +71,8 @@ def test_damaged_done_is_one_line_and_the_advice_works(shards, done_run, tmp_pat
     with pytest.raises(DamagedFile) as e:
         _stage(shards, run, "cls")
     advice = _error(e.value, path)
-    assert advice == "delete it and run stage=cls again"
-    path.unlink()
-    assert _stage(shards, run, _follow(advice))["cls"]["steps"] == 12
+    assert _follow(advice) == ("cls", "redo=cls")
+    assert _stage(shards, run, *_follow(advice))["cls"]["steps"] == 12
 
 
 def test_damaged_metrics_json_is_one_line_and_the_advice_works(shards, done_run, tmp_path):  # noqa: F811
@@ -87,8 +83,7 @@ def test_damaged_metrics_json_is_one_line_and_the_advice_works(shards, done_run,
     with pytest.raises(DamagedFile) as e:
         _stage(shards, run, "cls")
     advice = _error(e.value, path)
-    path.unlink()
-    assert _stage(shards, run, _follow(advice))["cls"]["steps"] == 12
+    assert _stage(shards, run, *_follow(advice))["cls"]["steps"] == 12
 
 
 def test_damaged_file_ends_the_command_line_in_one_line(shards, done_run, tmp_path):  # noqa: F811
@@ -100,7 +95,8 @@ def test_damaged_file_ends_the_command_line_in_one_line(shards, done_run, tmp_pa
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: {run / 'cls' / 'model.json'}: damaged file (not valid JSON: Expecting property name enclosed in "
-        f"double quotes at line 1 column 2); delete it and {run / 'cls' / 'DONE'}, then run stage=cls again")
+        f"double quotes at line 1 column 2); run stage=cls again with redo=cls (it starts cls over; the stages after it "
+        "follow)")
 
 
 def test_read_npz_and_npy_name_the_file(tmp_path):

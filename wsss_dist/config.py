@@ -264,7 +264,7 @@ class Config:
 
     def redo_stages(self) -> list[str]:
         """The stages ``redo=`` names (run again from scratch, whatever their DONE says)."""
-        return parse_stages(self.redo, self.method) if self.redo else []
+        return parse_stages(self.redo, self.method, key="redo") if self.redo else []
 
     @property
     def teacher_dir(self) -> Path:
@@ -450,7 +450,7 @@ ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
                                        "precision": PRECISION_KEYS}  # one precision for every trainer and the CAMs
 
 
-def parse_stages(stage: str, method: str) -> list[str]:
+def parse_stages(stage: str, method: str, key: str = "stage") -> list[str]:
     """Expand ``all`` / ``cam`` / ``[cam,aff]`` into an ordered list of stage names (``all``: the method's extra stages too)."""
     s = stage.strip()
     if s.startswith("[") and s.endswith("]"):
@@ -462,7 +462,7 @@ def parse_stages(stage: str, method: str) -> list[str]:
         names = [x for x in STAGES if x not in optional or x in extra]
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
-        raise ConfigError(f"stage={stage!r}: unknown stage {bad[0] if bad else ''!r}; allowed: all, {', '.join(STAGES)} or a list [a,b]")
+        raise ConfigError(f"{key}={stage!r}: unknown stage {bad[0] if bad else ''!r}; allowed: all, {', '.join(STAGES)} or a list [a,b]")
     return [x for x in STAGES if x in names]
 
 

@@ -107,7 +107,7 @@ def _json_default(o: Any) -> Any:
 
 
 def repair_advice(path: str | os.PathLike) -> str:
-    """What to do about a damaged file that a stage wrote: delete it (and that stage's DONE), run the stage again."""
+    """What to do about a damaged file that a stage wrote: run that stage again with ``redo=`` (it starts over)."""
     from .config import STAGES
 
     p = Path(path)
@@ -116,10 +116,7 @@ def repair_advice(path: str | os.PathLike) -> str:
     stage = next((d for d in reversed(p.parent.parts) if d in STAGES), None)
     if stage is None:
         return "restore it, or delete it and run the stage that wrote it again"
-    done = Path(*p.parts[:len(p.parts) - 1 - list(reversed(p.parent.parts)).index(stage)]) / "DONE"
-    if p.name == "DONE":
-        return f"delete it and run stage={stage} again"
-    return f"delete it and {done}, then run stage={stage} again"
+    return f"run stage={stage} again with redo={stage} (it starts {stage} over; the stages after it follow)"
 
 
 def damaged(path: str | os.PathLike, what: str, advice: str | None = None) -> Exception:
