@@ -1,17 +1,29 @@
-"""Shared fixtures: a tiny toy dataset in the VOC/SBD layout and its shards (built once per test session)."""
+"""Shared fixtures: a tiny toy dataset in the VOC/SBD layout and its shards (built once per test session), and where
+the real VOC fixture files are (``WSSS_FIXTURES``; tests that need them skip without them)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from wsss_dist.config import ToyCfg
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not FIXTURES.is_dir():  # tests run from a checkout next to ../shared, or from /work/main
-    FIXTURES = Path("/work/shared/fixtures")
-VOC_MINI = FIXTURES / "voc_mini"
-VOC_LISTS = FIXTURES / "voc_lists"
+
+def fixtures_dir() -> Path | None:
+    """The real VOC fixture files (voc_mini, voc_lists, voc_real): ``$WSSS_FIXTURES`` (.ci/run sets it), else
+    ``../shared/fixtures`` next to this checkout; None when neither is a folder."""
+    env = os.environ.get("WSSS_FIXTURES")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    return path if path.is_dir() else None
+
+
+FIXTURES = fixtures_dir()
+NO_FIXTURES = ("no real VOC fixtures: set WSSS_FIXTURES to the folder holding voc_mini and voc_lists"
+               + (f" (WSSS_FIXTURES={os.environ['WSSS_FIXTURES']} is not a folder)" if os.environ.get("WSSS_FIXTURES") else ""))
+needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason=NO_FIXTURES)
+VOC_MINI = (FIXTURES or Path("WSSS_FIXTURES-unset")) / "voc_mini"  # read only by tests marked needs_fixtures
+VOC_LISTS = (FIXTURES or Path("WSSS_FIXTURES-unset")) / "voc_lists"
 
 TINY_TOY = dict(seed=0, n_train=24, n_val=16, n_sbd=16, size=48)  # train_aug = 40, val = 16
 TINY_SHARD_SIZE = 6

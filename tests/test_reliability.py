@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import VOC_MINI, raw_samples
+from conftest import VOC_MINI, needs_fixtures, raw_samples
 from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
 from wsss_dist import cli, pipeline, runs
 from wsss_dist.config import make_config
@@ -165,6 +165,7 @@ BAD_VOC = {  # case: (break the layout, what the one-line error must say)
 }
 
 
+@needs_fixtures
 @pytest.mark.parametrize("case", list(BAD_VOC))
 def test_bad_dataset_file_is_a_one_line_error(tmp_path, case):
     """stage=shards data=voc on a broken VOC folder: exit 2, one line naming the file and what was expected."""
@@ -177,6 +178,7 @@ def test_bad_dataset_file_is_a_one_line_error(tmp_path, case):
     assert not (tmp_path / "shards" / MANIFEST).exists() and not runs.is_done(tmp_path / "run", "shards")
 
 
+@needs_fixtures
 def test_good_dataset_builds(tmp_path):
     """The same layout unbroken builds (so each failure above is caused by its one broken file)."""
     voc = _voc(tmp_path)
