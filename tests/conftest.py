@@ -27,6 +27,19 @@ VOC_LISTS = (FIXTURES or Path("WSSS_FIXTURES-unset")) / "voc_lists"
 
 TINY_TOY = dict(seed=0, n_train=24, n_val=16, n_sbd=16, size=48)  # train_aug = 40, val = 16
 TINY_SHARD_SIZE = 6
+# the stages end to end on a tiny toy dataset (tests/test_pipeline.py and every test that runs stages on `shards`)
+TINY = [
+    "data.toy.n_train=24", "data.toy.n_val=12", "data.toy.n_sbd=24", "data.toy.size=48", "data.shard_size=12",
+    "data.num_workers=0", "model.backbone=resnet18",
+    "cls.train.steps=12", "cls.train.batch_size=8", "cls.train.crop=48", "cls.train.resize_long=[40,56]",
+    "cls.train.ckpt_every=6", "cls.train.log_every=4", "cls.sc_rounds=2",
+    "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=32", "teacher.train.steps=4", "teacher.train.batch_size=8",
+    "teacher.train.crop=32",
+    "cam.scales=[1.0,0.5]",
+    "aff.train.steps=6", "aff.train.batch_size=4", "aff.train.crop=48", "aff.radius=3", "pseudo.radius=3",
+    "seg.train.steps=6", "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0,0.5]",
+    "pseudo.logt=4",
+]
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +84,16 @@ def raw_samples(url: str | Path) -> list[dict]:
             key, ext = m.name.split(".", 1)
             out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
     return list(out.values())
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> list[str]:
+    """Config words of the TINY toy dataset and its shards (built once per session; treat the files as read-only:
+    tests that break shards copy them first)."""
+    from wsss_dist import pipeline
+    from wsss_dist.config import make_config
+
+    root = tmp_path_factory.mktemp("toy")
+    args = TINY + [f"data.toy.root={root / 'src'}", f"data.shards_dir={root / 'shards'}"]
+    pipeline.run(make_config(args + ["stage=shards", f"run={root / 'runs' / 'shards'}"]))
+    return args

@@ -315,7 +315,7 @@ def test_a_requeued_shared_job_resumes_at_the_interrupted_stage(tmp_path):
 def test_chain_killed_mid_stage_reruns_only_the_rest(tmp_path):
     """kill -9 of the whole local chain (launcher and job) once a CAM shard is written; the rerun keeps every
     finished stage and shard, completes the chain, and a third run does nothing."""
-    from test_pipeline import TINY
+    from conftest import TINY
 
     run = tmp_path / "run"
     args = ["stage=all", "method=cam", f"run={run}", f"data.shards_dir={tmp_path}/shards",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import TINY
+from conftest import TINY
 from wsss_dist.config import make_config, sweep_points
 from wsss_dist.errors import ConfigError
 
