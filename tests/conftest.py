@@ -40,6 +40,10 @@ TINY = [
     "seg.train.steps=6", "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0,0.5]",
     "pseudo.logt=4",
 ]
+# TINY with half the images and steps: for tests of orchestration (sweeps, a killed chain), whose behaviour does not
+# depend on how long each stage trains; train_aug = 24 images in 4 shards, val = 6
+SHORT = [*TINY, "data.toy.n_train=12", "data.toy.n_val=6", "data.toy.n_sbd=12", "data.shard_size=6", "cls.train.steps=6",
+         "cls.train.ckpt_every=3", "aff.train.steps=3", "seg.train.steps=3"]
 
 
 @pytest.fixture(scope="session")

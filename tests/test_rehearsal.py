@@ -141,9 +141,10 @@ def prepare_big(chain_run: Path, big_run: Path) -> None:
         shutil.copytree(chain_run / "pseudo", big_run / "pseudo")
 
 
-def full_size_cam(cfg: Any, image_id: str | None = None) -> tuple[str, Any, tuple[int, int], float]:
-    """``multiscale_cam`` of the run's trained classifier (cam.scales, cam.flip) on one 500×375 train image:
-    (id, CAMs [K, H, W], (H, W), seconds)."""
+def full_size_cam(cfg: Any, image_id: str | None = None,
+                  scales: tuple[float, ...] | None = None) -> tuple[str, Any, tuple[int, int], float]:
+    """``multiscale_cam`` of the run's trained classifier (``scales``, default cam.scales; cam.flip) on one 500×375
+    train image: (id, CAMs [K, H, W], (H, W), seconds)."""
     import torch
 
     from wsss_dist.data.shards import load_manifest, read_shard, split_urls
@@ -160,7 +161,8 @@ def full_size_cam(cfg: Any, image_id: str | None = None) -> tuple[str, Any, tupl
             if (image_id is None and x.shape[-1] > x.shape[-2]) or s["__key__"] == image_id:
                 t0 = time.perf_counter()
                 with autocast(d.device, cfg.cam.mixed_precision):
-                    cams = multiscale_cam(model, x, torch.as_tensor(s["cls.npy"]), cfg.cam.scales, cfg.cam.flip)
+                    cams = multiscale_cam(model, x, torch.as_tensor(s["cls.npy"]), scales or cfg.cam.scales,
+                                          cfg.cam.flip)
                 if d.device.type == "cuda":
                     torch.cuda.synchronize()
                 return s["__key__"], cams, tuple(x.shape[-2:]), time.perf_counter() - t0
@@ -331,7 +333,10 @@ def test_resnet38d_448_and_deeplab_r101_321_train_one_step(big):
 
 
 def test_resnet38d_full_size_cam(big):
-    key, cams, size, seconds = full_size_cam(big["cfg"])
+    """ResNet-38d's CAMs of a whole 500×375 image, with its mirror, at scales 1 and 0.5. (The voc preset's 4 scales at
+    full size run in the chain above, test_every_stage_ran_at_full_size; 4 scales of ResNet-38d, up to 1000×750, took
+    8 min of a loaded 2-core machine: ``python -m bench.rehearsal`` times them.)"""
+    key, cams, size, seconds = full_size_cam(big["cfg"], scales=(1.0, 0.5))
     assert size == (375, 500) and seconds > 0
     labels = _samples(split_urls(big["cfg"].shards_dir, "train"), ("cls.npy",))[key]["cls.npy"]
     assert cams.shape == (int(labels.sum()), 375, 500) and cams.dtype == torch.float32
