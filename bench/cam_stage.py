@@ -1,9 +1,9 @@
 """Benchmark: the CAM stage (images/s) vs the references' per-image fp32 loop, and how often their labels agree.
 
-    python bench/cam_stage.py                                    # toy: 96 images of ~80 px, resnet18, ~3 min
-    python bench/cam_stage.py --size=400 --n_train=4 --n_sbd=4 --n_val=2 --shard_size=2 --backbone=resnet50
+    python -m bench.cam_stage                                    # toy: 96 images of ~80 px, resnet18, ~3 min
+    python -m bench.cam_stage --size=400 --n_train=4 --n_sbd=4 --n_val=2 --shard_size=2 --backbone=resnet50
                                                                  # VOC-like sizes (300-500 px), 8 images
-    python bench/cam_stage.py --repeats=5 --workdir=/tmp/cam-bench   # reuse the data and the trained model
+    python -m bench.cam_stage --repeats=5 --workdir=/tmp/cam-bench   # reuse the data and the trained model
 
 Data: the toy dataset (``wsss_dist.data.toy``) at ``--size`` px, packed into shards (``--shard_size`` per shard);
 model: ``--backbone`` trained by the cls stage for ``--cls_steps`` steps (method cam, toy preset), i.e. a barely
@@ -22,19 +22,15 @@ Timed, each in a fresh subprocess, rounds interleaved (A B C … A B C …), med
                decode) and computes no mIoU (psa evaluates in a separate script).
 Agreement: on every image, ``cam_labels`` (arg-max with background threshold 0.15) of ``multiscale_cam`` (fp32,
 and bf16 autocast) and of the float16 CAMs our stage stored, against the reference's fp32 CAMs; % of pixels equal.
-Prints the load average (the machine is shared) with the figures.
+Prints the load average (the machine is shared) with the figures; writes them to ``bench/out/cam_stage.json`` (or
+``--json PATH``).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from bench import common
 
 
 def overrides(workdir: Path, size: int, n_train: int, n_val: int, n_sbd: int, shard_size: int, backbone: str,
@@ -80,6 +75,11 @@ def _keys(keys: str | list) -> list[str]:
     return list(keys) if isinstance(keys, (list, tuple)) else json.loads(keys)
 
 
+def _keys_json(keys: list[str]) -> str:
+    """Config keys as one command-line argument of a worker (JSON)."""
+    return json.dumps(keys)
+
+
 def worker_ours(keys: str, run: str, threads: int, precision: str = "no") -> None:
     """(subprocess, one rank) Time ``run_stage(cfg, 'cam')`` after a barrier; rank 0 prints a RESULT line."""
     from wsss_dist import pipeline
@@ -95,7 +95,7 @@ def worker_ours(keys: str, run: str, threads: int, precision: str = "no") -> Non
     metrics = pipeline.run_stage(cfg, "cam")
     d.barrier()
     if d.main:
-        print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "images": metrics["samples"]}), flush=True)
+        common.print_result({"seconds": time.perf_counter() - t0, "images": metrics["samples"]})
 
 
 @torch.no_grad()
@@ -130,22 +130,14 @@ def worker_ref(keys: str, run: str, out: str) -> None:
             cams = reference_cam(model, normalize(s["jpg"])[None], torch.as_tensor(s["cls.npy"]), cfg.cam.scales)
             np.save(Path(out) / f"{s['__key__']}.npy", cams.numpy())
             n += 1
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - t0, "images": n}), flush=True)
+    common.print_result({"seconds": time.perf_counter() - t0, "images": n})
 
 
 def launch(args: list[str], ranks: int = 1) -> dict:
-    """Run a worker of this file in a fresh interpreter (torchrun when ``ranks`` > 1); its RESULT dict."""
-    cmd = [sys.executable, __file__] + args
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__] + args
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1" if ranks > 1 else os.environ.get("OMP_NUM_THREADS", ""))
-    if not env["OMP_NUM_THREADS"]:
-        env.pop("OMP_NUM_THREADS")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1][7:])
+    """Run a worker of this module in a fresh interpreter (torchrun, 1 thread per rank, when ``ranks`` > 1); its
+    RESULT dict."""
+    env = common.child_env(**({"OMP_NUM_THREADS": "1"} if ranks > 1 else {}))
+    return common.run_child("bench.cam_stage", args, ranks=ranks, env=env)
 
 
 def agreement(keys: list[str], workdir: Path, stored_run: Path, ref_dir: Path) -> dict[str, float]:
@@ -186,55 +178,59 @@ def agreement(keys: list[str], workdir: Path, stored_run: Path, ref_dir: Path) -
 
 def main(size: int = 80, n_train: int = 48, n_val: int = 16, n_sbd: int = 48, shard_size: int = 24,
          backbone: str = "resnet18", scales: tuple = (1.0, 0.5), cls_steps: int = 30, repeats: int = 3,
-         workdir: str | None = None, bf16: bool = True) -> None:
-    """Prepare the data and model, time every variant interleaved, measure agreement, print a table."""
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cam-bench-")
-        workdir = tmp.name
-    work = Path(workdir)
+         workdir: str | None = None, bf16: bool = True, json: str | None = None) -> None:
+    """Prepare the data and model, time every variant interleaved, measure agreement, print a table (and write it as
+    JSON to ``json``, default bench/out/cam_stage.json)."""
     scales = tuple(float(s) for s in (scales if isinstance(scales, (tuple, list)) else [scales]))
-    keys = overrides(work, size, n_train, n_val, n_sbd, shard_size, backbone, scales, cls_steps)
-    t0 = time.perf_counter()
-    prepare(keys, work)
-    print(f"prepared data + model in {time.perf_counter() - t0:.0f} s ({work})")
-    ref_dir = work / "ref-cams"
-    variants = {
-        "ours, 1 process x 2 threads": lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "ours1")), "2"]),
-        "ours, 2 processes x 1 thread": lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "ours2")), "1"], ranks=2),
-        "reference (fp32 NCHW loop)": lambda: launch(["worker_ref", json.dumps(keys), str(run_dir(work, "ref")), str(ref_dir)]),
-    }
-    if bf16:
-        variants["ours, bf16 autocast, 1 x 2"] = lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "oursbf16")), "2", "bf16"])
-        variants["ours, bf16 autocast, 2 x 1"] = lambda: launch(["worker_ours", json.dumps(keys), str(run_dir(work, "oursbf16x2")), "1", "bf16"],
-                                                                ranks=2)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    loads = []
-    images = 0
-    for r in range(repeats):
-        for name, fn in variants.items():
-            if name.startswith("reference"):
-                shutil.rmtree(ref_dir, ignore_errors=True)
-                ref_dir.mkdir()
-            res = fn()
-            times[name].append(res["seconds"])
-            images = res["images"]
-            loads.append(os.getloadavg()[0])
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{k.split(',')[0] if k.startswith('ref') else k}: {v[-1]:.2f} s"
-                                                   for k, v in times.items()), flush=True)
-    agree = agreement(keys, work, work / "runs" / "ours1", ref_dir)
-    ref = statistics.median(times["reference (fp32 NCHW loop)"])
-    print(f"\nCAM stage, {images} images of ~{size} px, {backbone}, scales {scales} + flip, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {os.getloadavg()}")
-    print(f"| variant | median time | images/s | vs reference | all times (s) |\n|---|---|---|---|---|")
+    fig = common.Figures("cam_stage", json, size=size, n_train=n_train, n_val=n_val, n_sbd=n_sbd, shard_size=shard_size,
+                         backbone=backbone, scales=scales, cls_steps=cls_steps, repeats=repeats, bf16=bf16)
+    with common.work_dir(workdir, "cam-bench") as work:
+        keys = overrides(work, size, n_train, n_val, n_sbd, shard_size, backbone, scales, cls_steps)
+        t0 = time.perf_counter()
+        prepare(keys, work)
+        fig.say(f"prepared data + model in {time.perf_counter() - t0:.0f} s ({work})")
+        ref_dir = work / "ref-cams"
+        keys_json = _keys_json(keys)
+
+        def ours(name: str, threads: str, *precision: str, ranks: int = 1):
+            return lambda: launch(["worker_ours", keys_json, str(run_dir(work, name)), threads, *precision], ranks=ranks)
+
+        def reference() -> dict:
+            shutil.rmtree(ref_dir, ignore_errors=True)
+            ref_dir.mkdir()
+            return launch(["worker_ref", keys_json, str(run_dir(work, "ref")), str(ref_dir)])
+
+        variants = {"ours, 1 process x 2 threads": ours("ours1", "2"),
+                    "ours, 2 processes x 1 thread": ours("ours2", "1", ranks=2),
+                    "reference (fp32 NCHW loop)": reference}
+        if bf16:
+            variants["ours, bf16 autocast, 1 x 2"] = ours("oursbf16", "2", "bf16")
+            variants["ours, bf16 autocast, 2 x 1"] = ours("oursbf16x2", "1", "bf16", ranks=2)
+
+        def progress(r: int, results: dict[str, list]) -> None:
+            fig.say(f"  round {r + 1}/{repeats}: " + ", ".join(
+                f"{k.split(',')[0] if k.startswith('ref') else k}: {v[-1]['seconds']:.2f} s" for k, v in results.items()))
+
+        results, loads = common.interleaved(variants, repeats, progress)
+        times = {k: [r["seconds"] for r in v] for k, v in results.items()}
+        images = results["reference (fp32 NCHW loop)"][-1]["images"]
+        agree = agreement(keys, work, work / "runs" / "ours1", ref_dir)
+    ref = common.median(times["reference (fp32 NCHW loop)"])
+    fig.say(f"\nCAM stage, {images} images of ~{size} px, {backbone}, scales {scales} + flip, torch "
+            f"{fig.data['machine']['torch']}, {time.strftime('%Y-%m-%d %H:%M')}, cpu capability "
+            f"{fig.data['machine']['cpu_capability']}",
+            f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {common.load_text()}",
+            "| variant | median time | images/s | vs reference | all times (s) |\n|---|---|---|---|---|")
+    rows = fig.put("variants", {})
     for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"| {name} | {m:.2f} s | {images / m:.1f} | {ref / m:.2f}x | {' '.join(f'{t:.2f}' for t in ts)} |")
-    print(f"\nCAM labels (bg 0.15) equal to the reference's fp32 labels: multiscale_cam fp32 {agree['fp32']:.3f} %, "
-          f"bf16 autocast {agree['bf16']:.3f} %, stored float16 CAMs of our stage {agree['stored']:.3f} %")
-    if tmp is not None:
-        tmp.cleanup()
+        m = common.median(ts)
+        rows[name] = {"median_s": m, "images": images, "images_per_s": images / m, "vs_reference": ref / m, "times_s": ts}
+        fig.say(f"| {name} | {m:.2f} s | {images / m:.1f} | {ref / m:.2f}x | {' '.join(f'{t:.2f}' for t in ts)} |")
+    fig.put("agreement_pct", agree)
+    fig.put("load_during", [min(loads), max(loads)])
+    fig.say(f"\nCAM labels (bg 0.15) equal to the reference's fp32 labels: multiscale_cam fp32 {agree['fp32']:.3f} %, "
+            f"bf16 autocast {agree['bf16']:.3f} %, stored float16 CAMs of our stage {agree['stored']:.3f} %")
+    fig.save()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark: classifier training images/s, our stream + engine vs a JPEG-folder Dataset with a plain fp32 NCHW loop.
 
-    python bench/cls_train.py                         # toy preset (resnet18, batch 16, crop 56), ~3 min on 2 cores
-    python bench/cls_train.py --method=fmix --steps=40 --repeats=5 --workdir=/tmp/cls-bench
+    python -m bench.cls_train                         # toy preset (resnet18, batch 16, crop 56), ~3 min on 2 cores
+    python -m bench.cls_train --method=fmix --steps=40 --repeats=5 --workdir=/tmp/cls-bench
 
 Data: the toy dataset (``--n_train`` + ``--n_sbd`` images of ~``--size`` px), its JPEG files in the VOC layout
 (``JPEGImages/*.jpg``) and the same images packed into WebDataset shards (``--shard_size`` per shard).
@@ -18,23 +18,20 @@ Timed, interleaved (ours, reference, ours, reference, ...), ``--repeats`` rounds
                ``zero_grad``, ``backward``, ``step``.
 Images/s is measured from the start of step ``--warmup`` to the start of the last step (time stamps taken in the
 loss function on our side, when the batch arrives in the loop on the reference side), so process start, worker start-up and the end checkpoint are out.
-Prints the load average (the machine is shared) with the figures.
+Prints the load average (the machine is shared) with the figures; writes them to ``bench/out/cls_train.json`` (or
+``--json PATH``).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench import common
 
 
 def make_cfg(work: Path, method: str, steps: int, workers: int, size: int, n_train: int, n_sbd: int, shard_size: int,
@@ -147,49 +144,47 @@ def run_reference(cfg, source, ids: list[str], warmup: int) -> float:
 
 
 def main(method: str = "cam", steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2, size: int = 80,
-         n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
-    """Build the data, time both sides interleaved, print a table."""
+         n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None,
+         json: str | None = None) -> None:
+    """Build the data, time both sides interleaved, print a table (and write it as JSON to ``json``, default
+    bench/out/cls_train.json)."""
     from wsss_dist import pipeline
+    from wsss_dist.data.shards import load_manifest, split_ids
+    from wsss_dist.data.toy import generate
     from wsss_dist.data.voc import VOCSource
 
     torch.set_num_threads(2)
     pipeline.setup_logging("WARNING")
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="cls-bench-")
-        workdir = tmp.name
-    work = Path(workdir)
-    cfg = make_cfg(work, method, steps, workers, size, n_train, n_sbd, shard_size)
-    cfg.stage = "shards"
-    pipeline.run(cfg)
-    from wsss_dist.data.toy import generate
+    fig = common.Figures("cls_train", json, method=method, steps=steps, warmup=warmup, repeats=repeats, workers=workers,
+                         size=size, n_train=n_train, n_sbd=n_sbd, shard_size=shard_size)
+    with common.work_dir(workdir, "cls-bench") as work:
+        cfg = make_cfg(work, method, steps, workers, size, n_train, n_sbd, shard_size)
+        cfg.stage = "shards"
+        pipeline.run(cfg)
+        src = VOCSource(*generate(Path(cfg.data.toy.root), cfg.data.toy))  # the toy files: already there
+        ids = split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cls.split)
 
-    src = VOCSource(*generate(Path(cfg.data.toy.root), cfg.data.toy))  # the toy files: already there, returns the roots
-    from wsss_dist.data.shards import load_manifest, split_ids
+        def progress(r: int, results: dict[str, list]) -> None:
+            fig.say(f"  round {r + 1}/{repeats}: ours {results['ours'][-1]:.1f} img/s, "
+                    f"reference {results['reference'][-1]:.1f} img/s")
 
-    ids = split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cls.split)
-    results: dict[str, list[float]] = {"ours": [], "reference": []}
-    loads = []
-    for r in range(repeats):
-        results["ours"].append(run_ours(cfg, warmup))
-        loads.append(os.getloadavg()[0])
-        results["reference"].append(run_reference(cfg, src, ids, warmup))
-        loads.append(os.getloadavg()[0])
-        print(f"  round {r + 1}/{repeats}: ours {results['ours'][-1]:.1f} img/s, reference {results['reference'][-1]:.1f} img/s",
-              flush=True)
-    ref = statistics.median(results["reference"])
+        results, loads = common.interleaved({"ours": lambda: run_ours(cfg, warmup),
+                                             "reference": lambda: run_reference(cfg, src, ids, warmup)}, repeats, progress)
+    ref = common.median(results["reference"])
     t = cfg.cls.train
-    print(f"\ncls training, method={method}, {cfg.model.backbone}, batch {t.batch_size}, crop {t.crop}, "
-          f"resize_long {t.resize_long}, {workers} DataLoader workers, {len(ids)} images of ~{size} px, steps {warmup}..{steps} "
-          f"timed, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {os.getloadavg()}")
-    print("| variant | median images/s | vs reference | all rounds (img/s) |\n|---|---|---|---|")
+    fig.say(f"\ncls training, method={method}, {cfg.model.backbone}, batch {t.batch_size}, crop {t.crop}, "
+            f"resize_long {t.resize_long}, {workers} DataLoader workers, {len(ids)} images of ~{size} px, steps "
+            f"{warmup}..{steps} timed, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+            f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {common.load_text()}",
+            "| variant | median images/s | vs reference | all rounds (img/s) |\n|---|---|---|---|")
+    fig.put("load_during", [min(loads), max(loads)])
+    rows = fig.put("variants", {})
     for name, label in (("ours", "ours (shards + stream + engine.fit, channels_last)"),
                         ("reference", "reference (JPEG folder Dataset, fp32 NCHW loop)")):
-        m = statistics.median(results[name])
-        print(f"| {label} | {m:.1f} | {m / ref:.2f}x | {' '.join(f'{v:.1f}' for v in results[name])} |")
-    if tmp is not None:
-        tmp.cleanup()
+        m = common.median(results[name])
+        rows[name] = {"median_images_per_s": m, "vs_reference": m / ref, "rounds": results[name]}
+        fig.say(f"| {label} | {m:.1f} | {m / ref:.2f}x | {' '.join(f'{v:.1f}' for v in results[name])} |")
+    fig.save()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: confusion matrix over 1449 masks of 500×375 (VOC val size); prints times.
 
-    python bench/confusion.py [--images 1449] [--repeats 3] [--batch 64] [--torch-images 145]
+    python -m bench.confusion [--images 1449] [--repeats 3] [--batch 64] [--torch-images 145] [--json PATH]
 
 Compares, on the same random uint8 masks (21 classes, ~5 % ignore label 255):
   * wsss_dist.metrics.confusion_matrix called per image (numpy arrays and CPU tensors),
@@ -10,20 +10,19 @@ Compares, on the same random uint8 masks (21 classes, ~5 % ignore label 255):
     keep = gt < C; np.bincount(C * gt[keep] + pred[keep], minlength=C*C),
   * the same loop with torch.bincount (on the first --torch-images masks, time scaled up).
 Each figure is the best of --repeats passes over all images; the variants are interleaved
-pass by pass (the machine is shared) and all results are checked equal.
+pass by pass (the machine is shared) and all results are checked equal. The figures also go to
+``bench/out/confusion.json`` (or ``--json PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench import common
 from wsss_dist.metrics import confusion_matrix
 
 C = 21
@@ -63,21 +62,6 @@ def ours_batched(preds: torch.Tensor, gts: torch.Tensor, batch: int) -> torch.Te
     return cm
 
 
-def best_of(fn, repeats: int, *args) -> tuple[float, object]:
-    """Fastest wall time of `repeats` calls and the last result."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        times.append(time.perf_counter() - t0)
-    return min(times), out
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: figures need them)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
 def main() -> None:
     """Build the masks, time every variant, check they agree."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,15 +69,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--torch-images", type=int, default=145, help="images for the torch.bincount loop (scaled up)")
+    p.add_argument("--json", default=None, help="where to write the figures (default bench/out/confusion.json)")
     args = p.parse_args()
+    fig = common.Figures("confusion", args.json, images=args.images, repeats=args.repeats, batch=args.batch,
+                         torch_images=args.torch_images)
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     shape = (args.images, 375, 500)
     gts = rng.integers(0, C, size=shape, dtype=np.uint8)
     gts[rng.random(shape, dtype=np.float32) < 0.05] = 255
     preds = rng.integers(0, C, size=shape, dtype=np.uint8)
-    print(f"{args.images} masks of 500x375, torch {torch.__version__}, numpy {np.__version__}, "
-          f"2 threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average {load_average()}")
+    fig.say(f"{args.images} masks of 500x375, torch {torch.__version__}, numpy {np.__version__}, "
+            f"2 threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average {common.load_text()}")
     tp, tg = torch.from_numpy(preds), torch.from_numpy(gts)
     tp64 = tp.long()
     variants = {
@@ -109,21 +96,24 @@ def main() -> None:
     ref = None
     for _ in range(args.repeats):  # interleaved: each pass runs every variant once
         for name, (fn, p_, g_) in variants.items():
-            t, cm = best_of(fn, 1, p_, g_)
+            t, cm = common.best_of(fn, 1, p_, g_)
             times[name] = min(times[name], t)
             cm = np.asarray(cm)
             ref = cm if ref is None else ref
             assert np.array_equal(cm, ref), name
     n_torch = min(args.images, args.torch_images)  # ~100x slower than the rest on a loaded machine: a subset, scaled
-    t_torch, cm_tb = best_of(torch_loop, 1, tp[:n_torch], tg[:n_torch])
+    t_torch, cm_tb = common.best_of(torch_loop, 1, tp[:n_torch], tg[:n_torch])
     assert np.array_equal(cm_tb.numpy(), numpy_loop(preds[:n_torch], gts[:n_torch]))
     t_torch *= args.images / n_torch
     base = times["numpy bincount loop (baseline)"]
-    for name, t in times.items():
-        print(f"  {name:58s}: {t:.2f} s ({t / base:.2f}x baseline)")
     what = f"torch.bincount loop ({n_torch} images, scaled)" if n_torch < args.images else "torch.bincount loop"
-    print(f"  {what:58s}: {t_torch:.2f} s ({t_torch / base:.2f}x baseline)")
-    print(f"load average at the end: {load_average()}")
+    times[what] = t_torch
+    rows = fig.put("variants", {})
+    for name, t in times.items():
+        rows[name] = {"best_s": t, "vs_baseline": t / base}
+        fig.say(f"  {name:58s}: {t:.2f} s ({t / base:.2f}x baseline)")
+    fig.say(f"load average at the end: {common.load_text()}")
+    fig.save()
 
 
 if __name__ == "__main__":

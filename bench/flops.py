@@ -1,10 +1,12 @@
 """Model FLOPs per image, counted with torch's FlopCounterMode (forward; training ≈ 3× forward), and the GPU time
-they imply: python bench/flops.py [--peak_tflops=989] [--mfu=0.4]."""
+they imply: python -m bench.flops [--peak_tflops=989] [--mfu=0.4] [--json PATH] (default bench/out/flops.json)."""
 from __future__ import annotations
 
 import fire
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from bench import common
 
 
 def forward_flops(model: torch.nn.Module, *shape: int) -> float:
@@ -14,9 +16,12 @@ def forward_flops(model: torch.nn.Module, *shape: int) -> float:
     return float(fc.get_total_flops())
 
 
-def main(peak_tflops: float = 989.0, mfu: float = 0.4) -> None:
-    """Print TFLOP per image for each stage's model and the images/s one GPU reaches at ``mfu`` of ``peak_tflops``."""
+def main(peak_tflops: float = 989.0, mfu: float = 0.4, json: str | None = None) -> None:
+    """Print TFLOP per image for each stage's model and the images/s one GPU reaches at ``mfu`` of ``peak_tflops``
+    (and write them as JSON to ``json``, default bench/out/flops.json)."""
     from wsss_dist.models import create_model
+
+    fig = common.Figures("flops", json, peak_tflops=peak_tflops, mfu=mfu)
 
     rate = peak_tflops * mfu
     rows = []
@@ -29,9 +34,12 @@ def main(peak_tflops: float = 989.0, mfu: float = 0.4) -> None:
     rows.append(("seg train, DeepLab-v2 R101, 321 crop", 3 * forward_flops(deeplab, 3, 321, 321) / 1e12))
     rows.append(("eval, DeepLab-v2 R101, 500x375, 3 scales", sum(
         forward_flops(deeplab, 3, round(375 * s), round(500 * s)) for s in (1.0, 0.75, 0.5)) / 1e12))
-    print(f"{'model':<46} {'TFLOP/img':>9} {'img/s @ ' + str(mfu) + ' of ' + str(peak_tflops) + ' TFLOP/s':>26}")
+    fig.say(f"{'model':<46} {'TFLOP/img':>9} {'img/s @ ' + str(mfu) + ' of ' + str(peak_tflops) + ' TFLOP/s':>26}")
+    out = fig.put("models", {})
     for name, tf in rows:
-        print(f"{name:<46} {tf:9.2f} {rate / tf:26.1f}")
+        out[name] = {"tflop_per_image": tf, "images_per_s": rate / tf}
+        fig.say(f"{name:<46} {tf:9.2f} {rate / tf:26.1f}")
+    fig.save()
 
 
 if __name__ == "__main__":

@@ -1,48 +1,53 @@
 """GPU check: the toy chain in bf16 and the VOC-size rehearsal, per stage images/s and model FLOP utilisation.
 
-    python bench/gpu_check.py                          # on CUDA: (a) toy chain, precision=bf16; (b) the rehearsal
-    python bench/gpu_check.py --peak_tflops=989 --budget_s=420 --steps=20 --n_train=32
-    python bench/gpu_check.py --cpu-smoke              # tiny and slow on a CPU: checks that the script works
-    python bench/gpu_check.py --log_file=$OUT/gpu_check.md 2>$OUT/stderr.txt   # the table also in a file
+    python -m bench.gpu_check                          # on CUDA: (a) toy chain, precision=bf16; (b) the rehearsal
+    python -m bench.gpu_check --peak_tflops=989 --budget_s=420 --steps=20 --n_train=32
+    python -m bench.gpu_check --cpu-smoke              # tiny and slow on a CPU: checks that the script works
+    python -m bench.gpu_check --log_file=$OUT/gpu_check.md --json=$OUT/gpu_check.json 2>$OUT/stderr.txt
+                                                       # the table also in a file as it goes; the figures as JSON
 
 (a) the toy preset's whole chain (``stage=all``, method cam, ``precision=bf16``) into a temp dir; (b) the rehearsal
-of bench/rehearsal.py (VOC2012 + SBD folder of 500×375 / 375×500 JPEGs, the voc preset) with the reference networks
+of bench.rehearsal (VOC2012 + SBD folder of 500×375 / 375×500 JPEGs, the voc preset) with the reference networks
 (ResNet-38d classifier and AffinityNet, DeepLab-v2 R101; from scratch), ``--steps`` steps per trainer at the preset's
 batches and crops (448, 448, 321), ``precision=bf16``. Stages run one after another in this process; after each one a
 line is printed (so a timeout still leaves the figures of the finished stages): seconds, images, images/s, FLOPs per
 image, achieved TFLOP/s and MFU = achieved / ``--peak_tflops`` (H200 dense bf16 ≈ 989), peak CUDA memory.
 
-FLOPs per image are counted as bench/flops.py does (``torch.utils.flop_counter.FlopCounterMode``, forward; training
+FLOPs per image are counted as bench.flops does (``torch.utils.flop_counter.FlopCounterMode``, forward; training
 = 3 × forward) on the stage's model built from the config (``models.build``'s specs, as ``model.json`` holds), at its input size: the
 training crop (cls, aff, seg), the image at every CAM scale × 2 (flip) (cam), the image padded to /8 (pseudo), every
 evaluation scale (eval); a representative image size: 500×375 (rehearsal), ``data.toy.size``² (toy). Images per stage:
 steps × global batch for trainers (their time: the training loop's own, from fit), samples for inference stages (their
-time: the whole stage, model load included). Stops starting new stages after ``--budget_s`` seconds.
+time: the whole stage, model load included). Stops starting new stages after ``--budget_s`` seconds. The rows also go
+to ``bench/out/gpu_check.json`` (or ``--json PATH``) at the end.
 """
 from __future__ import annotations
 
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import common
 
 TRAINERS = {"cls": "cls", "aff": "aff", "seg": "seg"}
 
 
-LOG_FILES: list[Path] = []  # --log_file: the table also goes there (the stages' progress bars go to stderr)
+class Table(common.Figures):
+    """The bench's figures; every printed line also goes to ``log_file`` at once (the stages' progress bars go to
+    stderr), so a timeout still leaves the rows of the finished stages."""
 
+    def __init__(self, path: str | os.PathLike | None, log_file: str | None, **params: Any) -> None:
+        super().__init__("gpu_check", path, **params)
+        self.log_file = Path(log_file) if log_file else None
 
-def log(msg: str) -> None:
-    """Print a line now (a timeout must still leave what was printed), also into the ``--log_file``."""
-    print(msg, flush=True)
-    for path in LOG_FILES:
-        with open(path, "a") as f:
-            f.write(msg + "\n")
+    def say(self, *lines: str) -> None:
+        """Print ``lines`` now, keep them, and append them to the log file."""
+        super().say(*lines)
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
 
 
 def forward_flops(model: Any, h: int, w: int, device: Any, call: str = "forward") -> float:
@@ -98,7 +103,8 @@ def stage_images(cfg: Any, stage: str, metrics: dict) -> int:
     return int(metrics.get("samples", 0))
 
 
-def run_chain(name: str, words: list[str], size: tuple[int, int], peak_tflops: float, deadline: float) -> bool:
+def run_chain(log: Table, name: str, words: list[str], size: tuple[int, int], peak_tflops: float,
+              deadline: float) -> bool:
     """Run the chain's stages one by one in this process, printing a row after each; False when out of time."""
     import torch
 
@@ -109,13 +115,14 @@ def run_chain(name: str, words: list[str], size: tuple[int, int], peak_tflops: f
     cfg = make_config(words + ["stage=all"])
     pipeline.save_config(cfg)
     device = dist().device
-    log(f"\n### {name}\n\nrun {cfg.run_dir}; image size for FLOPs {size[1]}x{size[0]}; precision "
+    rows = log.put(name, {})
+    log.say(f"\n### {name}\n\nrun {cfg.run_dir}; image size for FLOPs {size[1]}x{size[0]}; precision "
         f"{cfg.cls.train.mixed_precision}; backbones {cfg.model.backbone} / {cfg.seg.backbone}\n")
-    log("| stage | seconds (stage) | seconds (timed) | images | images/s | GFLOP/img | TFLOP/s | MFU % | CUDA peak GiB |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log.say("| stage | seconds (stage) | seconds (timed) | images | images/s | GFLOP/img | TFLOP/s | MFU % | CUDA peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|")
     for stage in cfg.stages():
         if time.monotonic() > deadline:
-            log(f"| {stage} | skipped: past the time budget | | | | | | | |")
+            log.say(f"| {stage} | skipped: past the time budget | | | | | | | |")
             return False
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -133,10 +140,14 @@ def run_chain(name: str, words: list[str], size: tuple[int, int], peak_tflops: f
         achieved = flops * rate / 1e12
         mfu = f"{100 * achieved / peak_tflops:.3g}" if flops else "-"
         gflop = f"{flops / 1e9:.3g}" if flops else "-"
-        log(f"| {stage} | {wall:.1f} | {timed:.1f} | {images} | {rate:.3g} | {gflop} | "
-            f"{achieved:.3g} | {mfu} | {peak} |")
+        rows[stage] = {"seconds": wall, "timed_s": timed, "images": images, "images_per_s": rate, "flops_per_image": flops,
+                       "tflops": achieved, "mfu": achieved / peak_tflops if flops else None,
+                       "cuda_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                       **({"miou": metrics["miou"]} if "miou" in metrics else {})}
+        log.say(f"| {stage} | {wall:.1f} | {timed:.1f} | {images} | {rate:.3g} | {gflop} | "
+                f"{achieved:.3g} | {mfu} | {peak} |")
         if "miou" in metrics:
-            log(f"|   {stage} mIoU | {metrics['miou']:.4f} | | | | | | | |")
+            log.say(f"|   {stage} mIoU | {metrics['miou']:.4f} | | | | | | | |")
     return True
 
 
@@ -153,8 +164,8 @@ def toy_words(tmp: Path, smoke: bool, precision: str, workers: int) -> list[str]
 
 
 def rehearsal_words(tmp: Path, smoke: bool, precision: str, workers: int, steps: int, n: tuple[int, int, int]) -> list[str]:
-    """The rehearsal (bench/rehearsal.py's data): the reference networks at the preset's batches and crops."""
-    import rehearsal
+    """The rehearsal (bench.rehearsal's data): the reference networks at the preset's batches and crops."""
+    from bench import rehearsal
 
     voc, sbd = rehearsal.make_dataset(tmp / "voc-src", *n, scale=0.25 if smoke else 1.0)
     if smoke:  # a CPU: resnet18, batch 2, small crops, images at 1/4 size
@@ -169,12 +180,10 @@ def rehearsal_words(tmp: Path, smoke: bool, precision: str, workers: int, steps:
 
 def main(peak_tflops: float = 989.0, budget_s: float = 420.0, steps: int = 20, n_train: int = 32, n_val: int = 16,
          n_sbd: int = 16, workers: int = 8, precision: str = "bf16", toy: bool = True, voc: bool = True,
-         cpu_smoke: bool = False, workdir: str | None = None, log_file: str | None = None) -> None:
-    """Run (a) the toy chain and (b) the rehearsal, printing per stage images/s and MFU as they finish."""
+         cpu_smoke: bool = False, workdir: str | None = None, log_file: str | None = None, json: str | None = None) -> None:
+    """Run (a) the toy chain and (b) the rehearsal, printing per stage images/s and MFU as they finish (and writing
+    them as JSON to ``json``, default bench/out/gpu_check.json)."""
     import torch
-
-    if log_file:
-        LOG_FILES.append(Path(log_file))
 
     from wsss_dist import pipeline
 
@@ -185,27 +194,29 @@ def main(peak_tflops: float = 989.0, budget_s: float = 420.0, steps: int = 20, n
     if cpu_smoke:
         steps, n_train, n_val, n_sbd, workers = min(steps, 1), 2, 1, 1, 0
     pipeline.setup_logging("WARNING")
+    log = Table(json, log_file, peak_tflops=peak_tflops, budget_s=budget_s, steps=steps, n_train=n_train, n_val=n_val,
+                n_sbd=n_sbd, workers=workers, precision=precision, toy=toy, voc=voc, cpu_smoke=cpu_smoke)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    log(f"## GPU check: {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}, peak "
-        f"{peak_tflops:g} TFLOP/s, budget {budget_s:g} s{' (cpu smoke: tiny)' if cpu_smoke else ''}")
-    tmp = tempfile.TemporaryDirectory(prefix="gpu-check-") if workdir is None else None
-    work = Path(workdir or tmp.name)  # type: ignore[union-attr]
+    log.say(f"## GPU check: {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}, peak "
+            f"{peak_tflops:g} TFLOP/s, budget {budget_s:g} s{' (cpu smoke: tiny)' if cpu_smoke else ''}")
     ok = True
-    if toy:
-        size = 40 if cpu_smoke else 80
-        ok = run_chain("(a) toy chain, precision=" + precision, toy_words(work, cpu_smoke, precision, workers),
-                       (size, size), peak_tflops, deadline)
-    if voc and ok:
-        t0 = time.perf_counter()
-        words = rehearsal_words(work, cpu_smoke, precision, workers, steps, (n_train, n_val, n_sbd))
-        log(f"\nrehearsal data: {n_train} train, {n_val} val, {n_sbd} SBD-only images in {time.perf_counter() - t0:.1f} s")
-        size = (94, 125) if cpu_smoke else (375, 500)
-        ok = run_chain(f"(b) rehearsal, voc preset, {steps} steps per trainer, precision={precision}", words, size,
-                       peak_tflops, deadline)
-    log(f"\ntotal {time.monotonic() - start:.0f} s{'' if ok else ' (stopped at the time budget)'}")
-    if tmp is not None:
-        tmp.cleanup()
-
+    with common.work_dir(workdir, "gpu-check") as work:
+        if toy:
+            size = 40 if cpu_smoke else 80
+            ok = run_chain(log, "(a) toy chain, precision=" + precision, toy_words(work, cpu_smoke, precision, workers),
+                           (size, size), peak_tflops, deadline)
+        if voc and ok:
+            t0 = time.perf_counter()
+            words = rehearsal_words(work, cpu_smoke, precision, workers, steps, (n_train, n_val, n_sbd))
+            log.say(f"\nrehearsal data: {n_train} train, {n_val} val, {n_sbd} SBD-only images in "
+                    f"{time.perf_counter() - t0:.1f} s")
+            size = (94, 125) if cpu_smoke else (375, 500)
+            ok = run_chain(log, f"(b) rehearsal, voc preset, {steps} steps per trainer, precision={precision}", words, size,
+                           peak_tflops, deadline)
+    log.put("total_s", time.monotonic() - start)
+    log.put("within_budget", ok)
+    log.say(f"\ntotal {time.monotonic() - start:.0f} s{'' if ok else ' (stopped at the time budget)'}")
+    log.save()
 
 if __name__ == "__main__":
     import fire

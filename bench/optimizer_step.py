@@ -1,20 +1,23 @@
 """Optimiser step time on a resnet18's parameters: PyTorch's default (per-tensor loop) vs foreach vs fused.
 
 Prints ms per step for AdamW and SGD (momentum 0.9). The engine builds fused optimisers (wsss_dist.engine.optim).
-Usage: python bench/optimizer_step.py [--repeats=20]
+Usage: python -m bench.optimizer_step [--repeats=20] [--json PATH] (default bench/out/optimizer_step.json)
 """
 from __future__ import annotations
 
-import os
 import time
 
 import fire
 import timm
 import torch
 
+from bench import common
 
-def main(repeats: int = 20) -> None:
-    """Time ``repeats`` steps of each variant, interleaved, and print the medians."""
+
+def main(repeats: int = 20, json: str | None = None) -> None:
+    """Time ``repeats`` steps of each variant, interleaved, and print the medians (and write them as JSON to ``json``,
+    default bench/out/optimizer_step.json)."""
+    fig = common.Figures("optimizer_step", json, repeats=repeats)
     model = timm.create_model("resnet18")
     params = list(model.parameters())
     for p in params:
@@ -23,17 +26,23 @@ def main(repeats: int = 20) -> None:
                 for kind, kw in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True}))}
     opts = {k: cls(params, lr=1e-3, weight_decay=1e-4, **({"momentum": 0.9} if cls is torch.optim.SGD else {}), **kw)
             for k, (cls, kw) in variants.items()}
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(repeats):
-        for k, o in opts.items():
+
+    def timed_step(o: torch.optim.Optimizer):
+        def step() -> float:
             t = time.perf_counter()
             o.step()
-            times[k].append(time.perf_counter() - t)
-    print(f"resnet18 ({sum(p.numel() for p in params) / 1e6:.1f} M parameters), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
-    print("| optimiser | ms / step (median) |\n|---|---|")
+            return time.perf_counter() - t
+        return step
+
+    times, _ = common.interleaved({k: timed_step(o) for k, o in opts.items()}, repeats)
+    fig.say(f"resnet18 ({sum(p.numel() for p in params) / 1e6:.1f} M parameters), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, load {common.load_average()[0]:.1f}",
+            "| optimiser | ms / step (median) |\n|---|---|")
+    rows = fig.put("ms_per_step", {})
     for k, ts in times.items():
-        print(f"| {k} | {sorted(ts)[len(ts) // 2] * 1000:.1f} |")
+        rows[k] = 1000 * common.median(ts)
+        fig.say(f"| {k} | {rows[k]:.1f} |")
+    fig.save()
 
 
 if __name__ == "__main__":

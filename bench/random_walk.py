@@ -1,8 +1,9 @@
 """Benchmark: sparse random walk vs psa's dense matrix powers (prints figures; not a test).
 
-    python bench/random_walk.py                       # all cases, ~2 min on 2 quiet CPU cores
-    python bench/random_walk.py --runs 5 --rounds 2   # more timing repeats, variants interleaved twice
-    python bench/random_walk.py --threads 1           # 1 thread everywhere (less sensitive to a busy machine)
+    python -m bench.random_walk                       # all cases, ~2 min on 2 quiet CPU cores
+    python -m bench.random_walk --runs 5 --rounds 2   # more timing repeats, variants interleaved twice
+    python -m bench.random_walk --threads 1           # 1 thread everywhere (less sensitive to a busy machine)
+    python -m bench.random_walk --json /tmp/walk.json # the figures there (default bench/out/random_walk.json)
 
 Each variant runs in a fresh subprocess: once its inputs exist, the kernel's peak-RSS
 counter is reset (/proc/self/clear_refs, else ru_maxrss is used) and the figure is the
@@ -24,12 +25,8 @@ their own feature vector plus noise, CAM-like blobs), seeded, identical in every
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench import common
 from wsss_dist.methods.random_walk import (
     native_available,
     propagate_labels,
@@ -134,26 +131,15 @@ def child(args: argparse.Namespace) -> None:
         labels = run()
         times.append(time.perf_counter() - t0)
     np.save(args.out, labels.numpy())
-    print(json.dumps({"median_s": statistics.median(times), "times": times, "peak_mib": peak_above(base, reset_ok),
-                      "load_s": load_s}))
+    common.print_result({"median_s": statistics.median(times), "times": times, "peak_mib": peak_above(base, reset_ok),
+                         "load_s": load_s})
 
 
 def launch(variant: str, case: str, live: int, runs: int, out: Path, threads: int, env: dict | None = None) -> dict:
-    """Run one variant in a fresh interpreter and parse its JSON line."""
-    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--case", case, "--threads", str(threads),
-           "--live", str(live), "--runs", str(runs), "--out", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: figures need them)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def fmt_times(times: list[float]) -> str:
-    """Median (min–max) of a list of seconds."""
-    return f"{statistics.median(times):.3f} s ({min(times):.3f}–{max(times):.3f})"
+    """Run one variant in a fresh interpreter and parse its RESULT line."""
+    return common.run_child("bench.random_walk", [
+        "--child", "--variant", variant, "--case", case, "--threads", str(threads), "--live", str(live), "--runs",
+        str(runs), "--out", str(out)], env=env)
 
 
 def main() -> None:
@@ -167,16 +153,21 @@ def main() -> None:
     p.add_argument("--case", default="a", help=argparse.SUPPRESS)
     p.add_argument("--live", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None, help="where to write the figures (default bench/out/random_walk.json)")
     args = p.parse_args()
     if args.child:
         child(args)
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average {load_average()}")
+    fig = common.Figures("random_walk", args.json, runs=args.runs, rounds=args.rounds, threads=args.threads)
+    fig.say(f"torch {torch.__version__}, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
+            f"load average {common.load_text()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        print("\n(a) 56x56 map, D=448, 21 channels, radius 5, beta 8, logt 8, float32")
-        cold = launch("sparse-native", "a", 3, 1, tmp / "cold.npy", args.threads, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp / "ext")})
-        print(f"  native kernel build into an empty cache (once per source and CPU): {cold['load_s']:.2f} s")
+        fig.say("\n(a) 56x56 map, D=448, 21 channels, radius 5, beta 8, logt 8, float32")
+        cold = launch("sparse-native", "a", 3, 1, tmp / "cold.npy", args.threads,
+                      env=common.child_env(TORCH_EXTENSIONS_DIR=str(tmp / "ext")))
+        fig.put("native_cold_build_s", cold["load_s"])
+        fig.say(f"  native kernel build into an empty cache (once per source and CPU): {cold['load_s']:.2f} s")
         res: dict[tuple[str, int], list[dict]] = {}
         labels: dict[tuple[str, int], np.ndarray] = {}
         for r in range(args.rounds):  # variants interleaved, each in its own process
@@ -189,25 +180,31 @@ def main() -> None:
         dense_t = [t for live in (3, 21) for x in res["dense", live] for t in x["times"]]
         dense_mem = max(x["peak_mib"] for live in (3, 21) for x in res["dense", live])
         dense_med = statistics.median(dense_t)
-        print(f"  dense (psa)            : {fmt_times(dense_t)}, peak +{dense_mem:.0f} MiB")
+        fig.put("a_dense", {"times_s": dense_t, "peak_mib": dense_mem})
+        fig.say(f"  dense (psa)            : {common.fmt_times(dense_t)}, peak +{dense_mem:.0f} MiB")
         for live, name in ((3, "psa-like: bg + 2 classes live"), (21, "worst case: all 21 channels live")):
-            print(f"  {name}")
+            fig.say(f"  {name}")
             for variant in ("sparse-torch", "sparse-native"):
                 times = [t for x in res[variant, live] for t in x["times"]]
                 mem = max(x["peak_mib"] for x in res[variant, live])
                 agree = (labels[variant, live] == labels["dense", live]).mean() * 100
                 first = ", ".join(f"{x['load_s'] * 1000:.0f}" for x in res[variant, live])
                 extra = f", library load {first} ms" if variant == "sparse-native" else ""
-                print(f"    {variant:14s}: {fmt_times(times)}, peak +{mem:.1f} MiB -> {dense_med / statistics.median(times):.1f}x"
-                      f" faster, {dense_mem / max(mem, 0.1):.0f}x less memory, labels {agree:.3f}% equal{extra}")
-        print("\n(b) 1024x1024 image -> 128x128 map, sparse only")
+                fig.put(f"a_{variant}_live{live}", {"times_s": times, "peak_mib": mem, "labels_equal_pct": agree,
+                                                     "speedup": dense_med / statistics.median(times),
+                                                     "load_s": [x["load_s"] for x in res[variant, live]]})
+                fig.say(f"    {variant:14s}: {common.fmt_times(times)}, peak +{mem:.1f} MiB -> "
+                        f"{dense_med / statistics.median(times):.1f}x faster, {dense_mem / max(mem, 0.1):.0f}x less "
+                        f"memory, labels {agree:.3f}% equal{extra}")
+        fig.say("\n(b) 1024x1024 image -> 128x128 map, sparse only")
         for live, name in ((3, "2 classes"), (21, "20 classes")):
             for variant in ("propagate", "walk"):
                 r = launch(variant, "b", live, args.runs, tmp / "b.npy", args.threads)
                 what = "propagate_labels" if variant == "propagate" else "random_walk     "
-                print(f"  {what} ({name}, backend auto): {fmt_times(r['times'])}, peak +{r['peak_mib']:.0f} MiB")
-        print(f"\nload average at the end: {load_average()}")
-
+                fig.put(f"b_{variant}_live{live}", {"times_s": r["times"], "peak_mib": r["peak_mib"]})
+                fig.say(f"  {what} ({name}, backend auto): {common.fmt_times(r['times'])}, peak +{r['peak_mib']:.0f} MiB")
+        fig.say(f"\nload average at the end: {common.load_text()}")
+    fig.save()
 
 if __name__ == "__main__":
     main()

@@ -1,13 +1,13 @@
 """Rehearsal at VOC size: the whole chain with the voc preset on a handful of 500×375 / 375×500 images.
 
-    python bench/rehearsal.py                              # 4 train, 2 val, 2 SBD-only images; resnet18 chain (~5 min)
-    python bench/rehearsal.py --n_train=2 --n_sbd=1 --skip_big   # the chain only
-    python bench/rehearsal.py --workdir=/tmp/rehearsal     # keep the data and the runs
+    python -m bench.rehearsal                              # 4 train, 2 val, 2 SBD-only images; resnet18 chain (~5 min)
+    python -m bench.rehearsal --n_train=2 --n_sbd=1 --skip_big   # the chain only
+    python -m bench.rehearsal --workdir=/tmp/rehearsal     # keep the data and the runs
 
 Data (:func:`make_dataset`): a VOC2012 + SBD folder in the real layouts: ``JPEGImages`` (VOC sizes, JPEG),
 ``Annotations/*.xml``, ``SegmentationClass/*.png`` (palette, 255 void bands), ``ImageSets/Segmentation``, SBD's
-``dataset/{img,cls,train.txt,val.txt}`` (``GTcls`` .mat); the real VOC image 2007_000063 (../shared/fixtures) is
-one of the train images, the others are toy renders (``wsss_dist.data.toy``) resized to 500×375 or 375×500.
+``dataset/{img,cls,train.txt,val.txt}`` (``GTcls`` .mat); the real VOC image 2007_000063 (voc_mini of the fixtures:
+``$WSSS_FIXTURES`` or ../shared/fixtures, when there) is one of the train images, the others are toy renders (``wsss_dist.data.toy``) resized to 500×375 or 375×500.
 
 Config (:func:`chain_words`): ``data=voc`` with the voc preset except the step counts and batches (1 step each,
 batch 2), ``model.backbone`` / ``seg.backbone`` (resnet18 by default, from scratch: ``*.weights=none``) and
@@ -20,17 +20,15 @@ DeepLab-v2 R101 at crop 321 (stage seg, batch 2 in 2 micro-batches, on the chain
 Each stage and each extra runs in a fresh subprocess; printed: its seconds (the stage's own, and the whole process's
 with interpreter start and imports), the process's CPU seconds (user + system: on a shared machine, wall seconds
 ≈ CPU seconds / cores when it is idle), its peak memory (peak RSS from ``resource.getrusage``, the process and its
-children; on CUDA also ``torch.cuda.max_memory_allocated``), with the load average.
+children; on CUDA also ``torch.cuda.max_memory_allocated``), with the load average; the rows also go to
+``bench/out/rehearsal.json`` (or ``--json PATH``).
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,13 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from bench import common
 
 SIZES = ((500, 375), (375, 500))  # (W, H): VOC's two common image sizes
 REAL_ID = "2007_000063"  # a real VOC 2012 train image (500×375) and its SegmentationClass PNG
-FIXTURES = [ROOT.parent / "shared" / "fixtures" / "voc_mini" / "VOCdevkit" / "VOC2012",
-            Path("/work/shared/fixtures/voc_mini/VOCdevkit/VOC2012")]
 CHAIN = ("shards", "cls", "cam", "aff", "pseudo", "seg", "eval", "report")
 
 
@@ -72,7 +67,8 @@ def _real(size: tuple[int, int]) -> tuple[bytes, np.ndarray] | None:
     """The real VOC image's JPEG bytes (re-encoded only when resized) and its mask, or None without the fixture."""
     from wsss_dist.data.voc import read_mask_png
 
-    for voc in FIXTURES:
+    fixtures = common.fixtures_dir()
+    for voc in [fixtures / "voc_mini" / "VOCdevkit" / "VOC2012"] if fixtures else []:
         jpg, png = voc / "JPEGImages" / f"{REAL_ID}.jpg", voc / "SegmentationClass" / f"{REAL_ID}.png"
         if jpg.is_file() and png.is_file():
             mask = read_mask_png(png)
@@ -214,18 +210,12 @@ def worker(kind: str, words: str) -> None:
         metrics = pipeline.run_stage(cfg, kind)
         result = {"seconds": time.perf_counter() - t0, "metrics": {k: metrics[k] for k in
                                                                       ("miou", "samples", "steps", "loss") if k in metrics}}
-    print("RESULT " + json.dumps({**result, **peak_memory()}), flush=True)
+    common.print_result({**result, **peak_memory()})
 
 
 def launch(kind: str, words: Sequence[str]) -> dict:
     """Run :func:`worker` in a fresh interpreter; its RESULT dict (wall seconds of the whole process added)."""
-    cmd = [sys.executable, __file__, "worker", kind, json.dumps(list(words))]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, check=False, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"{kind} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return {**json.loads(lines[-1][7:]), "process_s": time.perf_counter() - t0}
+    return common.run_child("bench.rehearsal", ["worker", kind, json.dumps(list(words))])
 
 
 def _row(name: str, r: dict) -> str:
@@ -239,39 +229,45 @@ def _row(name: str, r: dict) -> str:
 
 
 def main(n_train: int = 4, n_val: int = 2, n_sbd: int = 2, backbone: str = "resnet18", seg_backbone: str = "resnet18",
-         skip_big: bool = False, workdir: str | None = None, scale: float = 1.0) -> None:
-    """Build the data, run each stage and each extra in its own process, print a table as it goes."""
+         skip_big: bool = False, workdir: str | None = None, scale: float = 1.0, json: str | None = None) -> None:
+    """Build the data, run each stage and each extra in its own process, print a table as it goes (and write it as
+    JSON to ``json``, default bench/out/rehearsal.json)."""
     import torch
 
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="rehearsal-")
-        workdir = tmp.name
-    work = Path(workdir)
-    t0 = time.perf_counter()
-    voc, sbd = make_dataset(work / "src", n_train, n_val, n_sbd, scale=scale)
-    print(f"rehearsal: {n_train} train, {n_val} val, {n_sbd} SBD-only images of {SIZES[0]} / {SIZES[1]} px x{scale} in {work} "
-          f"(data {time.perf_counter() - t0:.1f} s); torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
-          f"cuda {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
-    print(f"load average at start: {os.getloadavg()}", flush=True)
-    print("\n| step | seconds (stage) | seconds (process) | CPU s (process) | peak RSS MiB | CUDA peak MiB | result |"
-          "\n|---|---|---|---|---|---|---|",
-          flush=True)
-    words = chain_words(work, voc, sbd, backbone=backbone, seg_backbone=seg_backbone)
-    total = time.perf_counter()
-    for stage in CHAIN:
-        print(_row(f"{stage} ({backbone if stage in ('cls', 'cam', 'aff', 'pseudo') else seg_backbone if stage in ('seg', 'eval') else '-'})",
-                   launch(stage, words)), flush=True)
-    if not skip_big:
-        big = big_words(work, voc, sbd)
-        prepare_big(work / "run", work / "big")
-        print(_row("ResNet-38d train step, crop 448, batch 1 (stage cls)", launch("cls", big)), flush=True)
-        print(_row("DeepLab-v2 R101 train step, crop 321, batch 2 = 2 x 1 (stage seg)", launch("seg", big)), flush=True)
-        print(_row("ResNet-38d CAM, 4 scales + flip, one full-size image", launch("fullcam", big)), flush=True)
-    print(f"\ntotal {time.perf_counter() - total:.0f} s; load average at the end: {os.getloadavg()}", flush=True)
-    if tmp is not None:
-        tmp.cleanup()
+    fig = common.Figures("rehearsal", json, n_train=n_train, n_val=n_val, n_sbd=n_sbd, backbone=backbone,
+                         seg_backbone=seg_backbone, skip_big=skip_big, scale=scale)
+    with common.work_dir(workdir, "rehearsal") as work:
+        t0 = time.perf_counter()
+        voc, sbd = make_dataset(work / "src", n_train, n_val, n_sbd, scale=scale)
+        fig.say(f"rehearsal: {n_train} train, {n_val} val, {n_sbd} SBD-only images of {SIZES[0]} / {SIZES[1]} px x{scale} "
+                f"in {work} (data {time.perf_counter() - t0:.1f} s); torch {torch.__version__}, "
+                f"{time.strftime('%Y-%m-%d %H:%M %Z')}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+                f"threads {torch.get_num_threads()}, "
+                f"cuda {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+                f"load average at start: {common.load_text()}",
+                "\n| step | seconds (stage) | seconds (process) | CPU s (process) | peak RSS MiB | CUDA peak MiB | result |"
+                "\n|---|---|---|---|---|---|---|")
+        rows = fig.put("rows", {})
+
+        def row(name: str, result: dict) -> None:
+            rows[name] = result
+            fig.say(_row(name, result))
+
+        words = chain_words(work, voc, sbd, backbone=backbone, seg_backbone=seg_backbone)
+        total = time.perf_counter()
+        for stage in CHAIN:
+            net = (backbone if stage in ("cls", "cam", "aff", "pseudo") else seg_backbone if stage in ("seg", "eval")
+                   else "-")
+            row(f"{stage} ({net})", launch(stage, words))
+        if not skip_big:
+            big = big_words(work, voc, sbd)
+            prepare_big(work / "run", work / "big")
+            row("ResNet-38d train step, crop 448, batch 1 (stage cls)", launch("cls", big))
+            row("DeepLab-v2 R101 train step, crop 321, batch 2 = 2 x 1 (stage seg)", launch("seg", big))
+            row("ResNet-38d CAM, 4 scales + flip, one full-size image", launch("fullcam", big))
+        fig.put("total_s", time.perf_counter() - total)
+        fig.say(f"\ntotal {time.perf_counter() - total:.0f} s; load average at the end: {common.load_text()}")
+    fig.save()
 
 
 if __name__ == "__main__":

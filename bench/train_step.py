@@ -1,7 +1,7 @@
 """Benchmark: one full training step of the engine vs the bare forward/backward/step of the same model and batch.
 
-    python bench/train_step.py                       # toy preset (resnet18, batch 16, crop 56), ~3 min on 2 cores
-    python bench/train_step.py --methods=cam,fmix --steps=40 --repeats=5
+    python -m bench.train_step                       # toy preset (resnet18, batch 16, crop 56), ~3 min on 2 cores
+    python -m bench.train_step --methods=cam,fmix --steps=40 --repeats=5
 
 Full step (ours): ``wsss_dist.stages.cls.train_classifier`` → ``engine.fit``: next batch of the WebDataset stream
 (``data.num_workers`` DataLoader workers decoding and augmenting in the background), to device + channels_last,
@@ -14,24 +14,19 @@ one batch of the same stream preloaded as a tensor: ``model(x)`` → multi-label
 ``step`` → ``zero_grad(set_to_none=True)``, in a plain loop.
 
 Both sides run ``--steps`` steps per round, rounds interleaved (ours, bare, ours, bare, ...); the figure is the
-median step time over steps ``--warmup``.. of all rounds. Prints the load average (the machine is shared).
+median step time over steps ``--warmup``.. of all rounds. Prints the load average (the machine is shared); writes the
+figures to ``bench/out/train_step.json`` (or ``--json PATH``).
 """
 
 from __future__ import annotations
 
-import os
-import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cls_train import make_cfg, stage_step_times  # noqa: E402  (bench/cls_train.py: the same toy-preset config)
+from bench import common
+from bench.cls_train import make_cfg, stage_step_times  # the same toy-preset config
 
 
 def full_steps(cfg, warmup: int) -> list[float]:
@@ -67,8 +62,10 @@ def bare_steps(cfg, batch: dict, warmup: int) -> list[float]:
 
 
 def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, repeats: int = 3, workers: int = 2,
-         size: int = 80, n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None) -> None:
-    """Build the data, time full and bare steps interleaved, print a table."""
+         size: int = 80, n_train: int = 96, n_sbd: int = 96, shard_size: int = 24, workdir: str | None = None,
+         json: str | None = None) -> None:
+    """Build the data, time full and bare steps interleaved, print a table (and write it as JSON to ``json``,
+    default bench/out/train_step.json)."""
     from wsss_dist import pipeline
     from wsss_dist.data.shards import load_manifest, split_urls
     from wsss_dist.data.stream import train_loader
@@ -76,40 +73,43 @@ def main(methods: tuple = ("cam", "fmix"), steps: int = 30, warmup: int = 5, rep
     torch.set_num_threads(2)
     pipeline.setup_logging("WARNING")
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="step-bench-")
-        workdir = tmp.name
-    work = Path(workdir)
-    base = make_cfg(work, methods[0], steps, workers, size, n_train, n_sbd, shard_size)
-    base.stage = "shards"
-    pipeline.run(base)
-    t = base.cls.train
-    urls = split_urls(base.shards_dir, base.cls.split, load_manifest(base.shards_dir, verify=False))
-    batch = next(train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed))
-    times: dict[str, list[float]] = {"bare": [], **{m: [] for m in methods}}
-    loads = []
-    for r in range(repeats):
+    fig = common.Figures("train_step", json, methods=methods, steps=steps, warmup=warmup, repeats=repeats,
+                         workers=workers, size=size, n_train=n_train, n_sbd=n_sbd, shard_size=shard_size)
+    with common.work_dir(workdir, "step-bench") as work:
+        base = make_cfg(work, methods[0], steps, workers, size, n_train, n_sbd, shard_size)
+        base.stage = "shards"
+        pipeline.run(base)
+        t = base.cls.train
+        urls = split_urls(base.shards_dir, base.cls.split, load_manifest(base.shards_dir, verify=False))
+        batch = next(train_loader(urls, batch_size=t.batch_size, crop=t.crop, resize_long=t.resize_long, seed=t.seed))
+        variants = {}
         for m in methods:
-            times[m] += full_steps(make_cfg(work, m, steps, workers, size, n_train, n_sbd, shard_size, run=f"run-{m}"), warmup)
-            loads.append(os.getloadavg()[0])
-            times["bare"] += bare_steps(base, batch, warmup)
-            loads.append(os.getloadavg()[0])
-        print(f"  round {r + 1}/{repeats}: " + ", ".join(f"{k} {1000 * statistics.median(v):.0f} ms" for k, v in times.items()),
-              flush=True)
-    bare = statistics.median(times["bare"])
-    print(f"\ntraining step, {base.model.backbone}, batch {t.batch_size}, crop {t.crop}, channels_last={t.channels_last}, "
-          f"{workers} DataLoader workers, steps {warmup}..{steps} of {repeats} rounds, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {os.getloadavg()}")
-    print("| step | median time | vs bare | quartiles |\n|---|---|---|---|")
+            variants[m] = lambda m=m: full_steps(make_cfg(work, m, steps, workers, size, n_train, n_sbd, shard_size,
+                                                          run=f"run-{m}"), warmup)
+            variants[f"bare after {m}"] = lambda: bare_steps(base, batch, warmup)
+
+        def progress(r: int, results: dict[str, list]) -> None:
+            fig.say(f"  round {r + 1}/{repeats}: " + ", ".join(
+                f"{k} {1000 * common.median([x for run in v for x in run]):.0f} ms" for k, v in results.items()))
+
+        results, loads = common.interleaved(variants, repeats, progress)
+    times = {m: [x for run in results[m] for x in run] for m in methods}
+    times = {"bare": [x for m in methods for run in results[f"bare after {m}"] for x in run], **times}
+    bare = common.median(times["bare"])
+    fig.say(f"\ntraining step, {base.model.backbone}, batch {t.batch_size}, crop {t.crop}, "
+            f"channels_last={t.channels_last}, {workers} DataLoader workers, steps {warmup}..{steps} of {repeats} rounds, "
+            f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+            f"load average during the runs: {min(loads):.2f}-{max(loads):.2f} (1-min), now {common.load_text()}",
+            "| step | median time | vs bare | quartiles |\n|---|---|---|---|")
+    fig.put("load_during", [min(loads), max(loads)])
+    rows = fig.put("steps", {})
     for name, ts in times.items():
-        m = statistics.median(ts)
-        q = np.percentile(ts, [25, 75]) * 1000
+        m = common.median(ts)
+        q = [1000 * x for x in common.quartiles(ts)]
         label = "bare forward/backward/step, preloaded batch" if name == "bare" else f"full step, method={name} (engine.fit)"
-        print(f"| {label} | {1000 * m:.1f} ms | {m / bare:.2f}x | {q[0]:.1f}-{q[1]:.1f} ms |")
-    if tmp is not None:
-        tmp.cleanup()
+        rows[name] = {"median_ms": 1000 * m, "vs_bare": m / bare, "quartiles_ms": q, "steps": len(ts)}
+        fig.say(f"| {label} | {1000 * m:.1f} ms | {m / bare:.2f}x | {q[0]:.1f}-{q[1]:.1f} ms |")
+    fig.save()
 
 
 if __name__ == "__main__":

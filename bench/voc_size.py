@@ -1,10 +1,10 @@
 """Benchmarks at VOC size: each inference stage against the model compute it needs, its CPU side alone, and the
 training step at a 448-px crop against the bare forward/backward/step.
 
-    python bench/voc_size.py                               # all three parts, resnet18 (CPU-sized), ~15 min on 2 cores
-    python bench/voc_size.py --parts=b --noop_images=96    # only the CPU side (no-op models)
-    python bench/voc_size.py --backbone=resnet50 --images_a=6 --rounds=3
-    python bench/voc_size.py --parts=a --images_a=4,24 --scales_a=1   # part (a) per extra image (fixed costs apart)
+    python -m bench.voc_size                               # all three parts, resnet18 (CPU-sized), ~15 min on 2 cores
+    python -m bench.voc_size --parts=b --noop_images=96    # only the CPU side (no-op models)
+    python -m bench.voc_size --backbone=resnet50 --images_a=6 --rounds=3
+    python -m bench.voc_size --parts=a --images_a=4,24 --scales_a=1   # part (a) per extra image (fixed costs apart)
 
 Data: the toy generator at ``data.toy.size=437`` (sides 328-546 px, mean ≈ a VOC image of 500×375), packed into
 WebDataset shards of ``--shard_size`` images; VOC-preset inference settings (CAM scales 1, 0.5, 1.5, 2 + flip,
@@ -23,7 +23,8 @@ Models: the chain's own, trained one step each (their weights do not matter for 
 (c) The engine's full training step (``engine.fit`` through the cls stage, ``method=cam``) at crop 448 vs the
     bare step on a preloaded batch (bench/train_step.py's two sides). Goal: ≤ 1.05×.
 
-Rounds are interleaved (stage, forwards, stage, forwards, ...); figures are medians. Prints the load average.
+Rounds are interleaved (stage, forwards, stage, forwards, ...); figures are medians. Prints the load average; writes
+the figures to ``bench/out/voc_size.json`` (or ``--json PATH``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import common
 from wsss_dist.pipeline import cpu_seconds
 
 # per-GPU rates the CPU side must keep up with (issue 13: one H100 at 40 % of its bf16 peak)
@@ -253,7 +251,7 @@ def build_chain(cfg, stages: str = "[shards,cls,cam,aff,pseudo,seg]") -> None:
     pipeline.run(cfg)
 
 
-def part_a(cfg, rounds: int, device: torch.device) -> dict[str, tuple[int, float, float, float]]:
+def part_a(fig: common.Figures, cfg, rounds: int, device: torch.device) -> dict[str, tuple[int, float, float, float]]:
     """Stage wall time vs its pure forwards: {stage: (images, stage s, forwards s, walk s)} (medians)."""
     n = {"cam": len(images(cfg, cfg.cam.split, device)), "eval": len(images(cfg, "val", device))}
     n["pseudo"] = n["cam"]
@@ -270,28 +268,30 @@ def part_a(cfg, rounds: int, device: torch.device) -> dict[str, tuple[int, float
         s, f = statistics.median(st), statistics.median(ft)
         w = statistics.median(wt) if wt else 0.0
         rows[stage] = (n[stage], s, f, w)
-        print(f"  (a) {stage}: {n[stage]} images, stage {s:.1f} s, forwards {f:.1f} s" + (f", walk {w:.1f} s" if wt else ""),
-              flush=True)
-    print("\n| stage | images | stage wall | pure forwards | stage / forwards | stage / (forwards + walk) |\n|---|---|---|---|---|---|")
+        fig.put(f"a_{n[stage]}_{stage}", {"images": n[stage], "stage_s": s, "forwards_s": f, "walk_s": w})
+        fig.say(f"  (a) {stage}: {n[stage]} images, stage {s:.1f} s, forwards {f:.1f} s" + (f", walk {w:.1f} s" if wt else ""))
+    fig.say("\n| stage | images | stage wall | pure forwards | stage / forwards | stage / (forwards + walk) |\n|---|---|---|---|---|---|")
     for stage, (k, s, f, w) in rows.items():
-        print(f"| {stage} | {k} | {s:.1f} s | {f:.1f} s | {s / f:.2f}× | {s / (f + w):.2f}× |" if w else
+        fig.say(f"| {stage} | {k} | {s:.1f} s | {f:.1f} s | {s / f:.2f}× | {s / (f + w):.2f}× |" if w else
               f"| {stage} | {k} | {s:.1f} s | {f:.1f} s | {s / f:.2f}× | – |")
     return rows
 
 
-def marginal(small: dict, large: dict) -> None:
+def marginal(fig: common.Figures, small: dict, large: dict) -> None:
     """Per extra image between two part-(a) runs: what a VOC-length run pays once its fixed costs (model load,
     reader start, shard open, the mIoU sweep) are spread over ~1,500-10,582 images."""
-    print("\n| stage | images | fixed cost | stage per extra image | forwards (+ walk) per extra image | ratio |\n"
+    fig.say("\n| stage | images | fixed cost | stage per extra image | forwards (+ walk) per extra image | ratio |\n"
           "|---|---|---|---|---|---|")
     for stage in large:
         (n0, s0, f0, w0), (n1, s1, f1, w1) = small[stage], large[stage]
         ds, df = (s1 - s0) / (n1 - n0), (f1 + w1 - f0 - w0) / (n1 - n0)
         fixed = s0 - n0 * ds
-        print(f"| {stage} | {n0} → {n1} | {fixed:.1f} s | {1000 * ds:.0f} ms | {1000 * df:.0f} ms | {ds / df:.2f}× |")
+        fig.put(f"a_marginal_{stage}", {"images": [n0, n1], "fixed_s": fixed, "stage_per_image_s": ds,
+                                        "forwards_per_image_s": df})
+        fig.say(f"| {stage} | {n0} → {n1} | {fixed:.1f} s | {1000 * ds:.0f} ms | {1000 * df:.0f} ms | {ds / df:.2f}× |")
 
 
-def part_b(cfg, rounds: int) -> None:
+def part_b(fig: common.Figures, cfg, rounds: int) -> None:
     """The CPU side alone: stages with no-op models, and the training stream."""
     patch_noop()
     rows = []
@@ -300,12 +300,12 @@ def part_b(cfg, rounds: int) -> None:
         n = len(images(cfg, cfg.cam.split if stage != "eval" else "val", torch.device("cpu")))
         wall, cpu = statistics.median(r[0] for r in runs_), statistics.median(r[1] for r in runs_)
         rows.append((f"{stage} stage, no-op model", n, n / wall, n / cpu, "cam" if stage == "cam" else None))
-        print(f"  (b) {stage}: {n} images, {wall:.1f} s wall, {cpu:.1f} CPU-s", flush=True)
+        fig.say(f"  (b) {stage}: {n} images, {wall:.1f} s wall, {cpu:.1f} CPU-s")
     host = [host_work(cfg) for _ in range(rounds)]
     hin, hout = statistics.median(h["input"] for h in host), statistics.median(h["output"] for h in host)
     rows.append(("cam, host work only (read + decode + tensor, encode + tar + sha256)", "", 1 / (hin + hout),
                  1 / (hin + hout), "cam"))
-    print(f"  (b) host work per CAM image: input {1000 * hin:.1f} ms, output {1000 * hout:.1f} ms", flush=True)
+    fig.say(f"  (b) host work per CAM image: input {1000 * hin:.1f} ms, output {1000 * hout:.1f} ms")
     batches = max(20, len(images(cfg, "train", torch.device("cpu"))) // 16)  # the workers' start-up amortised
     for on_device in (False, True):
         rates = [stream_rate(cfg, batches, on_device) for _ in range(rounds)]
@@ -314,20 +314,21 @@ def part_b(cfg, rounds: int) -> None:
         rows.append((what, "", statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates), "train"))
         if on_device:
             dev = statistics.median(r[2] for r in rates)
-            print(f"  (b) augment_on_device on this CPU (the device's share, here on 2 threads): {1000 * dev:.1f} ms "
-                  "per image", flush=True)
-    print("\n| CPU side | images | images/s | images per CPU-second | cores per GPU, ResNet-38d | cores per GPU, ResNet-50 |\n|---|---|---|---|---|---|")
+            fig.say(f"  (b) augment_on_device on this CPU (the device's share, here on 2 threads): {1000 * dev:.1f} ms "
+                  "per image")
+    fig.say("\n| CPU side | images | images/s | images per CPU-second | cores per GPU, ResNet-38d | cores per GPU, ResNet-50 |\n|---|---|---|---|---|---|")
     for what, n, per_s, per_cpu, kind in rows:
         cores = [f"{GPU_RATES[kind][b] / per_cpu:.2f}" if kind else "–" for b in ("resnet38d", "resnet50")]
-        print(f"| {what} | {n} | {per_s:.1f} | {per_cpu:.1f} | {cores[0]} | {cores[1]} |")
-    print("(no-op stages on a CPU still do the resizes, CAM upsampling, threshold sweep and walk stand-in on the CPU;"
+        fig.put(f"b {what}", {"images": n, "images_per_s": per_s, "images_per_cpu_s": per_cpu})
+        fig.say(f"| {what} | {n} | {per_s:.1f} | {per_cpu:.1f} | {cores[0]} | {cores[1]} |")
+    fig.say("(no-op stages on a CPU still do the resizes, CAM upsampling, threshold sweep and walk stand-in on the CPU;"
           " on a GPU those are device work, so the host-work row is what a GPU node's CPU must keep up with."
           " pseudo/eval: issue 13 gives no GPU rate)")
 
 
-def part_c(work: Path, backbone: str, steps: int, rounds: int, workers: int) -> None:
+def part_c(fig: common.Figures, work: Path, backbone: str, steps: int, rounds: int, workers: int) -> None:
     """Full training step at crop 448 vs the bare step."""
-    from train_step import bare_steps, full_steps
+    from bench.train_step import bare_steps, full_steps
 
     from wsss_dist import pipeline
     from wsss_dist.config import make_config
@@ -356,11 +357,12 @@ def part_c(work: Path, backbone: str, steps: int, rounds: int, workers: int) -> 
         shutil.rmtree(work / f"run-c{r}", ignore_errors=True)
         full += full_steps(cfg_for(f"run-c{r}"), warmup)
         bare += bare_steps(base, batch, warmup)
-        print(f"  (c) round {r + 1}: full {statistics.median(full):.2f} s, bare {statistics.median(bare):.2f} s", flush=True)
+        fig.say(f"  (c) round {r + 1}: full {statistics.median(full):.2f} s, bare {statistics.median(bare):.2f} s")
     f, b = statistics.median(full), statistics.median(bare)
-    print(f"\n| training step, {backbone}, batch 2, crop 448 | median | vs bare |\n|---|---|---|")
-    print(f"| bare forward/backward/step, preloaded batch | {b:.2f} s | 1.00× |")
-    print(f"| full step (engine.fit, method=cam, {workers} workers) | {f:.2f} s | {f / b:.2f}× |")
+    fig.put("c_train_step", {"backbone": backbone, "full_s": f, "bare_s": b, "ratio": f / b})
+    fig.say(f"\n| training step, {backbone}, batch 2, crop 448 | median | vs bare |\n|---|---|---|")
+    fig.say(f"| bare forward/backward/step, preloaded batch | {b:.2f} s | 1.00× |")
+    fig.say(f"| full step (engine.fit, method=cam, {workers} workers) | {f:.2f} s | {f / b:.2f}× |")
 
 
 def as_list(v: Any) -> list:
@@ -370,40 +372,42 @@ def as_list(v: Any) -> list:
 
 def main(parts: str = "a,b,c", backbone: str = "resnet18", seg_backbone: str = "resnet18", images_a: Any = 6,
          noop_images: int = 64, workers: int = 2, rounds: int = 2, train_backbone: str = "resnet50",
-         train_steps: int = 6, workdir: str | None = None, scales_a: Any = None) -> None:
+         train_steps: int = 6, workdir: str | None = None, scales_a: Any = None, json: str | None = None) -> None:
     """Build VOC-size data and the chain's models, run the parts, print tables (``images_a=4,24``: part (a) at
-    each count, then the cost per extra image; ``scales_a=1``: CAM scales of part (a) instead of the VOC preset's)."""
+    each count, then the cost per extra image; ``scales_a=1``: CAM scales of part (a) instead of the VOC preset's);
+    the figures also go to ``json`` (default bench/out/voc_size.json)."""
     from wsss_dist.engine import dist
     from wsss_dist.pipeline import setup_logging
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     setup_logging("WARNING")
     parts_ = set(str(parts).split(",")) if isinstance(parts, str) else set(parts)
-    tmp = tempfile.TemporaryDirectory(prefix="voc-bench-") if workdir is None else None
-    work = Path(workdir or tmp.name)
+    fig = common.Figures("voc_size", json, parts=sorted(parts_), backbone=backbone, seg_backbone=seg_backbone,
+                         images_a=as_list(images_a), noop_images=noop_images, workers=workers, rounds=rounds,
+                         train_backbone=train_backbone, train_steps=train_steps, scales_a=scales_a)
     device = dist().device
-    cpu = os.popen("grep -o 'avx512[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\\n' ' '").read().strip() or "no AVX-512"
-    print(f"voc_size bench {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, device {device}, "
-          f"{torch.get_num_threads()} threads, CPU flags: {cpu}; load {os.getloadavg()}", flush=True)
-    if "a" in parts_:
-        counts = [int(k) for k in as_list(images_a)]
-        extra = [f"cam.scales=[{','.join(str(float(v)) for v in as_list(scales_a))}]"] if scales_a else []
-        results = []
-        for k in counts:
-            cfg = make_cfg(work / f"a{k}", backbone, seg_backbone, k, workers, max(1, k // 2), *extra)
-            build_chain(cfg)
-            results.append(part_a(cfg, rounds, device))
-        if len(results) > 1:
-            marginal(results[0], results[-1])
-    if "b" in parts_:
-        cfg = make_cfg(work / "b", backbone, seg_backbone, noop_images, workers, max(1, noop_images // 8))
-        build_chain(cfg, "shards")  # the no-op cam stage writes the CAM shards the no-op pseudo stage reads
-        part_b(cfg, rounds)
-    if "c" in parts_:
-        part_c(work / "c", train_backbone, train_steps, rounds, workers)
-    print(f"load average at the end: {os.getloadavg()}")
-    if tmp is not None:
-        tmp.cleanup()
+    fig.say(f"voc_size bench {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, device {device}, "
+            f"{torch.get_num_threads()} threads, CPU flags: {fig.data['machine']['cpu_flags'] or 'no AVX'}; "
+            f"load {common.load_text()}")
+    with common.work_dir(workdir, "voc-bench") as work:
+        if "a" in parts_:
+            counts = [int(k) for k in as_list(images_a)]
+            extra = [f"cam.scales=[{','.join(str(float(v)) for v in as_list(scales_a))}]"] if scales_a else []
+            results = []
+            for k in counts:
+                cfg = make_cfg(work / f"a{k}", backbone, seg_backbone, k, workers, max(1, k // 2), *extra)
+                build_chain(cfg)
+                results.append(part_a(fig, cfg, rounds, device))
+            if len(results) > 1:
+                marginal(fig, results[0], results[-1])
+        if "b" in parts_:
+            cfg = make_cfg(work / "b", backbone, seg_backbone, noop_images, workers, max(1, noop_images // 8))
+            build_chain(cfg, "shards")  # the no-op cam stage writes the CAM shards the no-op pseudo stage reads
+            part_b(fig, cfg, rounds)
+        if "c" in parts_:
+            part_c(fig, work / "c", train_backbone, train_steps, rounds, workers)
+    fig.say(f"load average at the end: {common.load_text()}")
+    fig.save()
 
 
 if __name__ == "__main__":

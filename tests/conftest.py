@@ -1,20 +1,49 @@
-"""Shared fixtures: a tiny toy dataset in the VOC/SBD layout and its shards (built once per test session)."""
+"""Shared fixtures: a tiny toy dataset in the VOC/SBD layout and its shards (built once per test session), and where
+the real VOC fixture files are (``WSSS_FIXTURES``; tests that need them skip without them)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from wsss_dist.config import ToyCfg
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-if not FIXTURES.is_dir():  # tests run from a checkout next to ../shared, or from /work/main
-    FIXTURES = Path("/work/shared/fixtures")
-VOC_MINI = FIXTURES / "voc_mini"
-VOC_LISTS = FIXTURES / "voc_lists"
+
+def fixtures_dir() -> Path | None:
+    """The real VOC fixture files (voc_mini, voc_lists, voc_real): ``$WSSS_FIXTURES`` (.ci/run sets it), else
+    ``../shared/fixtures`` next to this checkout; None when neither is a folder."""
+    env = os.environ.get("WSSS_FIXTURES")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    return path if path.is_dir() else None
+
+
+FIXTURES = fixtures_dir()
+NO_FIXTURES = ("no real VOC fixtures: set WSSS_FIXTURES to the folder holding voc_mini and voc_lists"
+               + (f" (WSSS_FIXTURES={os.environ['WSSS_FIXTURES']} is not a folder)" if os.environ.get("WSSS_FIXTURES") else ""))
+needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason=NO_FIXTURES)
+VOC_MINI = (FIXTURES or Path("WSSS_FIXTURES-unset")) / "voc_mini"  # read only by tests marked needs_fixtures
+VOC_LISTS = (FIXTURES or Path("WSSS_FIXTURES-unset")) / "voc_lists"
 
 TINY_TOY = dict(seed=0, n_train=24, n_val=16, n_sbd=16, size=48)  # train_aug = 40, val = 16
 TINY_SHARD_SIZE = 6
+# the stages end to end on a tiny toy dataset (tests/test_pipeline.py and every test that runs stages on `shards`)
+TINY = [
+    "data.toy.n_train=24", "data.toy.n_val=12", "data.toy.n_sbd=24", "data.toy.size=48", "data.shard_size=12",
+    "data.num_workers=0", "model.backbone=resnet18",
+    "cls.train.steps=12", "cls.train.batch_size=8", "cls.train.crop=48", "cls.train.resize_long=[40,56]",
+    "cls.train.ckpt_every=6", "cls.train.log_every=4", "cls.sc_rounds=2",
+    "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=32", "teacher.train.steps=4", "teacher.train.batch_size=8",
+    "teacher.train.crop=32",
+    "cam.scales=[1.0,0.5]",
+    "aff.train.steps=6", "aff.train.batch_size=4", "aff.train.crop=48", "aff.radius=3", "pseudo.radius=3",
+    "seg.train.steps=6", "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0,0.5]",
+    "pseudo.logt=4",
+]
+# TINY with half the images and steps: for tests of orchestration (sweeps, a killed chain), whose behaviour does not
+# depend on how long each stage trains; train_aug = 24 images in 4 shards, val = 6
+SHORT = [*TINY, "data.toy.n_train=12", "data.toy.n_val=6", "data.toy.n_sbd=12", "data.shard_size=6", "cls.train.steps=6",
+         "cls.train.ckpt_every=3", "aff.train.steps=3", "seg.train.steps=3"]
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +88,16 @@ def raw_samples(url: str | Path) -> list[dict]:
             key, ext = m.name.split(".", 1)
             out.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
     return list(out.values())
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> list[str]:
+    """Config words of the TINY toy dataset and its shards (built once per session; treat the files as read-only:
+    tests that break shards copy them first)."""
+    from wsss_dist import pipeline
+    from wsss_dist.config import make_config
+
+    root = tmp_path_factory.mktemp("toy")
+    args = TINY + [f"data.toy.root={root / 'src'}", f"data.shards_dir={root / 'shards'}"]
+    pipeline.run(make_config(args + ["stage=shards", f"run={root / 'runs' / 'shards'}"]))
+    return args

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_pipeline import TINY
+from conftest import TINY
 from wsss_dist import runs
 
 ROOT = Path(__file__).resolve().parent.parent

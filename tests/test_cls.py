@@ -13,11 +13,10 @@ from wsss_dist.stages import cls as cls_stage
 from wsss_dist.data.stream import train_loader_for
 from wsss_dist.models.build import build_classifier
 
-from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
 
 
 @pytest.mark.parametrize("method", ["cam", "mixup", "fmix", "manifold", "sc"])
-def test_method_loss_falls(shards, tmp_path, method):  # noqa: F811
+def test_method_loss_falls(shards, tmp_path, method):
     cfg = make_config(shards + [f"run={tmp_path}", f"method={method}", "cls.train.steps=40", "cls.optim.lr=3e-3",
                                 "cls.train.mixed_precision=no", "cls.train.ckpt_every=1000"])
     num_sub = 7 if method == "sc" else 0

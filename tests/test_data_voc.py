@@ -10,7 +10,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from conftest import VOC_LISTS, VOC_MINI
+from conftest import VOC_LISTS, VOC_MINI, needs_fixtures
 from wsss_dist.data.voc import (CLASS_TO_INDEX, CLASSES, PALETTE, VOCSource, load_cls_labels, mask_labels,
                                 read_mask_png, write_mask_png)
 from wsss_dist.errors import DataError
@@ -18,6 +18,7 @@ from wsss_dist.errors import DataError
 REAL_ID = "2007_000063"
 REAL_VOC = VOC_MINI / "VOCdevkit" / "VOC2012"
 EXTRA = sorted((VOC_MINI / "extra" / "SegmentationClassAug").glob("*.png"))
+pytestmark = needs_fixtures
 
 
 def _xml(names: list[str]) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import shards  # noqa: F401  (module fixture: tiny toy shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ def _launch(out: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_two_processes_train_with_gloo_and_resume(shards, tmp_path):  # noqa: F811
+def test_two_processes_train_with_gloo_and_resume(shards, tmp_path):
     args = shards + [f"run={tmp_path / 'run'}", "method=fmix", "cls.train.steps=6", "cls.train.ckpt_every=3", "cls.train.batch_size=4"]
     r = _launch(tmp_path / "a.json", args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -72,7 +71,7 @@ def _first_step(tmp_path: Path, name: str, args: list[str], processes: int) -> s
     return subprocess.run([sys.executable, *launch, *script], capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
-def test_one_and_two_processes_see_the_same_global_batch(shards, tmp_path):  # noqa: F811
+def test_one_and_two_processes_see_the_same_global_batch(shards, tmp_path):
     """train.batch_size is the global batch: the first step's mean loss over it is the same on 1 process and on
     2 gloo processes (each takes half of it), and the lr does not change with the world size."""
     args = shards + ["cls.train.steps=1", "cls.train.batch_size=8", "cls.train.log_every=1", "cls.train.ckpt_every=0"]
@@ -104,7 +103,7 @@ CAM_MIOU_TOLERANCE = 0.08
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_end_with_the_same_cam_miou(shards, tmp_path):  # noqa: F811
+def test_one_and_two_processes_end_with_the_same_cam_miou(shards, tmp_path):
     """The same toy run (global batch 8, 40 steps) on 1 process and on 2 gloo processes: CAM mIoU within the tolerance."""
     args = shards + ["method=cam", "cls.train.steps=40", "cls.train.batch_size=8", "cls.train.ckpt_every=0"]
     one, two = _chain(tmp_path, "one", args, 1), _chain(tmp_path, "two", args, 2)

@@ -315,11 +315,11 @@ def test_a_requeued_shared_job_resumes_at_the_interrupted_stage(tmp_path):
 def test_chain_killed_mid_stage_reruns_only_the_rest(tmp_path):
     """kill -9 of the whole local chain (launcher and job) once a CAM shard is written; the rerun keeps every
     finished stage and shard, completes the chain, and a third run does nothing."""
-    from test_pipeline import TINY
+    from conftest import SHORT  # 4 CAM shards: the kill lands after the first one, in the middle of the stage
 
     run = tmp_path / "run"
     args = ["stage=all", "method=cam", f"run={run}", f"data.shards_dir={tmp_path}/shards",
-            f"data.toy.root={tmp_path}/toy-src", *TINY]
+            f"data.toy.root={tmp_path}/toy-src", *SHORT]
     p = subprocess.Popen([sys.executable, str(SUBMIT), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     try:

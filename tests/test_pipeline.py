@@ -9,35 +9,22 @@ from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.registry import METHODS
 
-TINY = [
-    "data.toy.n_train=24", "data.toy.n_val=12", "data.toy.n_sbd=24", "data.toy.size=48", "data.shard_size=12",
-    "data.num_workers=0", "model.backbone=resnet18",
-    "cls.train.steps=12", "cls.train.batch_size=8", "cls.train.crop=48", "cls.train.resize_long=[40,56]",
-    "cls.train.ckpt_every=6", "cls.train.log_every=4", "cls.sc_rounds=2",
-    "teacher.arch=vit_tiny_patch16_224", "teacher.img_size=32", "teacher.train.steps=4", "teacher.train.batch_size=8",
-    "teacher.train.crop=32",
-    "cam.scales=[1.0,0.5]",
-    "aff.train.steps=6", "aff.train.batch_size=4", "aff.train.crop=48", "aff.radius=3", "pseudo.radius=3",
-    "seg.train.steps=6", "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0,0.5]",
-    "pseudo.logt=4",
-]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    args = TINY + [f"data.toy.root={root / 'src'}", f"data.shards_dir={root / 'shards'}"]
-    pipeline.run(make_config(args + ["stage=shards", f"run={root / 'runs' / 'shards'}"]))
-    return args
+# `shards` (conftest): the TINY toy dataset's shards, built once per session
 
 
 def _cfg(shards, tmp_path, *extra):
     return make_config(shards + [f"run={tmp_path / 'run'}", *extra])
 
 
-def test_whole_chain_baseline(shards, tmp_path):
-    cfg = _cfg(shards, tmp_path, "stage=[cls,cam,aff,pseudo,seg,eval,report]", "method=cam")
-    out = pipeline.run(cfg)
+@pytest.fixture(scope="module")
+def chain(shards, tmp_path_factory):
+    """The whole chain, method cam, run once: (config, metrics of every stage)."""
+    cfg = _cfg(shards, tmp_path_factory.mktemp("chain"), "stage=[cls,cam,aff,pseudo,seg,eval,report]", "method=cam")
+    return cfg, pipeline.run(cfg)
+
+
+def test_whole_chain_baseline(chain):
+    cfg, out = chain
     for stage in ("cls", "cam", "aff", "pseudo", "seg", "eval", "report"):
         assert runs.is_done(cfg.run_dir, stage)
     cam, pseudo, ev = out["cam"], out["pseudo"], out["eval"]
@@ -68,11 +55,14 @@ def test_whole_chain_baseline(shards, tmp_path):
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS])
-def test_each_method_trains_and_gives_cams(shards, tmp_path, method):
-    cfg = _cfg(shards, tmp_path, "stage=all" if method == "teach" else "stage=[cls,cam]", f"method={method}")
-    if method == "teach":
-        cfg.stage = "[teacher,cls,cam]"
-    out = pipeline.run(cfg)
+def test_each_method_trains_and_gives_cams(shards, chain, tmp_path, method):
+    if method == "cam":  # the whole chain's cls and cam stages are exactly this run's (same words, method cam)
+        cfg, out = chain
+    else:
+        cfg = _cfg(shards, tmp_path, "stage=all" if method == "teach" else "stage=[cls,cam]", f"method={method}")
+        if method == "teach":
+            cfg.stage = "[teacher,cls,cam]"
+        out = pipeline.run(cfg)
     assert out["cls"]["steps"] == cfg.cls.train.steps
     assert np.isfinite(out["cls"]["loss"])
     assert 0 <= out["cam"]["miou"] <= 1

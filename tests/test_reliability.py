@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import VOC_MINI, raw_samples
-from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
+from conftest import VOC_MINI, needs_fixtures, raw_samples
 from wsss_dist import cli, pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.data.shards import MANIFEST, SkipCounter, load_manifest, read_shard, split_urls, write_shard
@@ -100,7 +99,7 @@ def _opt(args: list[str], key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained_cls(shards, tmp_path_factory):  # noqa: F811
+def trained_cls(shards, tmp_path_factory):
     """A run dir whose cls stage is finished (seeded random weights: what cam needs, without training)."""
     from wsss_dist.models.build import classifier_spec, create_model
 
@@ -165,6 +164,7 @@ BAD_VOC = {  # case: (break the layout, what the one-line error must say)
 }
 
 
+@needs_fixtures
 @pytest.mark.parametrize("case", list(BAD_VOC))
 def test_bad_dataset_file_is_a_one_line_error(tmp_path, case):
     """stage=shards data=voc on a broken VOC folder: exit 2, one line naming the file and what was expected."""
@@ -177,6 +177,7 @@ def test_bad_dataset_file_is_a_one_line_error(tmp_path, case):
     assert not (tmp_path / "shards" / MANIFEST).exists() and not runs.is_done(tmp_path / "run", "shards")
 
 
+@needs_fixtures
 def test_good_dataset_builds(tmp_path):
     """The same layout unbroken builds (so each failure above is caused by its one broken file)."""
     voc = _voc(tmp_path)
@@ -205,23 +206,23 @@ def test_bad_config_value_is_a_one_line_error(tmp_path, arg, pattern):
 
 # --------------------------------------------------------------------------------------------- 1. bad inputs (weights)
 
-def test_missing_weights_file_is_a_one_line_error(shards, tmp_path):  # noqa: F811
+def test_missing_weights_file_is_a_one_line_error(shards, tmp_path):
     r = _cli(shards + ["stage=cls", f"run={tmp_path / 'run'}", f"model.weights={tmp_path / 'nope.safetensors'}"], tmp_path)
     _user_error(r, r"weights file not found: .*nope\.safetensors")
 
 
-def test_mismatched_weights_file_is_a_one_line_error(shards, tmp_path):  # noqa: F811
+def test_mismatched_weights_file_is_a_one_line_error(shards, tmp_path):
     save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(tmp_path / "other.safetensors"))
     r = _cli(shards + ["stage=cls", f"run={tmp_path / 'run'}", f"model.weights={tmp_path / 'other.safetensors'}"], tmp_path)
     _user_error(r, r"other\.safetensors: weights do not fit .*missing.*file \(8, 3, 3, 3\) vs model \(64, 3, 7, 7\)")
 
 
-def test_stage_without_its_upstream_is_a_one_line_error(shards, tmp_path):  # noqa: F811
+def test_stage_without_its_upstream_is_a_one_line_error(shards, tmp_path):
     r = _cli(shards + ["stage=cam", f"run={tmp_path / 'run'}"], tmp_path)
     _user_error(r, r"stage 'cam' needs stage 'cls' .*run stage=cls first")
 
 
-def test_nan_loss_is_a_one_line_error(shards, tmp_path):  # noqa: F811
+def test_nan_loss_is_a_one_line_error(shards, tmp_path):
     """A learning rate of 1e30 makes the loss NaN at step 2: the run stops, naming the step and what to change.
     (In-process, both nan and inf, no diverged checkpoint: tests/test_engine.py::test_non_finite_loss_raises_training_diverged.)"""
     r = _cli(shards + ["stage=cls", f"run={tmp_path / 'run'}", "cls.optim.lr=1e30", "cls.train.steps=3", "cls.train.log_every=3",
@@ -232,7 +233,7 @@ def test_nan_loss_is_a_one_line_error(shards, tmp_path):  # noqa: F811
 
 # --------------------------------------------------------------------------------------------- 1. broken samples in streams
 
-def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:  # noqa: F811
+def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:
     """A copy of the shards whose val split has one truncated JPEG and one non-image jpg (manifest re-stamped)."""
     shutil.copytree(_opt(shards_args, "data.shards_dir"), dst)
     name = Path(split_urls(dst, "val")[0]).name
@@ -244,7 +245,7 @@ def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:  
     return dst, runs.read_json(dst / MANIFEST)["splits"]["val"]["total"]
 
 
-def test_broken_samples_are_counted_in_done_and_fail_past_the_limit(shards, trained_cls, tmp_path):  # noqa: F811
+def test_broken_samples_are_counted_in_done_and_fail_past_the_limit(shards, trained_cls, tmp_path):
     """stage=cam over shards with 2 broken samples: skipped and counted in cam/DONE; past max_skip_fraction: exit 2."""
     sdir, total = _broken_val_shards(shards, tmp_path / "shards")
     args = shards + [f"data.shards_dir={sdir}", "stage=cam", "cam.split=val", "cam.eval_split=val", "cam.scales=[1]",
@@ -261,7 +262,7 @@ def test_broken_samples_are_counted_in_done_and_fail_past_the_limit(shards, trai
     assert not runs.is_done(run, "cam")
 
 
-def test_train_stream_fails_past_max_skip_fraction(shards, tmp_path):  # noqa: F811
+def test_train_stream_fails_past_max_skip_fraction(shards, tmp_path):
     """The training stream counts skips (tests/test_stream.py::test_broken_training_sample_is_counted) and raises
     once more than max_skip_fraction of a worker's epoch was broken."""
     sdir, total = _broken_val_shards(shards, tmp_path / "shards")
@@ -275,7 +276,7 @@ def test_train_stream_fails_past_max_skip_fraction(shards, tmp_path):  # noqa: F
 
 
 @pytest.mark.parametrize("bad", ["value_50", "other_size"])
-def test_bad_mask_in_a_stream_is_skipped_and_counted(shards, tmp_path, bad):  # noqa: F811
+def test_bad_mask_in_a_stream_is_skipped_and_counted(shards, tmp_path, bad):
     """A pseudo-label shard with a mask value outside {0..20, 255} or of another size: that sample is skipped, counted,
     and never reaches a batch (class 50 would crash or silently train on garbage)."""
     urls = split_urls(_opt(shards, "data.shards_dir"), "val")
@@ -300,7 +301,7 @@ def test_bad_mask_in_a_stream_is_skipped_and_counted(shards, tmp_path, bad):  # 
     assert all(set(b["mask"].unique().tolist()) <= {0, 255} for b in got)
 
 
-def test_truncated_tar_is_a_one_line_error(shards, trained_cls, tmp_path):  # noqa: F811
+def test_truncated_tar_is_a_one_line_error(shards, trained_cls, tmp_path):
     """A cut tar (even one whose manifest entry was re-stamped) is refused naming the file: reading up to the cut
     would lose samples silently. (Cut and corrupt-header tars in-process:
     tests/test_shards.py::test_truncated_or_corrupt_tar_is_refused.)"""
@@ -316,7 +317,7 @@ def test_truncated_tar_is_a_one_line_error(shards, trained_cls, tmp_path):  # no
 
 # --------------------------------------------------------------------------------------------- 2. changed shards, crashes
 
-def test_shard_changed_after_the_manifest_is_refused(shards, tmp_path):  # noqa: F811
+def test_shard_changed_after_the_manifest_is_refused(shards, tmp_path):
     """One byte of a shard changed after manifest.json was written: training (stage=cls) and inference reads
     (read_shard, used by cam/aff/pseudo/eval) refuse it, naming the file. (load_manifest: tests/test_shards.py::
     test_modified_or_missing_tar_is_detected.)"""
@@ -332,7 +333,7 @@ def test_shard_changed_after_the_manifest_is_refused(shards, tmp_path):  # noqa:
     _user_error(r, rf"{tar.name}: sha256 differs from .*manifest\.json \(corrupt or modified shard\); run stage=shards again")
 
 
-def test_kill_9_during_cam_keeps_finished_shards_and_resumes(shards, trained_cls, tmp_path):  # noqa: F811
+def test_kill_9_during_cam_keeps_finished_shards_and_resumes(shards, trained_cls, tmp_path):
     """SIGKILL while stage=cam writes its shards: no DONE, no partial shard; the rerun keeps the finished shards
     (same bytes and mtime) and computes only the rest. (kill -9 inside a checkpoint write:
     tests/test_engine.py::test_kill_9_while_writing_a_checkpoint.)"""
@@ -381,7 +382,7 @@ def test_kill_9_during_cam_keeps_finished_shards_and_resumes(shards, trained_cls
 # --------------------------------------------------------------------------------------------- 3. exact resume of stage cls
 
 @pytest.mark.slow
-def test_cls_stage_resumed_after_three_random_signals_is_bitwise_equal(shards, tmp_path):  # noqa: F811
+def test_cls_stage_resumed_after_three_random_signals_is_bitwise_equal(shards, tmp_path):
     """The real stage (python -m wsss_dist stage=cls, method=fmix, 2 DataLoader workers), stopped by SIGUSR1/SIGTERM at
     three random steps and rerun each time, ends with the uninterrupted run's weights, bit for bit."""
     steps = 14
@@ -424,7 +425,7 @@ def test_cls_stage_resumed_after_three_random_signals_is_bitwise_equal(shards, t
 
 # --------------------------------------------------------------------------------------------- 4. untrusted files
 
-def test_pickled_weights_file_is_refused_without_running_it(shards, tmp_path):  # noqa: F811
+def test_pickled_weights_file_is_refused_without_running_it(shards, tmp_path):
     """model.weights=evil.pth (a pickle whose __reduce__ writes a file): refused (weights_only), the code never runs."""
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {"conv1.weight": Payload(marker)}}, tmp_path / "evil.pth")
@@ -486,7 +487,7 @@ def test_pickled_cls_labels_npy_is_refused_without_running_it(tmp_path):
 
 
 @pytest.mark.parametrize("ext", ["pyd", "pickle", "pth", "pkl"])
-def test_shard_with_a_pickle_member_is_refused_without_unpickling(shards, tmp_path, ext):  # noqa: F811
+def test_shard_with_a_pickle_member_is_refused_without_unpickling(shards, tmp_path, ext):
     """Inference reads and the training stream refuse a tar holding a pickle member; nothing is unpickled.
     (Writers refuse pickle members: tests/test_shards.py::test_pickle_member_is_refused.)"""
     marker = tmp_path / "pwned"
@@ -536,7 +537,7 @@ def test_sample_keys_cannot_leave_the_output_dir(tmp_path, name):
     assert not Path("/tmp/wsss-evil-abs.cam.json").exists()
 
 
-def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):  # noqa: F811
+def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):
     """A manifest listing ``../x.tar`` (a stage would read, and name outputs after, files elsewhere) is refused."""
     sdir = tmp_path / "shards"
     shutil.copytree(_opt(shards, "data.shards_dir"), sdir)
@@ -548,7 +549,7 @@ def test_manifest_cannot_point_outside_its_folder(shards, tmp_path):  # noqa: F8
             load_manifest(sdir, verify=verify)
 
 
-def test_shard_done_marker_is_written_last(shards, tmp_path):  # noqa: F811
+def test_shard_done_marker_is_written_last(shards, tmp_path):
     """A process killed after an output shard's tar but before its per-shard record: the rerun must redo or finish it."""
     from wsss_dist.engine import map_shards
 

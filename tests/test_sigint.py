@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import TINY, shards  # noqa: F401  (module fixture: tiny toy shards)
 from wsss_dist import runs
 from wsss_dist.engine import newest_checkpoint
 
@@ -73,7 +72,7 @@ def _finish(p: subprocess.Popen, lines: list[str]) -> str:
     return "".join(lines)
 
 
-def test_ctrl_c_checkpoints_exits_130_and_the_rerun_resumes(shards, tmp_path):  # noqa: F811
+def test_ctrl_c_checkpoints_exits_130_and_the_rerun_resumes(shards, tmp_path):
     """python -m wsss_dist stage=cls (2 DataLoader workers), SIGINT to its process group after step 2: it finishes
     the step, writes the checkpoint of the step it stopped at, exits 130 with one ``interrupted:`` line; the same
     command again resumes from that checkpoint and finishes."""

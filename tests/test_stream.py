@@ -13,7 +13,7 @@ from wsss_dist.data.stream import (AUG_COLUMNS, aug_record, augment, augment_on_
                                    normalize, split_by_node, split_by_worker, train_loader)
 from wsss_dist.data.voc import PALETTE
 from wsss_dist.errors import DataError
-from conftest import raw_samples
+from conftest import VOC_MINI, needs_fixtures, raw_samples
 
 KW = dict(batch_size=5, crop=40, resize_long=(36, 60), seed=7, shuffle_buffer=20)
 
@@ -238,8 +238,8 @@ def test_device_augmentation_is_the_host_augmentation(toy_shards, toy_source, tm
         assert torch.equal(d["image"] == 0, h["image"] == 0)  # the same padding
 
 
+@needs_fixtures
 def test_device_augmentation_of_a_voc_jpeg_at_a_448_crop():
-    from conftest import VOC_MINI
     from wsss_dist.data.shards import decode_value
 
     path = sorted((VOC_MINI / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import TINY
+from conftest import SHORT, TINY
 from wsss_dist.config import make_config, sweep_points
 from wsss_dist.errors import ConfigError
 
@@ -46,8 +46,9 @@ def _report(sweep: Path) -> tuple[str, dict]:
 
 @pytest.mark.slow
 def test_local_sweep_two_methods_two_seeds_reports_mean_and_std(tmp_path):
+    # four whole chains (2 methods x 2 seeds): SHORT, as what a sweep does does not depend on how long points train
     words = ["stage=all", "method=[cam,fmix]", "train.seed=[0,1]", "sweep.name=grid", f"data.shards_dir={tmp_path}/shards",
-             f"data.toy.root={tmp_path}/src", *TINY, "report.num_images=2"]
+             f"data.toy.root={tmp_path}/src", *SHORT, "report.num_images=2"]
     r = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("[shared] shards: running") == 1  # what the points share runs once
