@@ -130,8 +130,8 @@ def _mask_shards(toy_shards, toy_source, out: Path, urls: list[str], drop: str |
 
 def test_masks_from_mask_dir(toy_shards, toy_source, tmp_path):
     urls = _urls(toy_shards)
-    _mask_shards(toy_shards, toy_source, tmp_path / "pseudo", urls)
-    a = _take(train_loader(urls, mask_dir=tmp_path / "pseudo", **KW), 9)
+    _mask_shards(toy_shards, toy_source, tmp_path / "masks", urls)
+    a = _take(train_loader(urls, mask_dir=tmp_path / "masks", **KW), 9)
     b = _take(train_loader(urls, **KW), 9)
     assert [x["key"] for x in a] == [x["key"] for x in b]  # the mask does not change the order or the images
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
@@ -222,8 +222,8 @@ STD255 = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255  # normalise
 @pytest.mark.parametrize("workers", [0, 2])
 def test_device_augmentation_is_the_host_augmentation(toy_shards, toy_source, tmp_path, workers):
     urls = _urls(toy_shards)
-    _mask_shards(toy_shards, toy_source, tmp_path / "pseudo", urls)
-    kw = {**KW, "mask_dir": tmp_path / "pseudo", "num_workers": workers}
+    _mask_shards(toy_shards, toy_source, tmp_path / "masks", urls)
+    kw = {**KW, "mask_dir": tmp_path / "masks", "num_workers": workers}
     host = _take(train_loader(urls, **kw), 9)  # past the end of the 40-image epoch
     dev = _take(train_loader(urls, on_device=True, **kw), 9)
     for h, d in zip(host, dev):

@@ -1,4 +1,4 @@
-"""WebDataset streams: the deterministic, resumable training stream (joint image+mask augmentation) and inference reads.
+"""The deterministic, resumable training stream (WebDataset pipeline stages, the DataLoader, the loader a stage calls).
 
 Training order is a pure function of (seed, rank, world, num_workers): per epoch e the shard list is shuffled with a
 seed from (seed, e), split across ranks (shard i → rank i % world) and then across DataLoader workers, and each
@@ -11,254 +11,27 @@ sample in the skipped part was broken: broken samples are dropped after decoding
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import itertools
 import logging
 import os
 import random
 import tarfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 
-from .. import runs
-from ..compat import close_loader
 from ..errors import DataError
-from .shards import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, read_shard, refuse_pickles,
+from .tario import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, 
                      selector, verify_against_manifest)
-from ..metrics import IGNORE
+from .readers import _one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples  # noqa: F401
+from .transforms import (AUG_COLUMNS, IMAGENET_MEAN, IMAGENET_STD, _seed, denormalize, aug_record, augment, augment_mask,  # noqa: F401
+                         augment_on_device, draw_augment, normalize, renormalize)
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
-
-
-def normalize(img: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [H, W, 3] RGB → float32 [3, H, W] with ImageNet mean/std."""
-    t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return t.sub_(mean).div_(std)
-
-
-def renormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """A batch normalised with ImageNet's mean/std, normalised with ``mean``/``std`` instead (the same tensor when
-    they are ImageNet's)."""
-    if tuple(mean) == IMAGENET_MEAN and tuple(std) == IMAGENET_STD:
-        return x
-    m0, s0 = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    m1, s1 = (torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1) for v in (mean, std))
-    return (x * s0 + m0 - m1) / s1
-
-
-def denormalize(x: torch.Tensor) -> np.ndarray:
-    """float [..., 3, H, W] normalised → uint8 [..., H, W, 3] RGB (inverse of :func:`normalize`)."""
-    x = x.detach().float().cpu()
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    img = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return img.movedim(-3, -1).numpy()
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python runs, unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def _hue(img: Image.Image, h: float) -> Image.Image:
-    """Rotate the hue by ``h`` turns (−0.5..0.5), as torchvision's adjust_hue, through PIL's HSV."""
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] += np.uint8(round(h * 255) % 256)  # uint8 wrap-around = rotation on the hue circle
-    return Image.frombytes("HSV", img.size, hsv.tobytes()).convert("RGB")
-
-
-# brightness, contrast, saturation: blends with black, the mean grey and the greyscale image (torchvision's definitions)
-_JITTER_OPS = (
-    lambda im, f: ImageEnhance.Brightness(im).enhance(f),
-    lambda im, f: ImageEnhance.Contrast(im).enhance(f),
-    lambda im, f: ImageEnhance.Color(im).enhance(f),
-    _hue,
-)
-
-
-# columns of a sample's augmentation record (``aug``), the geometry and jitter that :func:`draw_augment` chose
-AUG_COLUMNS = ("nh", "nw", "ch", "cw", "sy", "sx", "dy", "dx", "flip", "jitter", "f0", "f1", "f2", "f3", "o0", "o1",
-               "o2", "o3", "crop")
-
-
-def draw_augment(rng: np.random.Generator, H: int, W: int, crop: int, resize_long: tuple[int, int] | None = None,
-                 scale_range: tuple[float, float] | None = None) -> dict[str, Any]:
-    """One sample's random resize, h-flip, crop and colour jitter, drawn in a fixed order whatever the options (the
-    stream stays comparable): resized size (nh, nw), crop size (ch, cw) taken at (sy, sx) of the resized image and
-    pasted at (dy, dx) of the crop × crop canvas, flip, jitter factors and their order."""
-    u_scale, flip = rng.random(), rng.random() < 0.5
-    u_sy, u_sx, u_dy, u_dx = rng.random(4)
-    factors = [rng.uniform(1 - JITTER[0], 1 + JITTER[0]), rng.uniform(1 - JITTER[1], 1 + JITTER[1]),
-               rng.uniform(1 - JITTER[2], 1 + JITTER[2]), rng.uniform(-JITTER[3], JITTER[3])]
-    order = rng.permutation(4)
-    if scale_range is not None:
-        s = scale_range[0] + u_scale * (scale_range[1] - scale_range[0])
-    elif resize_long is not None and resize_long[1] > 0:
-        lo, hi = resize_long
-        s = (lo + int(u_scale * (hi - lo + 1))) / max(H, W)
-    else:
-        s = 1.0
-    nh, nw = max(1, round(H * s)), max(1, round(W * s))
-    ch, cw = min(crop, nh), min(crop, nw)
-    return {"nh": nh, "nw": nw, "ch": ch, "cw": cw,
-            "sy": int(u_sy * (nh - ch + 1)), "sx": int(u_sx * (nw - cw + 1)),  # where the crop starts in the image
-            "dy": int(u_dy * (crop - ch + 1)), "dx": int(u_dx * (crop - cw + 1)),  # where it lands on the canvas
-            "flip": bool(flip), "factors": [float(f) for f in factors], "order": [int(i) for i in order], "crop": crop}
-
-
-def augment_mask(mask: np.ndarray, p: dict[str, Any]) -> torch.Tensor:
-    """The mask int64 [crop, crop] of :func:`draw_augment`'s geometry (nearest resize, pad 255)."""
-    mpil = Image.fromarray(mask)
-    if (p["nh"], p["nw"]) != mask.shape[:2]:
-        mpil = mpil.resize((p["nw"], p["nh"]), Image.NEAREST)
-    m = torch.from_numpy(np.array(mpil.crop(_box(p)), dtype=np.uint8)).long()
-    if p["flip"]:
-        m = m.flip(-1)
-    out = torch.full((p["crop"], p["crop"]), IGNORE, dtype=torch.long)
-    out[p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = m
-    return out
-
-
-def _box(p: dict[str, Any]) -> tuple[int, int, int, int]:
-    return p["sx"], p["sy"], p["sx"] + p["cw"], p["sy"] + p["ch"]
-
-
-def augment(img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, crop: int,
-            resize_long: tuple[int, int] | None = None, scale_range: tuple[float, float] | None = None,
-            jitter: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Joint random resize, h-flip, crop (image pad 0 after normalisation, mask pad 255); colour jitter on the image.
-
-    Returns the normalised image float32 [3, crop, crop] and the mask int64 [crop, crop] (or None).
-    """
-    H, W = img.shape[:2]
-    p = draw_augment(rng, H, W, crop, resize_long, scale_range)
-    pil = Image.fromarray(img)
-    if (p["nh"], p["nw"]) != (H, W):
-        pil = pil.resize((p["nw"], p["nh"]), Image.BICUBIC)
-    piece = pil.crop(_box(p))
-    if p["flip"]:
-        piece = piece.transpose(Image.FLIP_LEFT_RIGHT)
-    if jitter:
-        for i in p["order"]:
-            piece = _JITTER_OPS[i](piece, p["factors"][i])
-    x = np.array(piece, dtype=np.uint8)
-    canvas = torch.zeros((3, crop, crop), dtype=torch.float32)
-    canvas[:, p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = normalize(x)
-    return canvas, (augment_mask(mask, p) if mask is not None else None)
-
-
-def aug_record(p: dict[str, Any], jitter: bool) -> torch.Tensor:
-    """:func:`draw_augment`'s choice as one float64 row of :data:`AUG_COLUMNS` (what the batch carries to the device)."""
-    v = {**p, "jitter": jitter, **{f"f{i}": f for i, f in enumerate(p["factors"])},
-         **{f"o{i}": o for i, o in enumerate(p["order"])}}
-    return torch.tensor([float(v[c]) for c in AUG_COLUMNS], dtype=torch.float64)
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """PIL's "L" of integral RGB values [3, H, W] (its fixed-point ITU-R 601-2 luma): [1, H, W]."""
-    r, g, b = x.to(torch.int32)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16)[None].to(x.dtype)
-
-
-def _blend(a: torch.Tensor | float, x: torch.Tensor, f: float) -> torch.Tensor:
-    """PIL's ``Image.blend(a, x, f)`` on integral values: a + f·(x − a) in float32, clipped and truncated to 0..255."""
-    return (a + f * (x - a)).clamp_(0, 255).floor_()
-
-
-def _hue_t(x: torch.Tensor, h: float) -> torch.Tensor:
-    """:func:`_hue` on integral RGB values [3, H, W]: PIL's uint8 HSV (hue circle 0..255), hue + round(h·255) mod 256,
-    back to RGB as PIL converts."""
-    r, g, b = x
-    mx, mn = x.amax(0), x.amin(0)
-    cr = mx - mn
-    grey = cr == 0
-    crs = torch.where(grey, torch.ones_like(cr), cr)
-    rc, gc, bc = (mx - r) / crs, (mx - g) / crs, (mx - b) / crs
-    hue = torch.where(r == mx, bc - gc, torch.where(g == mx, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)
-    H = torch.where(grey, torch.zeros_like(hue), (hue * 255.0).floor().clamp(0, 255))
-    S = torch.where(grey, torch.zeros_like(hue), (cr / torch.where(mx > 0, mx, torch.ones_like(mx)) * 255.0).floor().clamp(0, 255))
-    H = (H + round(h * 255) % 256) % 256
-    hh = H * 6.0 / 255.0
-    i = hh.floor()
-    f = hh - i
-    fs = S / 255.0
-    p, q, t = (mx * (1.0 - fs)).round(), (mx * (1.0 - fs * f)).round(), (mx * (1.0 - fs * (1.0 - f))).round()
-    i = i.long() % 6
-    out = torch.stack([mx, mx, mx])
-    for k, rgb in enumerate(((mx, t, p), (q, mx, p), (p, mx, t), (p, q, mx), (t, p, mx), (mx, p, q))):
-        out = torch.where((i == k) & ~grey, torch.stack(rgb), out)
-    return out.clamp_(0, 255)
-
-
-# the tensor twins of _JITTER_OPS (brightness, contrast, saturation, hue) on integral float RGB values [3, H, W]
-_JITTER_OPS_T = (
-    lambda x, f: _blend(0.0, x, f),
-    lambda x, f: _blend(float(int(_grey(x).mean(dtype=torch.float64) + 0.5)), x, f),
-    lambda x, f: _blend(_grey(x), x, f),
-    _hue_t,
-)
-
-
-def decode_jpegs(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """JPEG bytes (uint8 CPU tensors) → RGB uint8 [3, H, W] on ``device``: one batched nvJPEG call on CUDA,
-    libjpeg-turbo on the CPU (the same pixels as PIL); PIL when this torchvision has no image decoding."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return [torch.from_numpy(decode_value("jpg", t.numpy().tobytes())).permute(2, 0, 1).to(device) for t in datas]
-    where = device if device.type == "cuda" else torch.device("cpu")
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
-        imgs = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=where)
-    return [im.to(device) for im in imgs]
-
-
-def augment_on_device(batch: dict, device: torch.device) -> dict:
-    """Finish a batch left encoded by the stream (``data.augment_on=device``): decode its JPEGs on ``device`` and
-    resize (bicubic, antialiased), crop, flip, jitter and normalise there, with the draws of :func:`augment`, whose
-    host result it equals up to rare ±1-2 levels of resize and hue rounding (on CPU; a GPU's JPEG decoder differs
-    slightly more). Adds ``image``; drops ``jpeg``/``aug``."""
-    import torch.nn.functional as F
-
-    out = {k: v for k, v in batch.items() if k not in ("jpeg", "aug")}
-    try:
-        imgs = decode_jpegs(batch["jpeg"], device)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"a JPEG of batch {batch['key'][:4]}... did not decode on {device} ({e}); rebuild the shards") from None
-    rows = batch["aug"].tolist()
-    crop = int(rows[0][AUG_COLUMNS.index("crop")])
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    canvas = torch.zeros((len(imgs), 3, crop, crop), dtype=torch.float32, device=device)
-    for n, (img, row) in enumerate(zip(imgs, rows)):
-        p = {c: int(v) for c, v in zip(AUG_COLUMNS, row)}
-        x = img.float()
-        if (p["nh"], p["nw"]) != tuple(x.shape[-2:]):  # as PIL: horizontal pass, rounded to uint8, then vertical
-            for size in ((x.shape[-2], p["nw"]), (p["nh"], p["nw"])):
-                x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True,
-                                  align_corners=False)[0].round_().clamp_(0, 255)
-        x = x[:, p["sy"]:p["sy"] + p["ch"], p["sx"]:p["sx"] + p["cw"]]
-        if p["flip"]:
-            x = x.flip(-1)
-        if p["jitter"]:
-            for i in (p[f"o{k}"] for k in range(4)):
-                x = _JITTER_OPS_T[i](x, row[AUG_COLUMNS.index(f"f{i}")])
-        canvas[n, :, p["dy"]:p["dy"] + p["ch"], p["dx"]:p["dx"] + p["cw"]] = x.div_(255).sub_(mean).div_(std)
-    out["image"] = canvas
-    return out
 
 
 def count_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy")) -> int | None:
@@ -277,7 +50,6 @@ def count_samples(url: str, keys: Sequence[str] = ("jpg", "cls.npy")) -> int | N
     return n
 
 
-# ---------------------------------------------------------------- pipeline stages (plain generator functions)
 def shard_shuffle(seed: int, epoch: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage: shuffle the shard list with a seed from (seed, epoch); every rank sees the same order."""
 
@@ -299,15 +71,6 @@ def split_by_node(rank: int, world: int) -> Callable[[Iterable[dict]], Iterator[
 def split_by_worker(worker: int, workers: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage: a rank's shard i → DataLoader worker i % workers."""
     return lambda src: itertools.islice(src, worker, None, workers)
-
-
-def _record_skips(path: Path) -> int:
-    """The samples an earlier stage skipped in its output shard ``path`` (its record ``<shard>.json``; 0 without)."""
-    from .shards import record_path
-
-    rec = record_path(path)
-    skipped = runs.read_json(rec).get("skipped", 0) if rec.is_file() else 0
-    return skipped if isinstance(skipped, int) else 0
 
 
 def merge_masks(mask_dir: Path, mask_key: str, counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
@@ -522,19 +285,6 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     return _one_line_errors(iter(loader))
 
 
-def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
-    """Re-raise a worker's DataError with its own message (the DataLoader wraps it in the worker's traceback)."""
-    try:
-        yield from it
-        return
-    except DataError as e:
-        msg = str(e)
-    if "Original Traceback" in msg:
-        msg = msg.strip().splitlines()[-1].split("DataError: ", 1)[-1]
-    close_loader(it)  # stop the workers now, not whenever the traceback is freed
-    raise DataError(msg)
-
-
 def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
     """The sample's normalised image as [1, 3, H, W] on ``device``: its ``image`` made by :func:`prepare_image` in a
     reader worker (copied without blocking: pinned memory on CUDA), else from its ``jpg``."""
@@ -576,132 +326,3 @@ def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable
                             **extra)
 
     return make_loader
-
-
-# ---------------------------------------------------------------- inference reads (engine.map_shards, split_features)
-def prepare_image(sample: dict) -> dict:
-    """The sample with ``image``: its ``jpg`` as a normalised float32 [3, H, W] (runs in a reader worker)."""
-    sample["image"] = normalize(sample["jpg"])
-    return sample
-
-
-class ShardSamples(torch.utils.data.IterableDataset):
-    """Decoded samples of whole shards for inference: DataLoader worker w of n reads the shards j with j % n == w,
-    each in its order, then yields the shard's end marker ``{"__shard__", "__end__": True, "samples", "skipped"}``.
-
-    Every sample carries ``__shard__`` (its shard's name); the members of the same-named shards in the ``paired``
-    folders (earlier stages' outputs) are merged in by key; ``prepare(sample) → sample`` runs last, in the worker
-    (a module-level function or a ``functools.partial`` of one: it travels to the worker processes).
-    """
-
-    def __init__(self, urls: Sequence[str], keys: Sequence[str], paired: Sequence[tuple[str, Sequence[str]]] = (),
-                 prepare: Callable[[dict], dict] | None = None, max_pixels: int = 0, min_side: int = 0) -> None:
-        super().__init__()
-        self.max_pixels, self.min_side = max_pixels, min_side  # images outside them: counted skips, with a warning
-        self.urls = [str(u) for u in urls]
-        self.keys = tuple(keys)
-        self.paired = [(str(d), tuple(k)) for d, k in paired]
-        self.prepare = prepare
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for url in self.urls[worker::workers]:
-            yield from self.shard(url)
-
-    def shard(self, url: str) -> Iterator[dict]:
-        """One shard's samples (paired members merged, prepared), then its end marker."""
-        name = Path(url).name
-        counter = SkipCounter()
-        others = [{s["__key__"]: s for s in read_shard(str(Path(d) / name), k, counter)} for d, k in self.paired]
-        skips = [_record_skips(Path(d) / name) for d, _ in self.paired]  # samples the earlier stages skipped
-        n = 0
-        for sample in read_shard(url, self.keys, counter, self.max_pixels):
-            image = sample.get("jpg")
-            if image is not None and min(image.shape[:2]) < self.min_side:
-                counter.skipped += 1
-                logger.warning("skipped image %s of %s: %d×%d px, smaller than the network's stride %d (%d skipped so "
-                               "far)", sample["__key__"], name, image.shape[1], image.shape[0], self.min_side,
-                               counter.skipped)
-                continue
-            if any(sample["__key__"] not in other and skipped for other, skipped in zip(others, skips)):
-                counter.skipped += 1  # an image an earlier stage skipped (too small or too large): skipped here too
-                logger.warning("skipped image %s of %s: an earlier stage skipped it (%d skipped so far)",
-                               sample["__key__"], name, counter.skipped)
-                continue
-            for other in others:
-                if sample["__key__"] not in other:
-                    raise DataError(f"{name}: sample {sample['__key__']} missing from the paired shard of an earlier "
-                                    "stage; rerun that stage")
-                sample.update({k: v for k, v in other[sample["__key__"]].items() if k != "__key__"})
-            if self.prepare is not None:
-                sample = self.prepare(sample)
-            sample["__shard__"] = name
-            n += 1
-            yield sample
-        yield {"__shard__": name, "__end__": True, "samples": n, "skipped": counter.skipped}
-
-
-READER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # the stop signals: the main process owns them
-
-
-def reader_worker_init(parent: int, worker: int) -> None:
-    """Set up a DataLoader reader worker (training stream and inference readers): it ignores the stop signals (a
-    signal to the whole process group, e.g. ``scancel``, SLURM preemption, a container stop or a terminal's Ctrl-C,
-    reaches it too; the main process checkpoints and then shuts the workers down) and ends when its parent process
-    does (Linux), so a stage killed by SIGKILL never leaves workers blocked on a full queue."""
-    import ctypes
-    import os
-    import signal
-    import sys
-
-    for name in READER_IGNORES:  # after torch's own worker handlers (its SIGTERM one would end the worker)
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _as_is(sample: dict) -> dict:
-    """The DataLoader's collate for single samples: none (its default would turn numpy arrays into tensors)."""
-    return sample
-
-
-def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[tuple[str, Sequence[str]]] = (),
-                  prepare: Callable[[dict], dict] | None = None, num_workers: int = 0,
-                  pin_memory: bool = False, max_pixels: int = 0, min_side: int = 0) -> _Samples:
-    """The samples and end markers of :class:`ShardSamples` over ``urls``, decoded and prepared in ``num_workers``
-    DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA); images
-    with more than ``max_pixels`` pixels (0: no cap) or a side under ``min_side`` are counted skips.
-
-    Shards interleave (one sample from each worker in turn); within a shard the order is the tar's. The workers start
-    when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
-    """
-    workers = min(num_workers, len(urls))
-    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side),
-                                         batch_size=None, collate_fn=_as_is,
-                                         num_workers=workers, pin_memory=pin_memory,
-                                         prefetch_factor=4 if workers else None,
-                                         worker_init_fn=functools.partial(reader_worker_init, os.getpid()) if workers else None)
-    return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
-
-
-class _Samples:
-    """A reader's iterator with one-line worker errors; :meth:`close` stops its workers now."""
-
-    def __init__(self, it: Iterator[dict]) -> None:
-        self.it = it
-        self.lines = _one_line_errors(it)
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        return next(self.lines)
-
-    def close(self) -> None:
-        """Stop the workers (a no-op once the samples are exhausted)."""
-        close_loader(self.it)
