@@ -92,11 +92,7 @@ def output_digest(path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return runs.sha256_file(path)
 
 
 @dataclasses.dataclass

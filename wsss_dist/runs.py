@@ -126,6 +126,17 @@ def damaged(path: str | os.PathLike, what: str, advice: str | None = None) -> Ex
     return DamagedFile(f"{path}: damaged file ({what}); {advice or repair_advice(path)}")
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike, expect: type | None = None) -> Any:
     """Read a JSON file (holding an ``expect``, e.g. dict, when given); DamagedFile (a DataError and a ValueError)
     naming the file, what is wrong and what to do when it is not UTF-8, not JSON or of another type."""
