@@ -451,3 +451,22 @@ def test_missing_or_misfit_weights_file_is_a_config_error(tmp_path, r18_file, mo
     monkeypatch.undo()
     unused = checked_config(["stage=cls", "seg.weights=/nope/r101.pth"])  # a stage that does not load it: not checked
     assert unused.seg.weights == "/nope/r101.pth"
+
+
+def test_a_timm_tag_must_be_cached_or_downloadable_before_any_job(tmp_path, monkeypatch):
+    """Issue 25 #2: a timm tag whose weights are not in the local Hugging Face cache on an offline machine is one line
+    at the pre-flight (not ~40 s of retries in the job); once the cache holds them it passes."""
+    from wsss_dist.models.preflight import check_cached_or_reachable
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model.weights=timm: timm/resnet18.a1_in1k is not in the Hugging Face cache "
+                                          r"\(.*hub\) and HF_HUB_OFFLINE is set; fill the cache"):
+        check_cached_or_reachable("model.weights", "timm", "timm/resnet18.a1_in1k")
+    snap = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    (snap / "snapshots" / "abc123").mkdir(parents=True)
+    (snap / "refs").mkdir()
+    (snap / "refs" / "main").write_text("abc123")
+    (snap / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"x")
+    check_cached_or_reachable("model.weights", "timm", "timm/resnet18.a1_in1k")  # cached: no error

@@ -86,6 +86,29 @@ def _check_timm_weights(key: str, value: str, arch_key: str, arch: str, w: Weigh
         known = timm.list_pretrained(f"{arch}.*")
         raise ConfigError(f"{key}={value}: timm has no pretrained weights {name}"
                           + (f"; known: {', '.join(known[:6])}" if known else ""))
+    if w.path is None and getattr(pcfg, "hf_hub_id", None):
+        check_cached_or_reachable(key, value, pcfg.hf_hub_id.split("@")[0])
+
+
+def check_cached_or_reachable(key: str, value: str, repo: str) -> None:
+    """ConfigError when the Hugging Face repo of a timm tag is neither in the local cache nor downloadable from here
+    (HF_HUB_OFFLINE set, or huggingface.co unreachable): a job would otherwise fail after timm's retries."""
+    import os
+    import socket
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return
+    where = f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    advice = "fill the cache on a machine with internet (docs/data.md) or give timm:NAME@FILE"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"{key}={value}: {where} and HF_HUB_OFFLINE is set; {advice}")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise ConfigError(f"{key}={value}: {where} and huggingface.co cannot be reached from here; {advice}") from None
 
 
 def _check_header(key: str, file: str, arch: str, img_size: int | None) -> None:
