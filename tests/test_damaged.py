@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pipeline import shards  # noqa: F401  (module fixture: tiny toy shards)
 from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.data.voc import VOCSource

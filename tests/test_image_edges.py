@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_pipeline import TINY
+from conftest import TINY
 from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.data.shards import decode_sample

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_pipeline import TINY
+from conftest import TINY
 from test_sigint import _finish, _read_until, _start
 from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config

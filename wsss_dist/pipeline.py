@@ -65,7 +65,7 @@ def save_config(cfg: Config) -> None:
     made agree with every stage that finished or began (so a failed first try does not pin its values)."""
     path = cfg.run_dir / "config.yaml"
     text = to_yaml(cfg)
-    if not path.is_file() or path.read_text() != text:
+    if not path.is_file() or path.read_bytes() != text.encode():  # (a damaged file is simply rewritten)
         runs.atomic_write(path, text)
 
 
@@ -111,6 +111,10 @@ def stage_action(cfg: Config, stage: str) -> tuple[str, str]:
     old = fingerprints.recorded(path) or _started(path)
     if not old:  # not begun, or a DONE of a version without fingerprints
         return ("skip" if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage) else "run"), ""
+    if stage != "shards":  # a damaged manifest is an error, never a reason to start a stage over
+        from .data.shards import load_manifest
+
+        load_manifest(cfg.shards_dir, verify=False)
     now = fingerprints.fingerprint(cfg, stage)
     if old.get("inputs") != now.inputs:
         what = ", ".join(k for k in sorted(set(old.get("inputs", {})) | set(now.inputs))

@@ -303,8 +303,12 @@ def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
     try:
         manifest = runs.read_json(path)
         splits = manifest["splits"]
-    except (ValueError, KeyError) as e:
-        raise DataError(f"{path}: not a valid shard manifest ({e}); run stage=shards again") from None
+        for info in splits.values():  # the fields every reader uses, of the types they use them as
+            if not (isinstance(info["shards"], list) and isinstance(info["sha256"], dict)
+                    and isinstance(info["counts"], list) and isinstance(info["ids"], list)):
+                raise TypeError("a split's shards, counts or ids is not a list, or its sha256 not a mapping")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); run stage=shards again") from None
     try:
         bad = [n for info in splits.values() for n in info["shards"] if not isinstance(n, str) or not _SHARD_RE.match(n)
                or ".." in n]
