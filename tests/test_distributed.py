@@ -171,3 +171,30 @@ def test_ranks_wait_for_a_rank_0_only_stage_beyond_the_default_timeout():
     for p in procs:
         p.join(120)
     assert sorted(results.get(timeout=5) for _ in procs) == [(0, "ok"), (1, "ok")]
+
+
+def test_gpu_autocast_without_cuda_stops_unless_told_cpu(tmp_path):
+    """Issue 25 #3: a stage asking for fp16/bf16 autocast where torch sees no CUDA stops in one line (python -m
+    wsss_dist and the launcher); device=cpu runs it on the CPU on purpose."""
+    import os
+
+    import torch
+
+    from wsss_dist.config import make_config
+    from wsss_dist.errors import UserError
+    from wsss_dist.pipeline import check_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(UserError, match=r"cls.train.mixed_precision=bf16 asks for GPU autocast, but torch .* sees no CUDA"):
+        check_device(make_config(["stage=[cls,cam]", "cls.train.mixed_precision=bf16"]))
+    check_device(make_config(["stage=[cam]", "cls.train.mixed_precision=bf16"]))  # cls does not run: no autocast
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    submit = Path(__file__).resolve().parents[1] / "launch" / "submit.py"
+    r = subprocess.run([sys.executable, str(submit), "stage=cls", "precision=fp16", f"run={tmp_path / 'r'}",
+                        "launch.dry_run=true"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "asks for GPU autocast" in r.stderr and "add device=cpu" in r.stderr, r.stderr
+    ok = subprocess.run([sys.executable, str(submit), "stage=cls", "precision=fp16", "device=cpu",
+                         f"run={tmp_path / 'r'}", "launch.dry_run=true"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert ok.returncode == 0 and "dry run: nothing submitted" in ok.stdout, ok.stderr

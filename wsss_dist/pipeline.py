@@ -18,7 +18,7 @@ from typing import Any, Callable
 from pathlib import Path
 
 from . import fingerprints, runs
-from .config import STAGES, Config, data_settings, get, to_yaml
+from .config import PRECISION_KEYS, STAGES, Config, data_settings, get, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
 from .registry import STAGE_SPECS
@@ -295,16 +295,25 @@ def stage_setup(cfg: Config, stage: str) -> str:
 
 
 def check_device(cfg: Config) -> None:
-    """``device=cpu``: run on the CPU (accelerate's own flag, which every process reads). Otherwise a run of several
-    processes that finds no CUDA device stops in one line instead of training on the CPU over gloo unasked."""
+    """``device=cpu``: run on the CPU (accelerate's own flag, which every process reads). Otherwise, where torch sees
+    no CUDA device, a stage asking for fp16/bf16 autocast or a run of several processes stops in one line instead of
+    running on the CPU unasked."""
     if cfg.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
         return
-    if world_size() <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return
     import torch
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    autocast = sorted({f"{k}={get(cfg, k)}" for k in PRECISION_KEYS
+                       if get(cfg, k) != "no" and k.split(".")[0] in cfg.stages()})
+    if autocast:
+        raise UserError(f"{', '.join(autocast)} asks for GPU autocast, but torch {torch.__version__} sees no CUDA "
+                        "device; on a GPU node check the driver and CUDA_VISIBLE_DEVICES; to run on the CPU on purpose "
+                        "(CPU autocast) add device=cpu")
+    if world_size() > 1:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise UserError(f"{world_size()} processes were started for GPUs, but torch {torch.__version__} ({build}) sees no "
                         "CUDA device; on a GPU node check the driver and CUDA_VISIBLE_DEVICES; for a CPU rehearsal add "

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 from ..config import make_config, sweep_points
 from ..errors import UserError
-from ..pipeline import EXIT_USER_ERROR, check_data, check_settings, describe_fault, environment_fault, save_config
+from ..pipeline import EXIT_USER_ERROR, check_data, check_device, check_settings, describe_fault, environment_fault, save_config
 from .chain import _check_cluster, _finish, check_writable, submit_chain
 from .options import split_args
 from .plan import plan
@@ -32,6 +32,8 @@ def submit(argv: list[str], out: Callable[[str], None] = print) -> list[Any]:
     _check_cluster(cfg, launch)
     check_writable(cfg)
     check_settings(cfg)
+    if cfg.cluster != "slurm":  # jobs here: the same device rule as python -m wsss_dist (SLURM jobs: check_cuda)
+        check_device(cfg)
     for warning in check_data(cfg):
         out(f"warning: {warning}")
     if not launch.dry_run:
