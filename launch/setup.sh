@@ -2,7 +2,8 @@
 # Create .venv (Python >= 3.10) and install wsss-dist into it. Idempotent and quiet: a second run with an unchanged
 # pyproject.toml returns at once; any failure prints pip's output and exits non-zero.
 #   bash launch/setup.sh                   the package (what the demo needs: no C++ compiler)
-#   bash launch/setup.sh --test            also the test extras (pytest, pydensecrf2 for the CRF tests: builds from source)
+#   bash launch/setup.sh --test            also the test extras (pytest, ...) and, where a C++ compiler is, the [crf] extra
+#                                          (pydensecrf2 builds from source; without it the CRF tests skip)
 #   bash launch/setup.sh --torch=cpu       pick the torch build: cpu, or a CUDA version (cu118, cu121, cu124, cu126,
 #                                          cu128, cu130) from download.pytorch.org; default: what pip picks (on Linux x86
 #                                          a CUDA build, which also runs on CPU)
@@ -46,6 +47,9 @@ if ! "$V" -c 'import torch' 2>/dev/null; then
     || echo "setup.sh: torch 2.14.1 not available here; using pyproject's torch range" >&2
 fi
 pip_q -e ".$EXTRAS" || fail "pip install -e '.$EXTRAS' failed (output above)"
+if [ -n "$EXTRAS" ] && ! "$V" -c 'import pydensecrf' 2>/dev/null; then  # the CRF tests: pydensecrf2 builds from source
+  pip_q -e ".[crf]" 2>/dev/null || echo "setup.sh: pydensecrf2 (the [crf] extra) did not build (no C++ compiler?): the CRF tests will skip" >&2
+fi
 "$V" -c "import torchvision, accelerate, submitit, webdataset; $check" || fail "installed, but imports fail"
 echo "$want" > "$STAMP"
 echo "setup.sh: ready (.venv, torch $("$V" -c 'import torch; print(torch.__version__, "CUDA " + torch.version.cuda if torch.version.cuda else "CPU-only")'))" >&2
