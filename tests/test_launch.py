@@ -444,7 +444,13 @@ def test_the_cluster_guides_examples_plan_without_error(tmp_path):
 
     cmds = _doc_commands(ROOT / "docs" / "cluster.md")
     assert len(cmds) >= 3
-    (tmp_path / "shared" / "VOCdevkit" / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    voc, sbd = tmp_path / "shared" / "VOCdevkit" / "VOC2012", tmp_path / "shared" / "benchmark_RELEASE" / "dataset"
+    for d in (voc / "JPEGImages", voc / "ImageSets" / "Segmentation", sbd):
+        d.mkdir(parents=True)
+    for name, image_id in (("train", "2007_000001"), ("val", "2007_000002")):  # what the pre-flight looks at
+        (voc / "ImageSets" / "Segmentation" / f"{name}.txt").write_text(image_id + "\n")
+        (sbd / f"{name}.txt").write_text(image_id + "\n")
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"\xff\xd8")
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
     for cmd in cmds:
         words = [w.replace("/shared/", f"{tmp_path}/shared/") for w in shlex.split(cmd)[2:]]

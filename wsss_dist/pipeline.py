@@ -111,8 +111,8 @@ def stage_action(cfg: Config, stage: str) -> tuple[str, str]:
     old = fingerprints.recorded(path) or _started(path)
     if not old:  # not begun, or a DONE of a version without fingerprints
         return ("skip" if runs.is_done(cfg.run_dir, stage) and not redo(cfg, stage) else "run"), ""
-    if stage != "shards":  # a damaged manifest is an error, never a reason to start a stage over
-        from .data.shards import load_manifest
+    if stage != "shards" and ((cfg.shards_dir / "manifest.json").exists() or old.get("inputs", {}).get("shards")):
+        from .data.shards import load_manifest  # a damaged or lost manifest is an error, never a reason to start over
 
         load_manifest(cfg.shards_dir, verify=False)
     now = fingerprints.fingerprint(cfg, stage)
