@@ -280,7 +280,7 @@ def test_bad_mask_in_a_stream_is_skipped_and_counted(shards, tmp_path, bad):
     """A pseudo-label shard with a mask value outside {0..20, 255} or of another size: that sample is skipped, counted,
     and never reaches a batch (class 50 would crash or silently train on garbage)."""
     urls = split_urls(_opt(shards, "data.shards_dir"), "val")
-    masks = tmp_path / "pseudo"
+    masks = tmp_path / "masks"  # hand-made label shards (in a stage folder they would need records)
     masks.mkdir()
     keys = [s["__key__"] for s in read_shard(urls[0], ("jpg", "cls.npy"))]
     sizes = {s["__key__"]: s["jpg"].shape[:2] for s in read_shard(urls[0], ("jpg",))}
