@@ -87,12 +87,9 @@ def output_digest(path: Path) -> str:
                 sha = runs.read_json(record).get("sha256")
             except (OSError, ValueError, AttributeError):
                 sha = None
-        items[str(rel)] = sha or _sha256(f)
+        items[str(rel)] = sha or runs.sha256_file(f)
     return digest(items)
 
-
-def _sha256(path: Path) -> str:
-    return runs.sha256_file(path)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,10 @@ from PIL import Image
 from .. import runs
 from ..errors import DataError
 from .voc import NUM_CLASSES, VOCSource, write_mask_png
-from .tario import (MANIFEST, PICKLE_EXTS, SkipCounter, check_skip_fraction, tar_bytes, write_shard, sha256_bytes, record_path, record_problem, _sha256, decode_value, refuse_pickles, check_pixels, decode_sample, selector, tar_problem, check_tars, producing_stage, verify_against_manifest, raw_samples, read_shard, _short, LABEL_VALUES)  # noqa: F401 - the shard API in one place
+from .tario import (  # noqa: F401 - the shard API in one place (tar I/O and reading live in tario)
+    MANIFEST, PICKLE_EXTS, SkipCounter, check_skip_fraction, tar_bytes, write_shard, sha256_bytes, record_path,
+    record_problem, decode_value, refuse_pickles, check_pixels, decode_sample, selector, tar_problem, check_tars,
+    producing_stage, verify_against_manifest, raw_samples, read_shard, _short, LABEL_VALUES)
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
             info = old["splits"][split]
             samples = _shard_samples(source, split, chunk, bar)
             write_shard(out_dir / name, samples)
-            info["sha256"][name], info["bytes"][name] = _sha256(out_dir / name), (out_dir / name).stat().st_size
+            info["sha256"][name], info["bytes"][name] = runs.sha256_file(out_dir / name), (out_dir / name).stat().st_size
             report.rebuilt.append(name)
             logger.info("rebuilt %s (%d samples)", out_dir / name, len(samples))
     runs.write_json(mpath, old)
@@ -244,7 +247,7 @@ def _verify_tars(out_dir: Path, manifest: dict) -> list[tuple[str, str]]:
                     problem = "missing"
                 elif path.stat().st_size != info["bytes"][name]:
                     problem = f"size {path.stat().st_size} differs from {info['bytes'][name]} in {MANIFEST}"
-                elif _sha256(path) != info["sha256"][name]:
+                elif runs.sha256_file(path) != info["sha256"][name]:
                     problem = f"sha256 differs from {MANIFEST}"
                 else:
                     continue
@@ -285,7 +288,7 @@ def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[
         name = f"{split}-{index:06d}.tar"
         counts.append(write_shard(out_dir / name, samples))
         names.append(name)
-        shas[name] = _sha256(out_dir / name)
+        shas[name] = runs.sha256_file(out_dir / name)
         sizes[name] = (out_dir / name).stat().st_size
     for stale in out_dir.glob(f"{split}-*.tar"):
         if stale.name not in shas:
@@ -322,7 +325,7 @@ def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
                 tar = Path(shards_dir) / name
                 if not tar.is_file():
                     raise DataError(f"{tar}: shard listed in {path} is missing; run stage=shards again")
-                if _sha256(tar) != info["sha256"][name]:
+                if runs.sha256_file(tar) != info["sha256"][name]:
                     raise DataError(f"{tar}: sha256 differs from {path} (corrupt or modified shard); run stage=shards again")
     return manifest
 

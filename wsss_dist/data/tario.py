@@ -156,11 +156,8 @@ def record_problem(path: str | Path) -> str | None:
         return None  # a record of an older version: no checksum
     if not Path(path).is_file():
         return "missing"
-    return None if _sha256(Path(path)) == want else f"sha256 differs from its record {rec} (damaged after it was written)"
+    return None if runs.sha256_file(Path(path)) == want else f"sha256 differs from its record {rec} (damaged after it was written)"
 
-
-def _sha256(path: Path) -> str:
-    return runs.sha256_file(path)
 
 
 def _ext(name: str) -> str:
@@ -321,7 +318,7 @@ def verify_against_manifest(url: str) -> None:
                          if path.name in info.get("sha256", {})), None)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{mpath}: not a valid shard manifest ({e}); run stage=shards again") from None
-        if want is not None and _sha256(path) != want:
+        if want is not None and runs.sha256_file(path) != want:
             raise DataError(f"{path}: sha256 differs from {mpath} (corrupt or modified shard); run stage=shards again")
         return
     stage = producing_stage(path)
