@@ -97,6 +97,11 @@ sacctmgr -n list cluster format=cluster | grep -qw local || sacctmgr -i add clus
 alive /run/slurmctld.pid || /usr/sbin/slurmctld
 wait_for "scontrol ping | grep -q UP"
 alive /run/slurmd.pid || /usr/sbin/slurmd
+# a node drained by an earlier run (e.g. "SlurmdSpoolDir is full" when the disk filled) stays drained across restarts
+if sinfo -h -n "$H" -o %T | grep -Eq 'drain'; then
+  echo "slurm_up: node $H was drained ($(sinfo -h -n "$H" -o %E)); resuming it" >&2
+  scontrol update NodeName="$H" State=RESUME
+fi
 wait_for "sinfo -h -n $H -o %T | grep -Eqx 'idle|mixed|allocated'"
 sinfo
 srun -t 1 hostname >/dev/null
