@@ -50,7 +50,7 @@ def test_full_disk_while_writing_shards(tmp_path):
     with tmpfs(tmp_path / "full", "96k") as full:
         r = wsss(["stage=shards", f"run={tmp_path / 'run'}", f"data.shards_dir={full / 'shards'}",
                   f"data.toy.root={tmp_path / 'src'}", *TOY], tmp_path)
-        one_line_error(r, "No space left on device", str(full / "shards"))
+        one_line_error(r, "No space left on device", str(full / "shards"), f"MiB free on {full}")
         assert not list((full / "shards").glob("*.tar")) or not (full / "shards" / "manifest.json").exists()
 
 
@@ -61,7 +61,7 @@ def test_full_disk_while_checkpointing(tmp_path):
     with tmpfs(tmp_path / "full", "3m") as full:
         r = wsss(["stage=cls", f"run={full / 'run'}", "cls.train.steps=4", "cls.train.ckpt_every=2",
                   "cls.train.batch_size=4", *common], tmp_path)
-        one_line_error(r, "No space left on device", str(full / "run" / "cls" / "ckpt"))
+        one_line_error(r, "No space left on device", str(full / "run" / "cls" / "ckpt"), f"MiB free on {full}")
         assert not list((full / "run" / "cls" / "ckpt").glob("step-*"))  # no checkpoint that could be trusted
         assert not (full / "run" / "cls" / "DONE").exists()
 

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,45 @@ def test_stage_job_does_not_requeue_after_ctrl_c(tmp_path, monkeypatch):
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_its_local_job_with_a_checkpoint(shards, tmp_path):
+    """``kill <launcher pid>`` (SIGTERM to the launcher alone, as a container stop or a tmux kill sends) while its
+    local cls job trains: the launcher cancels the job, which checkpoints; one ``interrupted:`` line, exit 3; the same
+    command again resumes from that checkpoint."""
+    run = tmp_path / "run"
+    steps = 20
+    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), *shards, "stage=cls", "method=cam",
+           f"cls.train.steps={steps}", "cls.train.batch_size=4", "cls.train.crop=32", "cls.train.resize_long=[32,48]",
+           f"cls.train.ckpt_every={10 * steps}", "cls.train.log_every=1", f"run={run}"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 300
+
+        def training() -> bool:  # the job's log shows a training step
+            return any(f"step 3/{steps} " in f.read_text(errors="replace") for f in (run / "logs").glob("*_log.err"))
+
+        while not training():
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 3, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: stopped by SIGTERM; running local jobs are cancelled")
+    ckpt = newest_checkpoint(run / "cls")  # the launcher waited for its job to checkpoint and end
+    assert ckpt is not None and not runs.is_done(run, "cls") and not (run / "cls" / "LOCK").exists()
+    left = [a for a in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+            if str(run / "logs") in a]
+    assert not left, left  # no controller or task of the job is left running
+    r = subprocess.run([sys.executable, "-m", "wsss_dist", *cmd[2:]], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {ckpt}" in r.stderr, r.stderr[-3000:]
+    assert runs.read_done(run, "cls")["steps"] == steps

@@ -46,3 +46,7 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str | None = None) -> None:
         super().__init__(message or f"stopped by signal {signum} after writing a checkpoint")
         self.signum = signum
+
+
+class LauncherTerminated(KeyboardInterrupt):
+    """SIGTERM to the launcher (a ``kill``, a container stop): it stops its local jobs as Ctrl-C does."""

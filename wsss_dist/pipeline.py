@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -355,7 +356,25 @@ def summary(metrics: Any) -> str:
 def describe_fault(e: OSError) -> str:
     """``<path>: <cause>`` of an environment fault, on one line (nothing half-written is ever used: see runs.py)."""
     path = e.filename if e.filename is not None else "(unknown path)"
-    return f"{path}: {e.strerror or errno.errorcode.get(e.errno, e.errno)} ({type(e).__name__})"
+    line = f"{path}: {e.strerror or errno.errorcode.get(e.errno, e.errno)} ({type(e).__name__})"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is not None:
+        line += f"; {free_space(Path(e.filename))}"
+    return line
+
+
+def free_space(path: Path) -> str:
+    """``N MiB free on <mount point>`` for the file system holding ``path`` (its nearest existing parent)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return "free space unknown"
+    mount = where
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"{free / 2**20:.1f} MiB free on {mount}"
 
 
 def one_line(e: BaseException) -> str:

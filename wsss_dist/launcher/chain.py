@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 from .. import runs
 from ..compat import sbatch_text
 from ..config import Config
-from ..errors import UserError
+from ..errors import LauncherTerminated, UserError
 from ..pipeline import one_line, summary
-from .executor import (_array_id, _cancel, _job_env, _prev_dep, _set_aside_stale, _tail, make_executor,
-                       snapshot_package, wait_slurm)
+from .executor import (_array_id, _cancel, _job_env, _prev_dep, _set_aside_stale, _tail, controller_ignores_sigint,
+                       make_executor, snapshot_package, stop_local, wait_slurm)
 from .jobs import ChainJob, StageJob
 from .options import LaunchCfg
 from .plan import Step
@@ -231,7 +231,7 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
         name = f"{cfg.run_dir.name}-{first.name}" + (f"-{last.name}" if len(group) > 1 else "")
         ex = make_executor("local", folder, first, name)
         progress = folder / f"{name}-{time.time_ns()}.progress.json"
-        with _job_env():
+        with _job_env(), controller_ignores_sigint():
             job = ex.submit(ChainJob([(steps[i].overrides, steps[i].stage) for i in group], cwd, str(progress),
                                      first.resources.gpus_per_node))
         jobs.append(job)
@@ -256,8 +256,10 @@ def run_local(cfg: Config, steps: list[Step], folder: Path, cwd: str, out: Calla
                     shown_at = time.time()
                 time.sleep(1.0)  # polling costs the launcher CPU that the job on the same cores needs
             job.result()
-        except KeyboardInterrupt:
-            job.cancel(check=False)  # SIGINT to submitit's controller, which stops the task
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (launcher/main.py): the job checkpoints, then we end
+            out(f"{heads[group[min(seen, len(group) - 1)]]}: stopping local job {job.job_id} (it checkpoints first)")
+            # a terminal's Ctrl-C reached the job's task already (one process group); a SIGTERM to us alone did not
+            stop_local(job, interrupt_tasks=isinstance(e, LauncherTerminated))
             raise
         except Exception:  # submitit's FailedJobError / UncompletedJobError
             failed = steps[group[min(seen, len(group) - 1)]]

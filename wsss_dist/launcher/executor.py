@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -59,6 +62,50 @@ def _job_env(code: Optional[str] = None) -> Iterator[None]:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
+
+
+@contextlib.contextmanager
+def controller_ignores_sigint() -> Iterator[None]:
+    """While submitting local jobs: SIGINT ignored, so submitit's local controller process inherits the ignore.
+
+    A terminal's Ctrl-C reaches the whole process group; a controller that took it would kill its task one second
+    later, before the task's checkpoint is written. Ignoring it there, the task alone acts on Ctrl-C (its
+    :class:`StageJob` restores the default handler) and the launcher stops the job with :func:`stop_local`."""
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def stop_local(job: Any, interrupt_tasks: bool, wait_s: float = 600.0) -> None:
+    """Stop a local submitit job as Ctrl-C would: with ``interrupt_tasks``, SIGINT to its tasks (the controller's
+    children: they checkpoint, exit 130 and are not requeued); then wait up to ``wait_s`` for the controller to end,
+    else cancel it."""
+    process = getattr(job, "_process", None)
+    if process is None or process.poll() is not None:
+        return
+    if interrupt_tasks:
+        for pid in _children(process.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+    try:
+        process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        job.cancel(check=False)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux ``/proc``; elsewhere none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def snapshot_package(parent: Path) -> str:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from .. import runs
@@ -31,6 +32,8 @@ class StageJob:
         import submitit
 
         os.chdir(self.cwd)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored only in the local controller
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # one task per GPU: MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for Accelerate
             submitit.helpers.TorchDistributedEnvironment().export()

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..config import make_config, sweep_points
-from ..errors import UserError
-from ..pipeline import EXIT_USER_ERROR, check_data, check_device, check_settings, describe_fault, environment_fault, save_config
+from ..errors import LauncherTerminated, UserError
+from ..pipeline import EXIT_INTERRUPTED, EXIT_SIGINT, EXIT_USER_ERROR, check_data, check_device, check_settings, describe_fault, environment_fault, save_config
 from .chain import _check_cluster, _finish, check_writable, submit_chain
 from .options import split_args
 from .plan import plan
@@ -50,6 +52,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(sys.modules[__package__].__doc__.strip())  # the launcher package's docstring
         return 0
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    def terminate(signum: int, frame: Any) -> None:  # SIGTERM (kill, a container stop): the Ctrl-C path
+        raise LauncherTerminated
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, terminate)
     try:
         submit(argv)
     except UserError as e:
@@ -61,7 +69,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e if fault is None else describe_fault(fault)}", file=sys.stderr)
         return 1 if fault is None else EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: running local jobs are cancelled; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        by = "SIGTERM" if isinstance(e, LauncherTerminated) else "SIGINT"
+        print(f"interrupted: stopped by {by}; running local jobs are cancelled (a training stage checkpoints first); "
+              "run the same command again to resume", file=sys.stderr)
+        return EXIT_SIGINT if by == "SIGINT" else EXIT_INTERRUPTED
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return 0
