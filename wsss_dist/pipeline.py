@@ -151,16 +151,11 @@ def _check_shards_settings(cfg: Config, stages: list[str]) -> None:
     """The shards a stage reads must have been built from this config's data settings."""
     if stages == ["report"]:
         return
-    try:
-        recorded = runs.read_json(cfg.shards_dir / "manifest.json").get("data")
-    except (OSError, ValueError, AttributeError):
-        return  # no shards yet (stage shards builds them) or a damaged manifest (the readers name it)
-    now = data_settings(cfg)
-    if isinstance(recorded, dict) and recorded != now:
-        diff = ", ".join(f"{k}={recorded.get(k)} there, {now.get(k)} here" for k in sorted(set(recorded) | set(now))
-                         if recorded.get(k) != now.get(k))
-        raise RunConfigChanged(f"{cfg.shards_dir}: holds the shards of other data settings ({diff}); leave "
-                               "data.shards_dir unset (each data setting gets its own folder) or name another folder")
+    from .data.shards import settings_conflict
+
+    problem = settings_conflict(cfg.shards_dir / "manifest.json", data_settings(cfg))
+    if problem:
+        raise RunConfigChanged(problem)
 
 
 def _started(path: Path) -> dict[str, Any]:

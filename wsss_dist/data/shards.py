@@ -172,17 +172,26 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
 
 def _check_settings(mpath: Path, settings: dict | None) -> None:
     """DataError when the manifest in ``mpath`` records other data settings than ``settings`` (another run's data)."""
+    problem = settings_conflict(mpath, settings)
+    if problem:
+        raise DataError(problem)
+
+
+def settings_conflict(mpath: Path, settings: dict | None) -> str | None:
+    """What is wrong when the manifest ``mpath`` records other data settings than ``settings``, else None (also when
+    there is no manifest yet or it cannot be read: building or repairing the shards deals with those)."""
     if settings is None or not mpath.is_file():
-        return
+        return None
     try:
         old = runs.read_json(mpath).get("data")
     except (ValueError, OSError, AttributeError):
-        return  # an unreadable manifest is rebuilt (update_shards)
-    if isinstance(old, dict) and old != settings:
-        diff = ", ".join(f"{k}={old.get(k)} there, {settings.get(k)} here" for k in sorted(set(old) | set(settings))
-                         if old.get(k) != settings.get(k))
-        raise DataError(f"{mpath.parent}: holds the shards of other data settings ({diff}); leave data.shards_dir "
-                        "unset (each data setting gets its own folder) or name another folder")
+        return None
+    if not isinstance(old, dict) or old == settings:
+        return None
+    diff = ", ".join(f"{k}={old.get(k)} there, {settings.get(k)} here" for k in sorted(set(old) | set(settings))
+                     if old.get(k) != settings.get(k))
+    return (f"{mpath.parent}: holds the shards of other data settings ({diff}); leave data.shards_dir unset (each "
+            "data setting gets its own folder) or name another folder")
 
 
 def _usable_manifest(mpath: Path, fp: str, ids: dict[str, list[str]], shard_size: int) -> dict | None:
