@@ -80,3 +80,47 @@ def test_damaged_records_end_in_one_line_or_a_repair(done):
                 for f in (backup / "shards").iterdir():
                     shutil.copy2(f, root / "shards" / f.name)
     assert len(seen) >= 40 and {s[2] for s in seen} == {"ran", "one line"}
+
+
+def test_damaged_mxnet_params_end_in_one_error_never_a_traceback(tmp_path):
+    """psa's MXNet ``.params`` (read without mxnet): 300 seeded mutations of a small valid file — truncations, bit
+    flips, overflowing, negative and huge shapes, bad name lengths, non-UTF-8 names — each reads back or raises the
+    package's MXNetFormatError (a WeightsError: one line), never another exception or a huge allocation."""
+    import struct
+
+    import numpy as np
+
+    from wsss_dist.models.mxnet_params import MXNetFormatError, read_params
+    from test_weights import _write_params
+
+    good = tmp_path / "good.params"
+    _write_params(good, [("arg:conv1a_weight", np.ones((4, 3, 3, 3), np.float32)),
+                         ("aux:bn7_moving_mean", np.arange(5, dtype=np.float32))])
+    data = good.read_bytes()
+    assert set(read_params(good)) == {"arg:conv1a_weight", "aux:bn7_moving_mean"}
+    rng = random.Random(0)
+    shape_at = 24 + 4 + 4 + 4  # list header (3 × uint64), magic, storage type, ndim: the first dim (int64)
+    cases = [("shape 2**62", data[:shape_at] + struct.pack("<q", 2**62) + data[shape_at + 8:]),
+             ("shape -1", data[:shape_at] + struct.pack("<q", -1) + data[shape_at + 8:]),
+             ("count 2**40", data[:16] + struct.pack("<Q", 2**40) + data[24:]),
+             ("name length 2**60", data[:-len("aux:bn7_moving_mean") - 8] + struct.pack("<Q", 2**60) + b"aux"),
+             ("name not UTF-8", data[:-2] + b"\xff\xfe")]
+    for i in range(300):
+        if i % 2:
+            cases.append(("truncated", data[: rng.randrange(len(data))]))
+        else:
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            cases.append(("bit flips", bytes(b)))
+    outcomes = {"read": 0, "refused": 0}
+    for what, blob in cases:
+        path = tmp_path / "m.params"
+        path.write_bytes(blob)
+        try:
+            read_params(path)
+            outcomes["read"] += 1
+        except MXNetFormatError as e:
+            assert str(path) in str(e) and "\n" not in str(e).strip(), (what, str(e))
+            outcomes["refused"] += 1
+    assert outcomes["refused"] >= 150, outcomes  # most mutations are caught, none escapes as another exception

@@ -18,6 +18,7 @@ to ours (:mod:`wsss_dist.models.resnet38d`, psa's PyTorch names) and drops the I
 """
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -96,7 +97,9 @@ def _read_ndarray(r: _Reader, index: int) -> Tensor | None:
     flag = r.one("<i")
     if flag not in DTYPES:
         raise MXNetFormatError(f"{r.path}: array {index}: unknown dtype flag {flag}")
-    count = int(np.prod(shape)) if shape else 1
+    if any(d < 0 for d in shape):
+        raise MXNetFormatError(f"{r.path}: array {index}: negative shape {tuple(shape)}")
+    count = math.prod(int(d) for d in shape)  # exact (Python ints): a huge shape cannot wrap around to a small count
     data = torch.from_numpy(r.array(DTYPES[flag], count)).reshape(tuple(int(s) for s in shape))
     return data.view(torch.bfloat16) if flag == BFLOAT16 else data
 
@@ -130,7 +133,10 @@ def read_params(path: str | Path) -> dict[str, Tensor]:
             length = r.one("<Q")
             if r.pos + length > len(buf):
                 raise MXNetFormatError(f"{p}: truncated MXNet .params file (names)")
-            names.append(bytes(buf[r.pos:r.pos + length]).decode("utf-8"))
+            try:
+                names.append(bytes(buf[r.pos:r.pos + length]).decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise MXNetFormatError(f"{p}: array name {len(names)} is not UTF-8 ({e.reason} at byte {e.start})") from None
             r.pos += length
     finally:
         if isinstance(buf, mmap.mmap):
