@@ -1,7 +1,8 @@
 """WebDataset tar shards: packing VOC/SBD into shards and the manifest (tar I/O and safe reading: :mod:`.tario`,
 re-exported here).
 
-Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[20] labels, ``seg.png`` =
+Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[K] labels (K: the dataset's
+classes, recorded in the manifest's ``classes``), ``seg.png`` =
 ground-truth mask (palette PNG) where one exists. Shards are ``{split}-{index:06d}.tar``; each appears only whole
 (written under a temporary name, then renamed). ``manifest.json`` lists, per split, the shards, sample counts, class
 histogram, ids and sha256 of each tar, plus a fingerprint of the inputs: with unchanged inputs a rebuild verifies
@@ -28,7 +29,8 @@ from PIL import Image
 
 from .. import runs
 from ..errors import DataError
-from .voc import NUM_CLASSES, VOCSource, write_mask_png
+from ..registry import VOC_CLASSES
+from .voc import VOCSource, write_mask_png
 from .tario import (  # noqa: F401 - the shard API in one place (tar I/O and reading live in tario)
     MANIFEST, PICKLE_EXTS, SkipCounter, check_skip_fraction, tar_bytes, write_shard, sha256_bytes, record_path,
     record_problem, decode_value, refuse_pickles, check_pixels, decode_sample, selector, tar_problem, check_tars,
@@ -40,7 +42,13 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-SEG_SPLITS = ("train", "val")  # VOC segmentation lists: every image has a ground-truth mask
+SEG_SPLITS = ("train", "val")  # VOC segmentation lists: every image has a ground-truth mask (a source's seg_splits)
+
+
+def manifest_classes(manifest: dict) -> tuple[str, ...]:
+    """The foreground class names the shards were packed with (a manifest without ``classes``: VOC's)."""
+    classes = manifest.get("classes") if isinstance(manifest, dict) else None
+    return tuple(classes) if isinstance(classes, list) and classes else VOC_CLASSES
 
 
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")  # a shard file name: no '/', never '..' or hidden
@@ -50,8 +58,7 @@ def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) 
     """A hash of what the shards depend on: split ids, list files and each image's source files (size, mtime)."""
     h = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "shard_size": shard_size, "ids": ids}).encode())
     files = [f for split in ids for f in source.list_files(split)]
-    if source.lists_dir is not None:
-        files.append(source.lists_dir / "cls_labels.npy")
+    files += source.extra_files()
     for image_id in sorted({i for v in ids.values() for i in v}):
         files += source.files(image_id)
     for f in files:
@@ -85,7 +92,7 @@ def _sample(source: VOCSource, image_id: str, need_mask: bool = False) -> dict:
     if mask is not None:
         sample["seg.png"] = write_mask_png(None, mask)
     elif need_mask:
-        raise DataError(f"{source.voc_root / 'SegmentationClass' / (image_id + '.png')}: mask not found "
+        raise DataError(f"{source.expected_mask_path(image_id)}: mask not found "
                         f"(image {image_id} is in a segmentation list, whose images all need ground truth)")
     return sample
 
@@ -133,9 +140,7 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
         mpath.unlink(missing_ok=True)  # no manifest may vouch for shards while they are rewritten
         manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
                                     **({"data": settings} if settings is not None else {}),
-                                    "source": {"voc_root": str(source.voc_root),
-                                               "sbd_root": str(source.sbd_root or ""),
-                                               "lists_dir": str(source.lists_dir or "")},
+                                    "source": source.describe(), "classes": list(source.classes),
                                     "splits": {}}
         with tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress) as bar:
             for split in splits:
@@ -269,7 +274,7 @@ def _shard_samples(source: VOCSource, split: str, chunk: Sequence[str], bar: Any
     """The samples of ``chunk`` (validated: broken files are a DataError), advancing ``bar``."""
     samples = []
     for image_id in chunk:
-        samples.append(_sample(source, image_id, need_mask=split in SEG_SPLITS))
+        samples.append(_sample(source, image_id, need_mask=split in source.seg_splits))
         bar.update(1)
     return samples
 
@@ -278,7 +283,7 @@ def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[
                  bar: Any) -> None:
     """Write one split's shards and record them in ``manifest``."""
     names, counts, shas, sizes = [], [], {}, {}
-    hist = np.zeros(NUM_CLASSES, np.int64)
+    hist = np.zeros(len(source.classes), np.int64)
     with_mask = 0
     for index, start in enumerate(range(0, len(split_ids_), shard_size)):
         samples = _shard_samples(source, split, split_ids_[start:start + shard_size], bar)
