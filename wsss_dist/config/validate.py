@@ -154,7 +154,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.name == "folder" and not (cfg.data.root and cfg.data.labels) and "shards" in stages:
         raise ConfigError("data=folder needs data.root=FOLDER (the images) and data.labels=FILE (CSV or JSON: image → "
                           "class names)")
-    if cfg.data.name == "coco" and not (cfg.data.coco_root or cfg.data.coco_masks) and "shards" in stages:
+    if cfg.data.name == "coco" and not cfg.data.coco_root and "shards" in stages:
         raise ConfigError("data=coco needs data.coco_root=PATH (holding train2014/, val2014/ and annotations/)")
     for key in _schema():  # finite, no control characters, within its range or choices
         check_value(key, get(cfg, key))
