@@ -331,3 +331,71 @@ def test_coco_shards_hold_the_rendered_truth_and_categories_are_checked(tmp_path
     p.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"instances_val2014\.json: its categories in id order are not COCO's 80 \('moped'"):
         COCOSource(tmp_path / "coco").ids("val")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the whole chain on each layout
+
+CHAIN = [*FAST, "cls.train.steps=6", "aff.train.steps=3", "aff.train.batch_size=4", "aff.train.crop=48",
+         "aff.train.resize_long=[40,56]", "aff.radius=3", "pseudo.radius=3", "pseudo.logt=2", "seg.train.steps=3",
+         "seg.train.batch_size=4", "seg.train.crop=48", "seg.eval_scales=[1.0]"]
+
+
+def make_coco_chain(root: Path, n: int = 10, seed: int = 0) -> None:
+    """A COCO-2014 layout of ``n`` images per split (+ one unannotated), each with 1-2 polygon objects of 3
+    categories whose ids are not contiguous (person 1, dog 18, toothbrush 90) and a crowd region on some."""
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True)
+    cats = [{"id": i, "name": nm} for i, nm in zip(COCO_IDS, COCO_CLASSES)]
+    colour = {1: (200, 40, 40), 18: (40, 180, 40), 90: (40, 40, 200)}
+    for split in ("train", "val"):
+        (root / f"{split}2014").mkdir()
+        images, anns = [], []
+        for i in range(n + 1):
+            name = f"COCO_{split}2014_{i + 1:012d}"
+            img = np.full((48, 56, 3), 120, np.uint8)
+            images.append({"id": i + 1, "file_name": f"{name}.jpg", "height": 48, "width": 56})
+            if i < n:
+                for cat in rng.choice([1, 18, 90], size=int(rng.integers(1, 3)), replace=False):
+                    y, x = (int(v) for v in rng.integers(0, 30, 2))
+                    img[y:y + 16, x:x + 16] = colour[int(cat)]
+                    anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(cat), "iscrowd": 0,
+                                 "segmentation": _poly(x, y, x + 16, y + 16), "area": 256.0, "bbox": [x, y, 16, 16]})
+                if i % 3 == 0:
+                    anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 1,
+                                 "segmentation": _poly(0, 44, 56, 48), "area": 224.0, "bbox": [0, 44, 56, 4]})
+            Image.fromarray(img).save(root / f"{split}2014" / f"{name}.jpg", quality=95)
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": cats}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["folder", "coco"])
+def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
+    """stage=all on generated data in the folder and COCO layouts: heads of the data's class count, a val mIoU, and
+    the report's per-class tables in the data's class names."""
+    if layout == "coco":
+        pytest.importorskip("pycocotools")
+    from wsss_dist import pipeline, runs
+    from wsss_dist.config import make_config
+
+    d = tmp_path / "data"
+    if layout == "folder":
+        make_folder(d)
+        words = ["data=folder", f"data.root={d / 'images'}", f"data.labels={d / 'labels.csv'}",
+                 f"data.masks={d / 'masks'}", f"data.split_lists={d / 'lists'}", "data.classes=red,green,blue"]
+        names, labels = ["red", "green", "blue"], 4
+    else:
+        make_coco_chain(d)
+        words = ["data=coco", f"data.coco_root={d}", "model.weights=none", "seg.weights=none",
+                 "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4"]
+        names, labels = ["person", "dog", "toothbrush"], 81
+    pipeline.run(make_config([*words, *CHAIN, f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}",
+                              "stage=all"]))
+    done = runs.read_json(tmp_path / "run" / "eval" / "DONE")
+    ev = done.get("metrics", done)
+    assert isinstance(ev["miou"], float) and len(ev["iou"]) == labels
+    assert runs.read_json(tmp_path / "run" / "seg" / "model.json")["num_classes"] == labels
+    report = (tmp_path / "run" / "report" / "report.md").read_text()
+    header = next(ln for ln in report.splitlines() if ln.startswith("| method | split | bg |"))
+    assert all(f" {n} " in header for n in names) and header.count("|") == labels + 3

@@ -155,6 +155,7 @@ COCO_PRESET: dict[str, Any] = {
     "cam.split": "train",  # pseudo labels for the training set (no train_aug)
     "cam.eval_split": "train",  # the forks score pseudo masks on the full COCO train set (§16.4)
     "cam.bg_threshold": 0.15,  # ReCAM's CAM eval threshold on COCO
+    "aff.label_mode": "threshold",  # the COCO references are irn forks: affinity labels from two CAM thresholds
     "aff.conf_fg": 0.30,  # ReCAM: conf_fg 0.30
     "aff.conf_bg": 0.05,  # ReCAM: conf_bg 0.05
     "aff.train.steps": 30780,  # 3 epochs · ⌊82,081 / 8⌋ (ReCAM's IRN: 3 epochs)
