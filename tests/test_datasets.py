@@ -397,5 +397,25 @@ def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
     assert isinstance(ev["miou"], float) and len(ev["iou"]) == labels
     assert runs.read_json(tmp_path / "run" / "seg" / "model.json")["num_classes"] == labels
     report = (tmp_path / "run" / "report" / "report.md").read_text()
-    header = next(ln for ln in report.splitlines() if ln.startswith("| method | split | bg |"))
-    assert all(f" {n} " in header for n in names) and header.count("|") == labels + 3
+    if layout == "folder":  # one column per class
+        header = next(ln for ln in report.splitlines() if ln.startswith("| method | split | bg |"))
+        assert all(f" {n} " in header for n in names) and header.count("|") == labels + 3
+    else:  # 81 labels: one row per class
+        table = report.split("## DeepLab per-class IoU (val)")[1].split("\n## ")[0]
+        assert table.count("\n| ") == labels + 1 and all(f"\n| {n} |" in table for n in names)
+
+
+def test_per_class_tables_stay_readable_at_coco_s_class_count():
+    """Up to VOC's 21 labels a column per class (as before); COCO's 81: a row per class, best first."""
+    from wsss_dist.stages.report import per_class_table
+
+    rows = [{"method": "cam", "split": "train", "iou_eval": [0.5, 0.1, None, 0.9]},
+            {"method": "fmix", "split": "train", "iou_eval": None}]
+    h, t = per_class_table(rows, "eval", ("a", "b", "c"))
+    assert h == ["method", "split", "bg", "a", "b", "c"] and t[0] == ["cam", "train", "50.0", "10.0", "–", "90.0"]
+    assert t[1] == ["fmix", "train", "–", "–", "–", "–"]
+    iou = [i / 100 for i in range(81)]
+    rows[0]["iou_eval"] = iou
+    h, t = per_class_table(rows, "eval", COCO_CLASSES)
+    assert h == ["class", "cam (train)", "fmix (train)"] and len(t) == 81
+    assert t[0] == ["toothbrush", "80.0", "–"] and t[-1] == ["bg", "0.0", "–"]

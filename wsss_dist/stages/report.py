@@ -28,6 +28,7 @@ from ..data.shards import load_manifest, manifest_classes, read_shard, split_ids
 from ..data.datasets import dataset_classes
 from ..data.voc import PALETTE
 from ..errors import DataError
+from ..registry import DATASETS
 from ..registry import STAGE_SPECS, TRAINERS
 
 logger = logging.getLogger(__name__)
@@ -215,17 +216,21 @@ def iou_figure(rows: list[dict], stage: str, title: str, classes: Sequence[str])
     if not mats:
         return None
     m = np.array([[np.nan if x is None else 100 * x for x in v] for _, v in mats])
-    fig, ax = plt.subplots(figsize=(max(12, 0.45 * m.shape[1]), 0.5 * len(mats) + 1.6))
-    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(m.shape[1]), ["bg", *classes][: m.shape[1]], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(mats)), [n for n, _ in mats], fontsize=8)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if not np.isnan(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] < 50 else "black")
-    fig.colorbar(im, ax=ax, label="IoU (%)")
-    ax.set_title(title)
+    names = ["bg", *classes][: m.shape[1]]
+    parts = [range(s, min(s + WIDE, m.shape[1])) for s in range(0, m.shape[1], WIDE)]  # COCO: 4 panels of ≤ 21
+    fig, axes = plt.subplots(len(parts), 1, figsize=(12, len(parts) * (0.5 * len(mats) + 1.6)), squeeze=False)
+    for ax, cols in zip(axes[:, 0], parts):
+        sub = m[:, cols.start:cols.stop]
+        im = ax.imshow(sub, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(cols)), names[cols.start:cols.stop], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(mats)), [n for n, _ in mats], fontsize=8)
+        for i in range(sub.shape[0]):
+            for j in range(sub.shape[1]):
+                if not np.isnan(sub[i, j]):
+                    ax.text(j, i, f"{sub[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if sub[i, j] < 50 else "black")
+        fig.colorbar(im, ax=ax, label="IoU (%)")
+    axes[0, 0].set_title(title)
     data = _png(fig)
     plt.close(fig)
     return data
@@ -307,6 +312,23 @@ def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) 
     return written
 
 
+WIDE = DATASETS["voc"].num_labels  # per-class tables and heat maps up to VOC's width keep one column per class
+
+
+def per_class_table(rows: list[dict], stage: str, classes: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-class IoU (%) table of ``stage``: one row per (method, split) and a column per class; with more labels
+    than :data:`WIDE` (COCO's 81) transposed, one row per class sorted by the first group's IoU, best first."""
+    names = ["bg", *classes]
+    cells = [["–"] * len(names) if not r[f"iou_{stage}"] else
+             ["–" if x is None else f"{100 * x:.1f}" for x in r[f"iou_{stage}"]] for r in rows]
+    if len(names) <= WIDE:
+        return ["method", "split", *names], [[r["method"], r["split"], *c] for r, c in zip(rows, cells)]
+    first = next((r[f"iou_{stage}"] for r in rows if r[f"iou_{stage}"]), None) or [None] * len(names)
+    order = sorted(range(len(names)), key=lambda i: (first[i] is None, -(first[i] or 0.0), i))
+    return (["class", *(f"{r['method']} ({r['split']})" for r in rows)],
+            [[names[i], *(c[i] if i < len(c) else "–" for c in cells)] for i in order])
+
+
 def report_classes(cfg: Config, rows: list[dict]) -> tuple[str, ...]:
     """The class names of the report's columns: the dataset's (registry, manifest or labels file); when those cannot
     be read, ``class 1``.. as many as the runs' per-class IoUs have."""
@@ -365,9 +387,7 @@ def run(cfg: Config) -> dict:
         page += [f"<h2>{title}</h2>", html_table(h, t)]
     for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
                          ("eval", "DeepLab per-class IoU (val)")):
-        h = ["method", "split", "bg", *classes]
-        t = [[r["method"], r["split"], *(["–"] * (len(classes) + 1) if not r[f"iou_{stage}"] else
-                                          ["–" if x is None else f"{100 * x:.1f}" for x in r[f"iou_{stage}"]])] for r in rows]
+        h, t = per_class_table(rows, stage, classes)
         md += [f"## {title} (mean over seeds)", "", markdown(h, t), ""]
         page += [f"<h2>{html.escape(title)} (mean over seeds)</h2>", html_table(h, t)]
     for p in pics:
