@@ -218,7 +218,8 @@ def iou_figure(rows: list[dict], stage: str, title: str, classes: Sequence[str])
     m = np.array([[np.nan if x is None else 100 * x for x in v] for _, v in mats])
     names = ["bg", *classes][: m.shape[1]]
     parts = [range(s, min(s + WIDE, m.shape[1])) for s in range(0, m.shape[1], WIDE)]  # COCO: 4 panels of ≤ 21
-    fig, axes = plt.subplots(len(parts), 1, figsize=(12, len(parts) * (0.5 * len(mats) + 1.6)), squeeze=False)
+    fig, axes = plt.subplots(len(parts), 1, figsize=(12, len(parts) * (0.5 * len(mats) + 1.6)), squeeze=False,
+                             layout="constrained" if len(parts) > 1 else None)  # panels: room for their labels
     for ax, cols in zip(axes[:, 0], parts):
         sub = m[:, cols.start:cols.stop]
         im = ax.imshow(sub, cmap="viridis", vmin=0, vmax=100, aspect="auto")
