@@ -419,3 +419,17 @@ def test_per_class_tables_stay_readable_at_coco_s_class_count():
     h, t = per_class_table(rows, "eval", COCO_CLASSES)
     assert h == ["class", "cam (train)", "fmix (train)"] and len(t) == 81
     assert t[0] == ["toothbrush", "80.0", "–"] and t[-1] == ["bg", "0.0", "–"]
+
+
+def test_parallel_packing_writes_the_same_shards(tmp_path):
+    """data.pack_workers=3 packs shards at once: the same tars (sha256) and manifest as one at a time."""
+    from wsss_dist.data.folder import FolderSource
+    from wsss_dist.data.shards import update_shards
+
+    make_folder(tmp_path / "d")
+    src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
+                       masks=tmp_path / "d" / "masks")
+    one = update_shards(src, tmp_path / "one", splits=src.splits, shard_size=4, progress=False).manifest
+    three = update_shards(src, tmp_path / "three", splits=src.splits, shard_size=4, progress=False, workers=3).manifest
+    assert one["splits"] == three["splits"] and len(one["splits"]["train"]["shards"]) == 6
+    assert one["splits"]["val"]["class_hist"] == three["splits"]["val"]["class_hist"] and one["classes"] == ["red", "green", "blue"]

@@ -33,7 +33,7 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         for name in ("weight_decay", "poly_power", "warmup_steps", "grad_clip"):
             add(f"{k}.optim.{name}", at_least(0))
         out.append((f"{k}.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"))
-    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "cam.out_stride", "cam.batch_images",
+    for key in ("data.shard_size", "data.pack_workers", "data.toy.n_train", "data.toy.n_val", "cam.out_stride", "cam.batch_images",
                 "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images", "slurm.nodes",
                 "slurm.cpus_per_task", "slurm.mem_gb", "slurm.time_min"):
         add(key, at_least(1))

@@ -21,7 +21,7 @@ def run(cfg: Config) -> dict:
     """Build, or verify and repair, the shards; ``{split: samples, shards, verified, rebuilt, verify_seconds, ...}``."""
     source = open_source(cfg)  # the dataset registry's source: toy (generated), voc, coco, folder
     report = update_shards(source, cfg.shards_dir, splits=source.splits, shard_size=cfg.data.shard_size,
-                           settings=data_settings(cfg))
+                           settings=data_settings(cfg), workers=cfg.data.pack_workers)
     manifest = report.manifest
     metrics: dict = {split: info["total"] for split, info in manifest["splits"].items()}
     metrics["shards"] = sum(len(info["shards"]) for info in manifest["splits"].values())
