@@ -302,7 +302,7 @@ def data_settings(cfg: Config) -> dict[str, Any]:
         if owner is not None and owner != cfg.data.name:
             continue  # another dataset's key: not part of this data (the toy and VOC hashes stay as they were)
         value = functools.reduce(getattr, key.split("."), cfg)
-        if key.endswith(("_root", "_dir", "_lists", "_masks", "data.labels", "data.masks")) and value:
+        if key.endswith(("_root", "_dir", "_lists", "_masks", "data.root", "data.labels", "data.masks")) and value:
             value = str(Path(value).expanduser().resolve())
         out[key] = value
     return out
