@@ -46,7 +46,7 @@ class DataCfg:
     masks: Optional[str] = None  # data=folder: optional folder of ground-truth masks <id>.png (palette or greyscale index image: 0 bg, i = the i-th class, 255 ignore)
     split_lists: Optional[str] = None  # data=folder: optional folder with train.txt / val.txt (an image id or file name per line); unset: train = every labelled image, val = those with a mask (else train)
     coco_root: Optional[str] = None  # data=coco: folder holding train2014/, val2014/ and annotations/instances_{train,val}2014.json
-    coco_masks: Optional[str] = None  # data=coco: optional folder of already-rendered semantic label PNGs (<split>/<image name>.png or <image name>.png; values 0..80, 255) used instead of rendering from the instances JSON
+    coco_masks: Optional[str] = None  # data=coco: optional folder of already-rendered semantic label PNGs (<split>2014/<image name>.png or <image name>.png; values 0..80, 255) used instead of rendering from the instances JSON
     coco_crowd: Literal["ignore", "background", "class"] = "ignore"  # data=coco: crowd regions in rendered masks: ignore (255, the default: notes §16.3), background (0, ReCAM's annToMask) or class (painted like other objects, coco2voc)
     shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>-<hash of the data settings> (runs share a folder only when their data settings are equal)
     shard_size: int = 200  # samples per shard
