@@ -433,3 +433,29 @@ def test_parallel_packing_writes_the_same_shards(tmp_path):
     three = update_shards(src, tmp_path / "three", splits=src.splits, shard_size=4, progress=False, workers=3).manifest
     assert one["splits"] == three["splits"] and len(one["splits"]["train"]["shards"]) == 6
     assert one["splits"]["val"]["class_hist"] == three["splits"]["val"]["class_hist"] and one["classes"] == ["red", "green", "blue"]
+
+
+def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):
+    """data.coco_masks: <split>2014/<name>.png (or <name>.png) are read instead of rendering; raw category ids
+    (values above 80) are refused naming the file."""
+    pytest.importorskip("pycocotools")
+    from wsss_dist.data.coco import COCOSource
+    from wsss_dist.data.voc import write_mask_png
+
+    make_coco(tmp_path / "coco")
+    rendered = COCOSource(tmp_path / "coco")
+    (tmp_path / "m" / "train2014").mkdir(parents=True)
+    ids = rendered.ids("train")
+    write_mask_png(tmp_path / "m" / "train2014" / f"{ids[0]}.png", rendered.mask(ids[0]))
+    odd = rendered.mask(ids[1])
+    odd[odd == 17] = 3
+    write_mask_png(tmp_path / "m" / f"{ids[1]}.png", odd)
+    src = COCOSource(tmp_path / "coco", masks=tmp_path / "m")
+    assert np.array_equal(src.mask(ids[0]), rendered.mask(ids[0])) and np.array_equal(src.mask(ids[1]), odd)
+    bad = odd.copy()
+    bad[0, 0] = 90
+    write_mask_png(tmp_path / "m" / f"{ids[1]}.png", bad)
+    with pytest.raises(DataError, match=rf"{ids[1]}\.png: mask values must be 0\.\.80 or 255, found \[90\]"):
+        src.mask(ids[1])
+    with pytest.raises(DataError, match=r"mask not found in data\.coco_masks"):
+        COCOSource(tmp_path / "coco", masks=tmp_path / "m").mask(rendered.ids("val")[0])
