@@ -2,7 +2,7 @@
 # Create .venv (Python >= 3.10) and install wsss-dist into it. Idempotent and quiet: a second run with an unchanged
 # pyproject.toml returns at once; any failure prints pip's output and exits non-zero.
 #   bash launch/setup.sh                   the package (what the demo needs: no C++ compiler)
-#   bash launch/setup.sh --test            also the test extras (pytest, ...) and, where a C++ compiler is, the [crf] extra
+#   bash launch/setup.sh --test            also the test and coco extras (pytest, pycocotools, ...) and, where a C++ compiler is, the [crf] extra
 #                                          (pydensecrf2 builds from source; without it the CRF tests skip)
 #   bash launch/setup.sh --torch=cpu       pick the torch build: cpu, or a CUDA version (cu118, cu121, cu124, cu126,
 #                                          cu128, cu130) from download.pytorch.org; default: what pip picks (on Linux x86
@@ -14,7 +14,7 @@ fail() { echo "setup.sh: $*" >&2; exit 1; }
 EXTRAS="" TORCH_BUILD=""
 for arg in "$@"; do
   case "$arg" in
-    --test) EXTRAS="[test]" ;;
+    --test) EXTRAS="[test,coco]" ;;
     --torch=*) TORCH_BUILD="${arg#--torch=}" ;;
     *) fail "unknown argument $arg (use --test and/or --torch=cpu|cu118|cu121|cu124|cu126|cu128|cu130)" ;;
   esac

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .registry import VOC_LABELS
+
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -82,7 +84,7 @@ def _confusion_torch(
 
 
 def confusion_matrix(
-    pred: ArrayLike, gt: ArrayLike, num_classes: int = 21, ignore_index: int = IGNORE
+    pred: ArrayLike, gt: ArrayLike, num_classes: int = VOC_LABELS, ignore_index: int = IGNORE
 ) -> torch.Tensor:
     """Count pixels per (ground truth, prediction) pair → int64 [C, C], rows = ground truth.
 
@@ -122,23 +124,23 @@ def miou(cm: ArrayLike) -> tuple[float, np.ndarray]:
 
 
 def miou_metrics(cm: np.ndarray | None) -> dict:
-    """``{"miou", "iou", "confusion"}`` from a 21×21 confusion matrix (``miou`` None when there was no ground truth)."""
+    """``{"miou", "iou", "confusion"}`` from a C×C confusion matrix (C = background + the dataset's classes) (``miou`` None when there was no ground truth)."""
     if cm is None:
         return {"miou": None, "iou": None}
     m, iou = miou(cm)
     return {"miou": float(m), "iou": [None if np.isnan(x) else float(x) for x in iou], "confusion": np.asarray(cm).tolist()}
 
 
-def gt_confusion(pred: np.ndarray, sample: dict) -> np.ndarray | None:
+def gt_confusion(pred: np.ndarray, sample: dict, num_classes: int = VOC_LABELS) -> np.ndarray | None:
     """Confusion matrix of a label map against the sample's ``seg.png`` (None without ground truth)."""
     gt = sample.get("seg.png")
     if gt is None:
         return None
-    return np.asarray(confusion_matrix(pred, gt))
+    return np.asarray(confusion_matrix(pred, gt, num_classes))
 
 
 def sweep_confusion(cams: torch.Tensor, classes: torch.Tensor, gt: np.ndarray | torch.Tensor,
-                    ths: Sequence[float], num_classes: int = 21) -> np.ndarray:
+                    ths: Sequence[float], num_classes: int = VOC_LABELS) -> np.ndarray:
     """Confusion matrices [T, C, C] of CAM labels at every background threshold t of ``ths``, in one count.
 
     The label of a pixel at threshold t is ``classes[argmax CAM]`` where the maximum exceeds t, else 0 (background;

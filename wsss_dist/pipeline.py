@@ -208,14 +208,14 @@ def log_scores(cfg: Config, stage: str, metrics: dict[str, Any]) -> None:
     and the trackers of ``log_with``."""
     if not isinstance(metrics.get("miou"), float):
         return
-    from .data.voc import CLASSES
+    from .data.datasets import dataset_classes
     from .engine.scalars import open_scalars
 
     with contextlib.closing(open_scalars(cfg.run_dir / stage / "tb", cfg.log_with, f"{cfg.run_dir.name}/{stage}")) as writer:
         writer.add_scalar(f"{stage}/miou", metrics["miou"], 0)
         if isinstance(metrics.get("best_miou"), float):
             writer.add_scalar(f"{stage}/best_miou", metrics["best_miou"], 0)
-        for name, iou in zip(("background", *CLASSES), metrics.get("iou") or []):
+        for name, iou in zip(("background", *dataset_classes(cfg)), metrics.get("iou") or []):
             if iou is not None:
                 writer.add_scalar(f"{stage}/iou/{name}", iou, 0)
 
@@ -317,9 +317,15 @@ def check_device(cfg: Config) -> None:
 
 
 def check_data(cfg: Config) -> list[str]:
-    """Before any work, when this call builds the user's VOC shards: the folders, lists and images are there
-    (DataError naming the path); the warnings (e.g. train_aug without SBD, with the counts)."""
-    if cfg.data.name != "voc" or "shards" not in cfg.stages() or runs.is_done(cfg.run_dir, "shards"):
+    """Before any work, when this call builds the user's VOC, COCO or folder shards: the folders, lists and images
+    are there, a folder's labels file has no malformed line (DataError naming the path and line); the warnings (e.g.
+    train_aug without SBD, with the counts)."""
+    if cfg.data.name not in ("voc", "coco", "folder") or "shards" not in cfg.stages() or runs.is_done(cfg.run_dir, "shards"):
+        return []
+    if cfg.data.name != "voc":
+        from .data.datasets import open_source
+
+        open_source(cfg)  # checks the folders; a folder's labels file is read and checked line by line
         return []
     from .data.voc import preflight
 

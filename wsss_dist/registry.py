@@ -5,6 +5,11 @@ sweep shares it, whether it uses a GPU and at what rate, its precision key, the 
 report columns. The config, the runner, the launcher, the report and the fingerprints derive their tables from
 :data:`STAGE_SPECS`; adding a stage is one entry here plus one ``stages/<name>.py``.
 
+A dataset entry (:data:`DATASETS`) says what a dataset is: its class names and their number, its label PNG palette,
+its ignore value, its split names, where its image-level labels come from. Every stage, model head, metric, check
+and report table takes the number of classes and the names from it (``classes=()``: read from the data, the folder
+dataset's labels file, recorded in the shards' manifest).
+
 A method entry says how the method mixes its inputs, where its sub-categories come from, whether it trains in
 rounds and which extra stages it needs. Adding a method is one entry in :data:`METHODS` plus its mixing function
 or loss in :mod:`wsss_dist.methods`. This module imports nothing of the package (the config, at the bottom
@@ -91,7 +96,9 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shards", "the dataset packed into WebDataset tar shards + manifest", data_parallel=False,
               uses_gpu=False, shared_by_sweep=True, repairs_when_asked=True,
               settings=("data.name", "data.voc_root", "data.sbd_root", "data.lists_dir", "data.shard_size",
-                        "data.toy.seed", "data.toy.n_train", "data.toy.n_val", "data.toy.n_sbd", "data.toy.size")),
+                        "data.toy.seed", "data.toy.n_train", "data.toy.n_val", "data.toy.n_sbd", "data.toy.size",
+                        "data.root", "data.labels", "data.classes", "data.masks", "data.split_lists",
+                        "data.coco_root", "data.coco_masks", "data.coco_crowd")),
     StageSpec("teacher", "a ViT fine-tuned multi-label; its embeddings for FINCH", trains=True, optional=True,
               images_per_gpu_s=400.0, precision_key="teacher.train.mixed_precision",
               settings=("teacher", "cls.split", "data.shuffle_buffer")),
@@ -127,3 +134,70 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r}; allowed: {', '.join(METHOD_NAMES)}") from None
+
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# COCO-2014's 80 categories in the order of their ids (1..90 with gaps): contiguous label = rank + 1 (notes §16.2)
+COCO_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset: its classes, label PNGs, ignore value, splits and where its image-level labels come from."""
+
+    name: str
+    doc: str
+    classes: tuple[str, ...] = ()  # foreground class names (label i+1); () = read from the data (recorded in the manifest)
+    palette: Literal["voc"] = "voc"  # the colour map of label PNGs (voc: label bits spread over R, G, B)
+    ignore: int = 255  # the label value never scored nor trained on
+    splits: tuple[str, ...] = ("train", "val", "train_aug")  # the shards' splits
+    seg_splits: tuple[str, ...] = ("train", "val")  # splits whose every image must have a ground-truth mask
+    labels_from: str = ""  # where the image-level labels come from
+    images: tuple[tuple[str, int], ...] = ()  # (split, images) of the full dataset: the launcher's time checks
+
+    @property
+    def num_classes(self) -> int:
+        """The number of foreground classes (the classifier's outputs); 0 when read from the data."""
+        return len(self.classes)
+
+    @property
+    def num_labels(self) -> int:
+        """Background + the foreground classes (DeepLab's outputs, the confusion matrix's size)."""
+        return len(self.classes) + 1
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    Dataset("toy", "the built-in toy data (generated, VOC layout and classes)", classes=VOC_CLASSES,
+            labels_from="the generator's VOC annotation XMLs"),
+    Dataset("voc", "Pascal VOC 2012 (+ SBD for train_aug)", classes=VOC_CLASSES,
+            labels_from="VOC annotation XMLs, else data.lists_dir/cls_labels.npy, else the mask",
+            images=(("train", 1464), ("val", 1449), ("train_aug", 10582))),
+    Dataset("coco", "MS COCO 2014 (train2014/val2014 + instances JSON, or rendered label PNGs)", classes=COCO_CLASSES,
+            splits=("train", "val"), labels_from="the categories of each image's instance annotations (crowd included)",
+            images=(("train", 82081), ("val", 40137))),
+    Dataset("folder", "the user's own folder of images + a labels file (CSV or JSON)", splits=("train", "val", "train_aug"),
+            seg_splits=(), labels_from="data.labels: one line per image naming its classes"),
+)}
+DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
+VOC_LABELS: int = DATASETS["voc"].num_labels  # the default size of the public API's confusion matrices (VOC: 21)
+
+
+def get_dataset(name: str) -> Dataset:
+    """The registry entry of ``name`` (KeyError naming the allowed datasets)."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise KeyError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}") from None

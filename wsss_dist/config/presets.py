@@ -142,4 +142,41 @@ VOC_PRESET: dict[str, Any] = {
 }
 
 
-PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET}
+# COCO preset: the references' COCO recipes (../shared/notes/reference-implementations.md §16), on top of the VOC
+# preset (the same networks; only what the references change on COCO is set here). Steps = ⌊82,081 / batch⌋ · epochs.
+COCO_PRESET: dict[str, Any] = {
+    **VOC_PRESET,
+    "data.pack_workers": 8,  # 122,218 images to pack: 8 shards at once (the shards stage's SLURM job has 8 CPUs)
+    "cls.split": "train",  # COCO has no train_aug: train2014 minus its 702 unannotated images (82,081)
+    "cls.train.steps": 25650,  # ReCAM/irn-COCO: 5 epochs · ⌊82,081 / 16⌋
+    "cls.train.batch_size": 16,  # ReCAM run_sample_coco.py
+    "cls.train.crop": 512,  # ReCAM: crop 512
+    "cls.train.resize_long": (320, 640),  # ReCAM: resize-long (320, 640)
+    "cls.optim.weight_decay": 1e-4,  # ReCAM: wd 1e-4
+    "cam.split": "train",  # pseudo labels for the training set (no train_aug)
+    "cam.eval_split": "train",  # the forks score pseudo masks on the full COCO train set (§16.4)
+    "cam.bg_threshold": 0.15,  # ReCAM's CAM eval threshold on COCO
+    "aff.label_mode": "threshold",  # the COCO references are irn forks: affinity labels from two CAM thresholds
+    "aff.conf_fg": 0.30,  # ReCAM: conf_fg 0.30
+    "aff.conf_bg": 0.05,  # ReCAM: conf_bg 0.05
+    "aff.train.steps": 30780,  # 3 epochs · ⌊82,081 / 8⌋ (ReCAM's IRN: 3 epochs)
+    "seg.train.steps": 100000,  # ReCAM/LPCAM author (LPCAM#3): 100,000 iterations
+    "seg.train.batch_size": 20,  # global batch: batch 10 × ITER_SIZE 2 (LPCAM#3)
+    "seg.train.grad_accum": 2,  # ITER_SIZE 2
+    "seg.train.crop": 321,  # crop 321 (LPCAM#3)
+    "seg.optim.lr": 2e-4,  # lr 2e-4 (LPCAM#3); ASPP ×10/×20 as on VOC
+    "seg.eval_scales": (1.0,),  # single scale at test (multi-scale {0.5..1.5} in LPCAM#3: seg.eval_scales=[...])
+}
+
+
+# Folder preset: the user's own data starts from the toy data's CPU recipe (small, quick to check the setup); use
+# config=FILE.yaml or key=value words (e.g. the voc preset's values) for a real training run.
+FOLDER_PRESET: dict[str, Any] = {
+    **TOY_PRESET,
+    "cls.split": "train",  # a folder has train (all labelled images unless split lists say otherwise), val, train_aug = train
+    "cam.split": "train",
+    "cam.eval_split": "train",
+}
+
+
+PRESETS: dict[str, dict[str, Any]] = {"toy": TOY_PRESET, "voc": VOC_PRESET, "coco": COCO_PRESET, "folder": FOLDER_PRESET}

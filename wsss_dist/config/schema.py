@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
-from ..registry import METHODS, STAGE_NAMES, STAGE_SPECS, MethodName
+from ..registry import DATASET_NAMES, METHODS, STAGE_NAMES, STAGE_SPECS, MethodName
+
+DatasetName = Literal[DATASET_NAMES]  # type: ignore[valid-type]  # the registry's dataset names
 
 
 STAGES = STAGE_NAMES
@@ -34,12 +36,21 @@ class ToyCfg:
 class DataCfg:
     """Where the data lives and how it is sharded and streamed."""
 
-    name: Literal["toy", "voc"] = "toy"  # dataset: the built-in toy data or the user's VOC2012 (+ SBD)
+    name: DatasetName = "toy"  # dataset (wsss_dist/registry.py DATASETS): toy (built in) | voc (VOC2012 + SBD) | coco (COCO-2014) | folder (your own images + labels file)
     voc_root: Optional[str] = None  # .../VOCdevkit/VOC2012 (holds JPEGImages)
     sbd_root: Optional[str] = None  # .../benchmark_RELEASE (holds dataset/)
     lists_dir: Optional[str] = None  # optional psa/irn list folder (train_aug.txt, cls_labels.npy)
+    root: Optional[str] = None  # data=folder: the folder of images (ids = file names without extension; .jpg kept as is, other formats re-encoded as JPEG quality 95)
+    labels: Optional[str] = None  # data=folder: labels file, CSV (image,class[,class...] per line) or JSON ({image: [classes]} or {"classes": [...], "images": {...}})
+    classes: Optional[str] = None  # data=folder: the class names in label order, comma-separated or a text file with one per line; unset: the JSON's "classes", else the labels file's names sorted
+    masks: Optional[str] = None  # data=folder: optional folder of ground-truth masks <id>.png (palette or greyscale index image: 0 bg, i = the i-th class, 255 ignore)
+    split_lists: Optional[str] = None  # data=folder: optional folder with train.txt / val.txt (an image id or file name per line); unset: train = every labelled image, val = those with a mask (else train)
+    coco_root: Optional[str] = None  # data=coco: folder holding train2014/, val2014/ and annotations/instances_{train,val}2014.json
+    coco_masks: Optional[str] = None  # data=coco: optional folder of already-rendered semantic label PNGs (<split>2014/<image name>.png or <image name>.png; values 0..80, 255) used instead of rendering from the instances JSON
+    coco_crowd: Literal["ignore", "background", "class"] = "ignore"  # data=coco: crowd regions in rendered masks: ignore (255, the default: notes §16.3), background (0, ReCAM's annToMask) or class (painted like other objects, coco2voc)
     shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>-<hash of the data settings> (runs share a folder only when their data settings are equal)
     shard_size: int = 200  # samples per shard
+    pack_workers: int = 1  # shards packed at once by stage=shards (threads: decoding, mask rendering and PNG encoding run in parallel); the shards are the same whatever the number
     num_workers: int = 2  # DataLoader workers per process
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
     shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer
@@ -278,14 +289,20 @@ class Config:
 DATA_KEYS = STAGE_SPECS["shards"].settings
 
 
+# Keys that belong to one dataset only (prefix, dataset): in the data settings only when that dataset is used.
+DATASET_KEYS = (("data.toy.", "toy"), ("data.root", "folder"), ("data.labels", "folder"), ("data.classes", "folder"),
+                ("data.masks", "folder"), ("data.split_lists", "folder"), ("data.coco_", "coco"))
+
+
 def data_settings(cfg: Config) -> dict[str, Any]:
     """The data settings that shape the shards (``data.toy.*`` only for the toy data; roots made absolute)."""
     out = {}
     for key in DATA_KEYS:
-        if key.startswith("data.toy.") and cfg.data.name != "toy":
-            continue
+        owner = next((name for prefix, name in DATASET_KEYS if key.startswith(prefix)), None)
+        if owner is not None and owner != cfg.data.name:
+            continue  # another dataset's key: not part of this data (the toy and VOC hashes stay as they were)
         value = functools.reduce(getattr, key.split("."), cfg)
-        if key.endswith(("_root", "_dir")) and value:
+        if key.endswith(("_root", "_dir", "_lists", "_masks", "data.root", "data.labels", "data.masks")) and value:
             value = str(Path(value).expanduser().resolve())
         out[key] = value
     return out

@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError
-from ..registry import TRAINERS
+from ..registry import DATASETS, TRAINERS
 from .keys import _schema, get
 from .schema import Config
 
@@ -33,7 +33,7 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         for name in ("weight_decay", "poly_power", "warmup_steps", "grad_clip"):
             add(f"{k}.optim.{name}", at_least(0))
         out.append((f"{k}.optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"))
-    for key in ("data.shard_size", "data.toy.n_train", "data.toy.n_val", "cam.out_stride", "cam.batch_images",
+    for key in ("data.shard_size", "data.pack_workers", "data.toy.n_train", "data.toy.n_val", "cam.out_stride", "cam.batch_images",
                 "aff.radius", "pseudo.radius", "teacher.img_size", "report.num_images", "slurm.nodes",
                 "slurm.cpus_per_task", "slurm.mem_gb", "slurm.time_min"):
         add(key, at_least(1))
@@ -151,6 +151,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"redo={cfg.redo}: names stage {extra[0]!r}, which this call does not run (stage={cfg.stage})")
     if cfg.data.name == "voc" and not cfg.data.voc_root and "shards" in stages:
         raise ConfigError("data=voc needs data.voc_root=PATH/VOCdevkit/VOC2012 (the folder that holds JPEGImages)")
+    if cfg.data.name == "folder" and not (cfg.data.root and cfg.data.labels) and "shards" in stages:
+        raise ConfigError("data=folder needs data.root=FOLDER (the images) and data.labels=FILE (CSV or JSON: image → "
+                          "class names)")
+    if cfg.data.name == "coco" and not cfg.data.coco_root and "shards" in stages:
+        raise ConfigError("data=coco needs data.coco_root=PATH (holding train2014/, val2014/ and annotations/)")
     for key in _schema():  # finite, no control characters, within its range or choices
         check_value(key, get(cfg, key))
     if cfg.model.backbone == "resnet38d" and cfg.model.output_stride != 8:
@@ -171,6 +176,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"log_with={name} needs its package: pip install {'mlflow-skinny' if name == 'mlflow' else name}")
     if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
         raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
+    splits = DATASETS[cfg.data.name].splits
+    for key, value in (("cls.split", cfg.cls.split), ("cam.split", cfg.cam.split), ("cam.eval_split", cfg.cam.eval_split)):
+        if value not in splits:
+            raise ConfigError(f"{key}={value}: data={cfg.data.name} has the splits {', '.join(splits)}")
     check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 

@@ -14,6 +14,7 @@ import torch
 from .. import runs
 from ..compat import close_loader
 from ..errors import DataError
+from ..registry import VOC_LABELS
 from .tario import (SkipCounter, read_shard, 
                      selector, verify_against_manifest)
 from .transforms import normalize
@@ -37,9 +38,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], keys: Sequence[str], paired: Sequence[tuple[str, Sequence[str]]] = (),
-                 prepare: Callable[[dict], dict] | None = None, max_pixels: int = 0, min_side: int = 0) -> None:
+                 prepare: Callable[[dict], dict] | None = None, max_pixels: int = 0, min_side: int = 0,
+                 num_labels: int = VOC_LABELS) -> None:
         super().__init__()
-        self.max_pixels, self.min_side = max_pixels, min_side  # images outside them: counted skips, with a warning
+        self.max_pixels, self.min_side, self.num_labels = max_pixels, min_side, num_labels  # images outside them: counted skips, with a warning
         self.urls = [str(u) for u in urls]
         self.keys = tuple(keys)
         self.paired = [(str(d), tuple(k)) for d, k in paired]
@@ -55,10 +57,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
         """One shard's samples (paired members merged, prepared), then its end marker."""
         name = Path(url).name
         counter = SkipCounter()
-        others = [{s["__key__"]: s for s in read_shard(str(Path(d) / name), k, counter)} for d, k in self.paired]
+        others = [{s["__key__"]: s for s in read_shard(str(Path(d) / name), k, counter, num_labels=self.num_labels)} for d, k in self.paired]
         skips = [_record_skips(Path(d) / name) for d, _ in self.paired]  # samples the earlier stages skipped
         n = 0
-        for sample in read_shard(url, self.keys, counter, self.max_pixels):
+        for sample in read_shard(url, self.keys, counter, self.max_pixels, self.num_labels):
             image = sample.get("jpg")
             if image is not None and min(image.shape[:2]) < self.min_side:
                 counter.skipped += 1
@@ -114,7 +116,8 @@ def _as_is(sample: dict) -> dict:
 
 def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[tuple[str, Sequence[str]]] = (),
                   prepare: Callable[[dict], dict] | None = None, num_workers: int = 0,
-                  pin_memory: bool = False, max_pixels: int = 0, min_side: int = 0) -> _Samples:
+                  pin_memory: bool = False, max_pixels: int = 0, min_side: int = 0,
+                  num_labels: int = VOC_LABELS) -> _Samples:
     """The samples and end markers of :class:`ShardSamples` over ``urls``, decoded and prepared in ``num_workers``
     DataLoader worker processes (0: in this process), tensors in pinned memory with ``pin_memory`` (CUDA); images
     with more than ``max_pixels`` pixels (0: no cap) or a side under ``min_side`` are counted skips.
@@ -123,7 +126,7 @@ def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[
     when this is called; ``close()`` stops them. A worker's DataError is re-raised as its one line.
     """
     workers = min(num_workers, len(urls))
-    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side),
+    loader = torch.utils.data.DataLoader(ShardSamples(urls, keys, paired, prepare, max_pixels, min_side, num_labels),
                                          batch_size=None, collate_fn=_as_is,
                                          num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,

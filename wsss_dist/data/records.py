@@ -1,7 +1,7 @@
 """Record formats of the stages' output shards: one encoder and one decoder per record type.
 
 - CAM record (stage cam): ``cam.npy`` float16 [K, h, w] (the K image classes' normalised CAMs, possibly stored at
-  reduced size) and ``cam.json`` ``{"classes": [K class ids 1..20], "size": [H, W]}``.
+  reduced size) and ``cam.json`` ``{"classes": [K class ids 1..C], "size": [H, W]}``.
 - Label record (aff labels, pseudo labels, eval predictions): ``png``, a VOC palette PNG of class ids
   (255 = ignore, :data:`wsss_dist.metrics.IGNORE`).
 """

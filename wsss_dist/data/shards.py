@@ -1,7 +1,8 @@
 """WebDataset tar shards: packing VOC/SBD into shards and the manifest (tar I/O and safe reading: :mod:`.tario`,
 re-exported here).
 
-Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[20] labels, ``seg.png`` =
+Per sample: ``__key__`` = image id, ``jpg`` = original JPEG bytes, ``cls.npy`` = float32[K] labels (K: the dataset's
+classes, recorded in the manifest's ``classes``), ``seg.png`` =
 ground-truth mask (palette PNG) where one exists. Shards are ``{split}-{index:06d}.tar``; each appears only whole
 (written under a temporary name, then renamed). ``manifest.json`` lists, per split, the shards, sample counts, class
 histogram, ids and sha256 of each tar, plus a fingerprint of the inputs: with unchanged inputs a rebuild verifies
@@ -28,7 +29,8 @@ from PIL import Image
 
 from .. import runs
 from ..errors import DataError
-from .voc import NUM_CLASSES, VOCSource, write_mask_png
+from ..registry import VOC_CLASSES
+from .voc import VOCSource, write_mask_png
 from .tario import (  # noqa: F401 - the shard API in one place (tar I/O and reading live in tario)
     MANIFEST, PICKLE_EXTS, SkipCounter, check_skip_fraction, tar_bytes, write_shard, sha256_bytes, record_path,
     record_problem, decode_value, refuse_pickles, check_pixels, decode_sample, selector, tar_problem, check_tars,
@@ -40,7 +42,13 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-SEG_SPLITS = ("train", "val")  # VOC segmentation lists: every image has a ground-truth mask
+SEG_SPLITS = ("train", "val")  # VOC segmentation lists: every image has a ground-truth mask (a source's seg_splits)
+
+
+def manifest_classes(manifest: dict) -> tuple[str, ...]:
+    """The foreground class names the shards were packed with (a manifest without ``classes``: VOC's)."""
+    classes = manifest.get("classes") if isinstance(manifest, dict) else None
+    return tuple(classes) if isinstance(classes, list) and classes else VOC_CLASSES
 
 
 _SHARD_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")  # a shard file name: no '/', never '..' or hidden
@@ -50,8 +58,7 @@ def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) 
     """A hash of what the shards depend on: split ids, list files and each image's source files (size, mtime)."""
     h = hashlib.sha256(json.dumps({"version": FORMAT_VERSION, "shard_size": shard_size, "ids": ids}).encode())
     files = [f for split in ids for f in source.list_files(split)]
-    if source.lists_dir is not None:
-        files.append(source.lists_dir / "cls_labels.npy")
+    files += source.extra_files()
     for image_id in sorted({i for v in ids.values() for i in v}):
         files += source.files(image_id)
     for f in files:
@@ -85,7 +92,7 @@ def _sample(source: VOCSource, image_id: str, need_mask: bool = False) -> dict:
     if mask is not None:
         sample["seg.png"] = write_mask_png(None, mask)
     elif need_mask:
-        raise DataError(f"{source.voc_root / 'SegmentationClass' / (image_id + '.png')}: mask not found "
+        raise DataError(f"{source.expected_mask_path(image_id)}: mask not found "
                         f"(image {image_id} is in a segmentation list, whose images all need ground truth)")
     return sample
 
@@ -102,13 +109,14 @@ class ShardsReport:
 
 
 def build_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
-                 shard_size: int = 200, progress: bool = True) -> dict:
+                 shard_size: int = 200, progress: bool = True, workers: int = 1) -> dict:
     """Pack ``splits`` of ``source`` into ``out_dir``, repairing what differs (:func:`update_shards`); the manifest."""
-    return update_shards(source, out_dir, splits, shard_size, progress).manifest
+    return update_shards(source, out_dir, splits, shard_size, progress, workers=workers).manifest
 
 
 def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("train", "val", "train_aug"),
-                  shard_size: int = 200, progress: bool = True, settings: dict | None = None) -> ShardsReport:
+                  shard_size: int = 200, progress: bool = True, settings: dict | None = None,
+                  workers: int = 1) -> ShardsReport:
     """Make ``out_dir`` hold the shards of ``source`` and their ``manifest.json``, writing only what is needed.
 
     ``settings`` (the data settings that made them) are recorded in the manifest; a folder whose manifest records
@@ -119,6 +127,8 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
     that are missing or differ are rebuilt from the sources, the others left untouched; then the manifest is rewritten.
     A manifest entry whose sha256 was altered while its tar is intact counts as "differs": the tar is rebuilt from the
     sources and its true sha256 recorded (the sources, not the manifest or the tar, are what both must agree with).
+    A full build packs ``workers`` shards at once (threads: JPEG checks, mask rendering and PNG encoding release the
+    GIL); every shard's bytes are the same whatever ``workers``.
     """
     from tqdm import tqdm
 
@@ -133,13 +143,11 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
         mpath.unlink(missing_ok=True)  # no manifest may vouch for shards while they are rewritten
         manifest: dict[str, Any] = {"version": FORMAT_VERSION, "fingerprint": fp, "shard_size": shard_size,
                                     **({"data": settings} if settings is not None else {}),
-                                    "source": {"voc_root": str(source.voc_root),
-                                               "sbd_root": str(source.sbd_root or ""),
-                                               "lists_dir": str(source.lists_dir or "")},
+                                    "source": source.describe(), "classes": list(source.classes),
                                     "splits": {}}
         with tqdm(total=sum(map(len, ids.values())), desc="shards", unit="img", disable=not progress) as bar:
             for split in splits:
-                _build_split(source, out_dir, split, ids[split], shard_size, manifest, bar)
+                _build_split(source, out_dir, split, ids[split], shard_size, manifest, bar, workers)
         runs.write_json(mpath, manifest)
         names = [n for info in manifest["splits"].values() for n in info["shards"]]
         return ShardsReport(manifest, rebuilt=names, full=True)
@@ -278,27 +286,38 @@ def _shard_samples(source: VOCSource, split: str, chunk: Sequence[str], bar: Any
     """The samples of ``chunk`` (validated: broken files are a DataError), advancing ``bar``."""
     samples = []
     for image_id in chunk:
-        samples.append(_sample(source, image_id, need_mask=split in SEG_SPLITS))
+        samples.append(_sample(source, image_id, need_mask=split in source.seg_splits))
         bar.update(1)
     return samples
 
 
 def _build_split(source: VOCSource, out_dir: Path, split: str, split_ids_: list[str], shard_size: int, manifest: dict,
-                 bar: Any) -> None:
-    """Write one split's shards and record them in ``manifest``."""
+                 bar: Any, workers: int = 1) -> None:
+    """Write one split's shards (``workers`` at once, threads) and record them in ``manifest``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     names, counts, shas, sizes = [], [], {}, {}
-    hist = np.zeros(NUM_CLASSES, np.int64)
+    hist = np.zeros(len(source.classes), np.int64)
     with_mask = 0
-    for index, start in enumerate(range(0, len(split_ids_), shard_size)):
+
+    def pack(index: int) -> tuple[str, int, np.ndarray, int]:
+        start = index * shard_size
         samples = _shard_samples(source, split, split_ids_[start:start + shard_size], bar)
-        for s in samples:
-            hist += s["cls.npy"] > 0.5
-            with_mask += "seg.png" in s
         name = f"{split}-{index:06d}.tar"
-        counts.append(write_shard(out_dir / name, samples))
-        names.append(name)
-        shas[name] = runs.sha256_file(out_dir / name)
-        sizes[name] = (out_dir / name).stat().st_size
+        h = np.zeros(len(source.classes), np.int64)
+        for s in samples:
+            h += s["cls.npy"] > 0.5
+        return name, write_shard(out_dir / name, samples), h, sum("seg.png" in s for s in samples)
+
+    indices = range(-(-len(split_ids_) // shard_size))
+    with ThreadPoolExecutor(max(1, min(workers, len(indices)))) as pool:
+        for name, count, h, masks in (pool.map(pack, indices) if workers > 1 else map(pack, indices)):
+            hist += h
+            with_mask += masks
+            counts.append(count)
+            names.append(name)
+            shas[name] = runs.sha256_file(out_dir / name)
+            sizes[name] = (out_dir / name).stat().st_size
     for stale in out_dir.glob(f"{split}-*.tar"):
         if stale.name not in shas:
             stale.unlink()

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..registry import VOC_LABELS
 from .tario import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, 
                      selector, verify_against_manifest)
 from .readers import _one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples  # noqa: F401
@@ -115,9 +116,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: Sequence[str], *, batch_size: int, crop: int, resize_long: tuple[int, int] | None,
                  seed: int, rank: int, world: int, start_batch: int, mask_dir: str | Path | None, mask_key: str,
                  jitter: bool, scale_range: tuple[float, float] | None, shuffle_buffer: int,
-                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0) -> None:
+                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0,
+                 num_labels: int = VOC_LABELS) -> None:
         super().__init__()
-        self.on_device, self.max_pixels = on_device, max_pixels
+        self.on_device, self.max_pixels, self.num_labels = on_device, max_pixels, num_labels
         self.max_skip_fraction = max_skip_fraction
         self.urls, self.batch_size, self.crop = [str(u) for u in urls], batch_size, crop
         self.resize_long, self.scale_range, self.jitter = resize_long, scale_range, jitter
@@ -158,7 +160,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             if raw is None:
                 raise DataError(f"{Path(self.mask_dir) / Path(sample['__url__']).name}: no {self.mask_key!r} for key "
                                 f"{sample['__key__']} of {sample['__url__']}; rerun the stage that wrote {self.mask_dir}")
-            mask = decode_value(self.mask_key, raw)
+            mask = decode_value(self.mask_key, raw, self.num_labels)
             if mask.shape != (H, W):
                 raise ValueError(f"{sample['__url__']}: mask of {sample['__key__']} is {mask.shape}, image {(H, W)}")
         rng = np.random.default_rng(_seed(self.seed, epoch, sample["__key__"]))
@@ -256,7 +258,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
                  seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, start_batch: int = 0,
                  mask_dir: str | Path | None = None, mask_key: str = "png", jitter: bool = True,
                  scale_range: tuple[float, float] | None = None, shuffle_buffer: int = 500,
-                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0) -> Iterator[dict]:
+                 max_skip_fraction: float = 0.01, on_device: bool = False, max_pixels: int = 0,
+                 num_labels: int = VOC_LABELS) -> Iterator[dict]:
     """Infinite deterministic batches of ``batch_size`` for rank ``rank`` of ``world``: {key, image, labels, [mask],
     skipped}. Every rank reads the same shuffled sample sequence and keeps every ``world``-th sample (decoding only
     those), so the union of the ranks' batch j is the batch j of one process with ``world × batch_size``.
@@ -277,7 +280,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
     ds = TrainStream(urls, batch_size=batch_size, crop=crop, resize_long=tuple(resize_long) if resize_long else None,
                      seed=seed, rank=rank, world=world, start_batch=start_batch, mask_dir=mask_dir, mask_key=mask_key,
                      jitter=jitter, scale_range=tuple(scale_range) if scale_range else None, shuffle_buffer=shuffle_buffer,
-                     max_skip_fraction=max_skip_fraction, on_device=on_device, max_pixels=max_pixels)
+                     max_skip_fraction=max_skip_fraction, on_device=on_device, max_pixels=max_pixels,
+                     num_labels=num_labels)
     if workers == 0:
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
@@ -312,9 +316,11 @@ def stream_on_device(augment_on: str) -> bool:
 def train_loader_for(cfg: Any, train: Any, split: str, **extra: Any) -> Callable[[int, int, int], Iterator[dict]]:
     """The engine's ``make_loader(rank, world, start_batch)`` over ``split``'s shards with ``train``'s augmentation
     (``cfg``: the run's Config, ``train``: one trainer's TrainCfg; ``extra``: mask_dir, scale_range, ...)."""
-    from .shards import load_manifest, split_urls
+    from .shards import load_manifest, manifest_classes, split_urls
 
-    urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir))
+    manifest = load_manifest(cfg.shards_dir)
+    urls = split_urls(cfg.shards_dir, split, manifest)
+    extra.setdefault("num_labels", len(manifest_classes(manifest)) + 1)
 
     def make_loader(rank: int, world: int, start_batch: int) -> Iterator[dict]:
         return train_loader(urls, batch_size=micro_batch(train.batch_size, world, train.grad_accum),

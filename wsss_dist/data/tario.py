@@ -19,7 +19,7 @@ from PIL import Image
 from .. import runs
 from ..config import STAGES
 from ..errors import DataError
-from .voc import NUM_CLASSES
+from ..registry import VOC_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,15 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # no '.', '/', '..', NUL, absolute pa
 _EXT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
-LABEL_VALUES = np.zeros(256, bool)
-LABEL_VALUES[: NUM_CLASSES + 1] = LABEL_VALUES[255] = True  # a label PNG holds 0 (bg), 1..20 and 255 (ignore)
+def label_values(num_labels: int = VOC_LABELS) -> np.ndarray:
+    """bool[256]: the values a label PNG of ``num_labels`` labels may hold (0 bg, 1..num_labels-1, 255 ignore)."""
+    ok = np.zeros(256, bool)
+    ok[:num_labels] = ok[255] = True
+    return ok
+
+
+LABEL_VALUES = label_values()  # VOC's (read-only): background, its classes and 255 (ignore)
+LABEL_VALUES.setflags(write=False)
 
 
 class SkipCounter:
@@ -164,7 +171,7 @@ def _ext(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower()
 
 
-def decode_value(name: str, data: bytes) -> Any:
+def decode_value(name: str, data: bytes, num_labels: int = VOC_LABELS) -> Any:
     """Explicit decoders by extension: jpg → RGB uint8 [H,W,3]; png → uint8 [H,W] indices; npy; json; else bytes."""
     ext = _ext(name)
     if ext in PICKLE_EXTS:
@@ -177,9 +184,10 @@ def decode_value(name: str, data: bytes) -> Any:
             if img.mode not in ("P", "L"):
                 raise ValueError(f"{name}: label PNG has mode {img.mode}, expected P or L")
             m = np.array(img, dtype=np.uint8)
-        if not LABEL_VALUES[m].all():
-            bad = np.setdiff1d(np.unique(m), np.flatnonzero(LABEL_VALUES))
-            raise ValueError(f"{name}: label values must be 0..20 or 255, found {bad.tolist()[:5]}")
+        ok = label_values(num_labels)
+        if not ok[m].all():
+            bad = np.setdiff1d(np.unique(m), np.flatnonzero(ok))
+            raise ValueError(f"{name}: label values must be 0..{num_labels - 1} or 255, found {bad.tolist()[:5]}")
         return m
     if ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
@@ -216,7 +224,7 @@ def check_pixels(sample: dict, key: str, max_pixels: int) -> None:
                          f"data.max_pixels={max_pixels}; skipped undecoded")
 
 
-def decode_sample(sample: dict, keys: Sequence[str], max_pixels: int = 0) -> dict:
+def decode_sample(sample: dict, keys: Sequence[str], max_pixels: int = 0, num_labels: int = VOC_LABELS) -> dict:
     """Decode only ``keys`` of a raw sample (missing key → ValueError, i.e. a broken sample; ``"seg.png?"`` is
     optional); a JPEG of more than ``max_pixels`` pixels (0: no cap) is a ValueError before decoding."""
     refuse_pickles(sample)
@@ -232,7 +240,7 @@ def decode_sample(sample: dict, keys: Sequence[str], max_pixels: int = 0) -> dic
             raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has no {k!r}")
         if _ext(k) in ("jpg", "jpeg"):
             check_pixels(sample, k, max_pixels)
-        out[k] = decode_value(k, sample[k])
+        out[k] = decode_value(k, sample[k], num_labels)
     return out
 
 
@@ -340,7 +348,8 @@ def raw_samples(urls: Iterable[str], keys: Sequence[str], counter: SkipCounter) 
     return iter(pipeline)
 
 
-def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None, max_pixels: int = 0) -> Iterator[dict]:
+def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None, max_pixels: int = 0,
+               num_labels: int = VOC_LABELS) -> Iterator[dict]:
     """Decoded samples of one tar (``__key__`` + ``keys``); broken samples (and images of more than ``max_pixels``
     pixels, 0: no cap) are skipped and counted in ``counter``.
 
@@ -356,7 +365,7 @@ def read_shard(url: str, keys: Sequence[str], counter: SkipCounter | None = None
         wds.SimpleShardList([str(url)]),
         check_tars(),
         wds.tarfile_to_samples(handler=counter.tar_handler, select_files=selector(keys)),
-        wds.map(lambda s: decode_sample(s, keys, max_pixels), handler=counter.handler),
+        wds.map(lambda s: decode_sample(s, keys, max_pixels, num_labels), handler=counter.handler),
     )
     for sample in pipeline:
         counter.seen += 1

@@ -1,6 +1,6 @@
 """A synthetic dataset in the VOC2012 + SBD on-disk layout, where image-level WSSS is a real problem.
 
-Each of the 20 classes is an object whose body (shape, colour, texture) is shared with four other classes (four body
+Each of the (VOC's) 20 classes is an object whose body (shape, colour, texture) is shared with four other classes (four body
 types) and that is told apart only by a small two-colour marker (top half / bottom half, a colour pair unique to the
 class; flip-invariant under horizontal flips). A classifier therefore fires on the marker, and CAM refinement has the
 rest of the body to recover. Images hold 1–3 objects (same-class repeats allowed) on cluttered textured backgrounds;
@@ -20,7 +20,10 @@ from PIL import Image
 
 from .. import runs
 from ..config import ToyCfg
-from .voc import CLASSES, write_mask_png
+from ..registry import DATASETS
+from .voc import write_mask_png
+
+CLASSES = DATASETS["toy"].classes  # the toy data uses VOC's classes and layout
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, tuple[int, int, int, int]]]]:
-    """One image: RGB uint8 [H, W, 3], label map uint8 [H, W] (0 bg, 1..20; no void band), objects (class, box)."""
+    """One image: RGB uint8 [H, W, 3], label map uint8 [H, W] (0 bg, 1..len(CLASSES); no void band), objects (class, box)."""
     H, W = (int(round(size * rng.uniform(0.75, 1.25))) for _ in range(2))
     if H == W:
         W += 1

@@ -14,16 +14,15 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
-CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}  # index into the 20 labels (no bg)
-NUM_CLASSES = len(CLASSES)
-IGNORE = 255
+VOC = DATASETS["voc"]  # the registry entry: classes, ignore value, splits
+CLASSES: tuple[str, ...] = VOC.classes
+CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}  # index into the labels (no bg)
+NUM_CLASSES = VOC.num_classes
+IGNORE = VOC.ignore
 _LIST_RE = re.compile(r"^(?:/?JPEGImages/)?([A-Za-z0-9_-]+)(?:\.jpg)?$")  # <id>, <id>.jpg or psa's /JPEGImages/<id>.jpg
 
 
@@ -129,6 +128,10 @@ def preflight(voc_root: str | os.PathLike, sbd_root: str | os.PathLike | None = 
 class VOCSource:
     """Read-only access to a VOC2012 folder (+ optional SBD ``benchmark_RELEASE`` and psa/irn list folder)."""
 
+    classes: tuple[str, ...] = CLASSES
+    splits: tuple[str, ...] = VOC.splits
+    seg_splits: tuple[str, ...] = VOC.seg_splits
+
     def __init__(self, voc_root: str | os.PathLike, sbd_root: str | os.PathLike | None = None,
                  lists_dir: str | os.PathLike | None = None) -> None:
         self.voc_root = Path(voc_root)
@@ -195,6 +198,19 @@ class VOCSource:
                 return q
         return None
 
+    def expected_mask_path(self, image_id: str) -> Path:
+        """Where the mask of an image of a segmentation list is expected (for errors)."""
+        return self.voc_root / "SegmentationClass" / f"{image_id}.png"
+
+    def describe(self) -> dict[str, str]:
+        """The manifest's ``source`` entry: the folders read."""
+        return {"voc_root": str(self.voc_root), "sbd_root": str(self.sbd_root or ""),
+                "lists_dir": str(self.lists_dir or "")}
+
+    def extra_files(self) -> list[Path]:
+        """Files besides the lists and per-image files that the shards depend on (cls_labels.npy)."""
+        return [self.lists_dir / "cls_labels.npy"] if self.lists_dir is not None else []
+
     def xml_path(self, image_id: str) -> Path:
         """The VOC annotation XML path (it may not exist)."""
         return self.voc_root / "Annotations" / f"{image_id}.xml"
@@ -205,7 +221,7 @@ class VOCSource:
         return [p for p in out if p is not None and p.is_file()]
 
     def mask(self, image_id: str) -> np.ndarray | None:
-        """Ground-truth mask uint8 [H, W] (0 bg, 1..20 classes, 255 void) or None; validated against the image."""
+        """Ground-truth mask uint8 [H, W] (0 bg, 1..NUM_CLASSES classes, 255 void) or None; validated against the image."""
         p = self.mask_path(image_id)
         if p is None:
             return None
@@ -215,7 +231,7 @@ class VOCSource:
             m = _read_sbd_mat(p)
         bad = np.setdiff1d(np.unique(m), np.r_[np.arange(NUM_CLASSES + 1), IGNORE])
         if bad.size:
-            raise DataError(f"{p}: mask values must be 0..20 or 255, found {bad.tolist()[:5]}")
+            raise DataError(f"{p}: mask values must be 0..{NUM_CLASSES} or {IGNORE}, found {bad.tolist()[:5]}")
         with Image.open(self.jpeg_path(image_id)) as img:
             w, h = img.size
         if m.shape != (h, w):
@@ -224,7 +240,7 @@ class VOCSource:
 
     # ---- labels ----
     def labels(self, image_id: str) -> np.ndarray:
-        """Image-level labels float32[20]: VOC XML object names, else the list folder's cls_labels.npy, else the mask."""
+        """Image-level labels float32[NUM_CLASSES]: VOC XML object names, else the list folder's cls_labels.npy, else the mask."""
         xml = self.xml_path(image_id)
         if xml.is_file():
             return _xml_labels(xml)
@@ -238,7 +254,7 @@ class VOCSource:
         return mask_labels(m)
 
     def cls_labels(self) -> dict[str, np.ndarray]:
-        """``lists_dir/cls_labels.npy`` as {id: float32[20]} (psa str keys or irn int keys)."""
+        """``lists_dir/cls_labels.npy`` as {id: float32[NUM_CLASSES]} (psa str keys or irn int keys)."""
         if self._cls_labels is None:
             if self.lists_dir is None:
                 raise DataError("cls_labels.npy needs data.lists_dir")
@@ -247,7 +263,7 @@ class VOCSource:
 
 
 def load_cls_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A psa/irn ``cls_labels.npy`` dict as {VOC id string: float32[20]}."""
+    """A psa/irn ``cls_labels.npy`` dict as {VOC id string: float32[NUM_CLASSES]}."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: cls_labels.npy not found")
@@ -258,13 +274,13 @@ def load_cls_labels(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - any failure means the file is not what we expect
         raise DataError(f"{path}: cannot read as a dict of image-level labels ({type(e).__name__}: {e})") from None
     if not isinstance(table, dict):
-        raise DataError(f"{path}: expected a dict id -> float32[20], got {type(table).__name__}")
+        raise DataError(f"{path}: expected a dict id -> float32[{NUM_CLASSES}], got {type(table).__name__}")
     out = {}
     for k, v in table.items():
         key = k if isinstance(k, str) else _decode_int_id(int(k))
         vec = np.asarray(v, dtype=np.float32).reshape(-1)
         if vec.shape != (NUM_CLASSES,):
-            raise DataError(f"{path}: labels of {key} have shape {vec.shape}, expected (20,)")
+            raise DataError(f"{path}: labels of {key} have shape {vec.shape}, expected ({NUM_CLASSES},)")
         out[key] = vec
     return out
 
@@ -321,16 +337,16 @@ def _xml_labels(path: Path) -> np.ndarray:
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in CLASS_TO_INDEX:
-            raise DataError(f"{path}: unknown object name {name!r}; expected one of the 20 VOC classes")
+            raise DataError(f"{path}: unknown object name {name!r}; expected one of the {NUM_CLASSES} VOC classes")
         y[CLASS_TO_INDEX[name]] = 1
     return y
 
 
-def mask_labels(mask: np.ndarray) -> np.ndarray:
-    """Image-level labels float32[20] from the classes present in a mask."""
-    y = np.zeros(NUM_CLASSES, np.float32)
+def mask_labels(mask: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Image-level labels float32[num_classes] (default VOC's) from the classes present in a mask."""
+    y = np.zeros(num_classes, np.float32)
     present = np.unique(mask)
-    present = present[(present >= 1) & (present <= NUM_CLASSES)]
+    present = present[(present >= 1) & (present <= num_classes)]
     y[present.astype(int) - 1] = 1
     return y
 

@@ -22,7 +22,7 @@ import torch
 from .. import runs
 from ..config import Config
 from ..errors import DataError
-from ..data.shards import (check_skip_fraction, load_manifest, record_path, record_problem, sha256_bytes, split_urls,
+from ..data.shards import (check_skip_fraction, load_manifest, manifest_classes, record_path, record_problem, sha256_bytes, split_urls,
                            tar_bytes)
 from ..data.stream import image_tensor, prepare_image, shard_samples
 from ..errors import Interrupted
@@ -78,7 +78,8 @@ def map_shards(cfg: Config, split: str, out_dir: Path, keys: tuple[str, ...], pr
     if todo:
         samples = shard_samples(todo, keys, paired=[(str(pdir), pk) for pdir, pk in paired], prepare=prepare,
                                 num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-                                max_pixels=cfg.data.max_pixels, min_side=cfg.model.output_stride)
+                                max_pixels=cfg.data.max_pixels, min_side=cfg.model.output_stride,
+                                num_labels=len(manifest_classes(manifest)) + 1)
         with contextlib.closing(samples), stop, \
                 tqdm(total=sum(_count(manifest, split, u) for u in todo), desc=desc, disable=not d.main, unit="img") as bar:
             writer = _ShardWriter(out_dir, evaluate, stage or desc, made_from)
@@ -258,7 +259,7 @@ def _gather(out_dir: Path, urls: list[str]) -> dict:
 @torch.no_grad()
 def split_features(cfg: Config, split: str, features: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, np.ndarray]:
     """``features(image [1, 3, H, W]) → [1, D]`` of every image of ``split``, in shard order, on this process's
-    device (images decoded in ``data.num_workers`` reader workers): ``{"keys", "features" [N, D], "labels" [N, 20]}``."""
+    device (images decoded in ``data.num_workers`` reader workers): ``{"keys", "features" [N, D], "labels" [N, K]}``."""
     device = dist().device
     urls = split_urls(cfg.shards_dir, split, load_manifest(cfg.shards_dir, verify=False))
     rows: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {Path(u).name: [] for u in urls}

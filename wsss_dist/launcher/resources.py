@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import Config, SlurmCfg, get
 from ..errors import UserError
-from ..registry import STAGE_SPECS
+from ..registry import DATASETS, STAGE_SPECS
 from .options import LaunchCfg
 
 
@@ -27,6 +27,16 @@ DATASET_STAGE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {"voc": {
     "seg": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 240},
     "eval": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 60},
     "report": {"cpus_per_task": 2, "mem_gb": 8, "time_min": 30},
+}, "coco": {  # 82,081 train / 40,137 val images (the coco preset: cls 25,650 × 16, aff 30,780 × 8, seg 100,000 × 20)
+    "shards": {"cpus_per_task": 8, "mem_gb": 32, "time_min": 360},  # the train instances JSON (~450 MB) in memory; masks rendered
+    "teacher": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 480},
+    "cls": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 480},  # ≈ 2.9 h at 40 img/s
+    "cam": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 360},  # ≈ 2.5 h at 9 img/s
+    "aff": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 360},  # ≈ 1.7 h at 40 img/s
+    "pseudo": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 360},  # ≈ 2.3 h at 10 img/s
+    "seg": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "time_min": 480},  # ≈ 2.8 h at 200 img/s
+    "eval": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "time_min": 60},
+    "report": {"cpus_per_task": 2, "mem_gb": 16, "time_min": 30},  # 81-column tables and heat maps
 }}
 
 
@@ -54,7 +64,8 @@ def stage_hours(cfg: Config, stage: str, gpus: int) -> float | None:
         t = get(cfg, f"{stage}.train")
         images = t.steps * t.batch_size
     else:
-        images = {"eval": 1449}.get(stage, 10582) if cfg.data.name == "voc" else 0
+        counts = dict(DATASETS[cfg.data.name].images)  # the full dataset's images per split (registry; none: unknown)
+        images = counts.get("val" if stage == "eval" else cfg.cam.split, 0)
     return images / (STAGE_RATES[stage] * gpus) / 3600
 
 

@@ -86,7 +86,7 @@ def affinity_labels(
 ) -> torch.Tensor:
     """Affinity labels from normalised CAMs [K, h, w] of classes [K] → LongTensor [h, w].
 
-    Values: 0 confident background, 1..20 confident class, 255 uncertain.
+    Values: 0 confident background, 1..K confident class, 255 uncertain.
 
     * ``mode="threshold"`` (irn): argmax over [conf_fg plane; cams] gives the
       foreground (max CAM > conf_fg); argmax over [conf_bg plane; cams] gives the

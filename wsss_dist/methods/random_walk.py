@@ -360,7 +360,7 @@ def propagate_labels(
     stride: int = 8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Pseudo label map [H, W] (values 0..20) from normalised CAMs [K, H, W] of classes [K].
+    """Pseudo label map [H, W] (values 0..K: background and the class ids) from normalised CAMs [K, H, W] of classes [K].
 
     psa's inference: background (1 - max CAM)^alpha stacked before the CAMs, zero-padded
     to a multiple of ``stride``, average-pooled to the feature grid (features [D, h, w]

@@ -1,7 +1,7 @@
 """Models: backbones (ResNet-38d, timm ResNets) and the three heads (+ the ViT teacher), built by the one factory
 :func:`create_model` from a spec (a ``model.json``) or a kind and keywords; pretrained weights: :mod:`.pretrained`.
 
->>> model = create_model("cam", "resnet18", frozen_bn=False, num_classes=20)   # doctest: +SKIP
+>>> model = create_model("cam", "resnet18", frozen_bn=False, num_classes=3)   # doctest: +SKIP
 >>> model = create_model("deeplab", "resnet101", weights="r101.safetensors")   # doctest: +SKIP
 """
 from __future__ import annotations

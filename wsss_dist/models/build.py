@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from .. import runs
 from ..config import Config
+from ..data.datasets import dataset_classes
 from ..data.stream import IMAGENET_MEAN, IMAGENET_STD
+from ..registry import DATASETS
 from ..errors import ConfigError, WeightsError
 from .affinity_net import AffinityNet
 from .backbones import create_backbone
@@ -29,7 +31,10 @@ from .weights import MODEL_JSON, WEIGHTS, load_model_weights, redo_advice
 logger = logging.getLogger(__name__)
 
 MODELS = MappingProxyType({"cam": CAMNet, "affinity": AffinityNet, "deeplab": DeepLabV2})
-NUM_CLASSES = MappingProxyType({"cam": 20, "deeplab": 21, "vit": 20})  # VOC: 20 foreground classes (+ background)
+# The head sizes of a model.json without ``num_classes`` (runs made before the dataset registry: VOC's); the specs of
+# a config record the dataset's (wsss_dist.data.datasets.dataset_classes).
+NUM_CLASSES = MappingProxyType({"cam": DATASETS["voc"].num_classes, "deeplab": DATASETS["voc"].num_labels,
+                                "vit": DATASETS["voc"].num_classes})
 
 
 def _normalization(weights: str | None, arch: str) -> dict[str, list[float]]:
@@ -42,7 +47,8 @@ def classifier_spec(cfg: Config, num_sub: int = 0) -> dict[str, Any]:
     """The architecture of the CAM classifier of ``cfg`` (what ``cls/model.json`` holds)."""
     m = cfg.model
     return {"kind": "cam", "backbone": m.backbone, "output_stride": m.output_stride, "frozen_bn": m.frozen_bn,
-            "num_sub": num_sub, "method": cfg.method, **_normalization(m.weights, m.backbone)}
+            "num_sub": num_sub, "method": cfg.method, "num_classes": len(dataset_classes(cfg)),
+            **_normalization(m.weights, m.backbone)}
 
 
 def affinity_spec(cfg: Config) -> dict[str, Any]:
@@ -56,13 +62,13 @@ def deeplab_spec(cfg: Config) -> dict[str, Any]:
     """The architecture of DeepLab-v2 (``seg/model.json``); ``seg.init=cls``: the classifier's normalisation."""
     weights = cfg.seg.weights if cfg.seg.init == "imagenet" else cfg.model.weights
     return {"kind": "deeplab", "backbone": cfg.seg.backbone, "frozen_bn": cfg.seg.frozen_bn,
-            **_normalization(weights, cfg.seg.backbone)}
+            "num_classes": len(dataset_classes(cfg)) + 1, **_normalization(weights, cfg.seg.backbone)}
 
 
 def teacher_spec(cfg: Config) -> dict[str, Any]:
     """The architecture of the ViT teacher (``teacher/model.json``)."""
     return {"kind": "vit", "arch": cfg.teacher.arch, "img_size": cfg.teacher.img_size,
-            **_normalization(cfg.teacher.weights, cfg.teacher.arch)}
+            "num_classes": len(dataset_classes(cfg)), **_normalization(cfg.teacher.weights, cfg.teacher.arch)}
 
 
 def spec_normalization(spec: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -76,7 +82,7 @@ def create_model(spec: Mapping[str, Any] | str, backbone: str | None = None, *, 
     affinity, deeplab, vit — with ``backbone`` and the other entries as keywords), heads randomly initialised;
     ``weights``: the backbone's (the ViT's) init (docs/usage.md#weights).
 
-    >>> model = create_model("cam", "resnet18", frozen_bn=False, num_classes=20)   # doctest: +SKIP
+    >>> model = create_model("cam", "resnet18", frozen_bn=False, num_classes=3)   # doctest: +SKIP
     >>> model = create_model(runs.read_json(Path("runs/x/seg/model.json")))          # doctest: +SKIP
     """
     spec = dict(spec) if isinstance(spec, Mapping) else {"kind": spec, **({"backbone": backbone} if backbone else {}), **arch}
@@ -217,7 +223,7 @@ def build_deeplab(cfg: Config) -> DeepLabV2:
 
 
 def build_teacher(cfg: Config) -> nn.Module:
-    """A timm ViT with a 20-way multi-label head at ``teacher.img_size``, initialised from ``teacher.weights``."""
+    """A timm ViT with a multi-label head over the dataset's classes at ``teacher.img_size``, initialised from ``teacher.weights``."""
     return create_model(teacher_spec(cfg), weights=imagenet_weights(cfg.teacher.weights, "teacher.weights"))
 
 

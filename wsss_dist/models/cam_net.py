@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_dist.models.backbones import Backbone, head_param_groups
+from ..registry import DATASETS
+
+VOC = DATASETS["voc"]  # the default head size (a spec without num_classes)
 
 
 class CAMNet(nn.Module):
     """Backbone + GAP + bias-free 1×1 classifier(s); returns logits, sub-logits, CAMs and pooled features."""
 
-    def __init__(self, backbone: Backbone, num_classes: int = 20, num_sub: int = 0, dropout: float = 0.5) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int = VOC.num_classes, num_sub: int = 0, dropout: float = 0.5) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes

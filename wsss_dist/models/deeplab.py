@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss_dist.models.backbones import Backbone, merge_param_groups
+from ..registry import DATASETS
+
+VOC = DATASETS["voc"]  # the default head size (a spec without num_classes)
 
 
 class DeepLabV2(nn.Module):
     """Backbone + ASPP (rates 6/12/18/24, with bias, N(0, 0.01) init, outputs summed)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int = 21, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int = VOC.num_labels, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes

@@ -23,7 +23,7 @@ from .. import runs
 from ..config import Config
 from ..errors import ConfigError
 from ..data.records import encode_cam
-from ..data.shards import load_manifest, split_ids
+from ..data.shards import load_manifest, manifest_classes, split_ids
 from ..data.stream import image_tensor, prepare_image
 from ..engine import autocast, dist, map_shards
 from ..metrics import miou_metrics, sweep_confusion
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 @torch.inference_mode()
 def multiscale_cam(model: torch.nn.Module, image: torch.Tensor, labels: torch.Tensor,
                    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), flip: bool = True) -> torch.Tensor:
-    """Normalised CAMs [K, H, W] of the image's K classes (``labels``: 20 multi-hot), summed over scales and flips."""
+    """Normalised CAMs [K, H, W] of the image's K classes (``labels``: multi-hot over the dataset's classes), summed over scales and flips."""
     x = image if image.dim() == 4 else image.unsqueeze(0)
     return multiscale_cams(model, x, [labels], scales, flip)[0]
 
@@ -62,7 +62,7 @@ def multiscale_cams(model: torch.nn.Module, images: torch.Tensor, labels: Sequen
 
 
 def cam_labels(cams: torch.Tensor, classes: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Label map [H, W]: argmax over [background plane = threshold, CAMs] mapped to class ids 0..20."""
+    """Label map [H, W]: argmax over [background plane = threshold, CAMs] mapped to class ids 0..K."""
     if len(classes) == 0:
         return torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
     value, idx = cams.max(0)
@@ -80,7 +80,9 @@ def run(cfg: Config) -> dict:
         raise ConfigError(f"cam.batch_images={cfg.cam.batch_images}: images per CAM forward must be at least 1")
     d = dist()
     model = load_trained(cfg, "cls", "cam").to(d.device).to(memory_format=torch.channels_last)
-    ids = set(split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cam.eval_split))
+    manifest = load_manifest(cfg.shards_dir, verify=False)
+    ids = set(split_ids(manifest, cfg.cam.eval_split))
+    labels_count = len(manifest_classes(manifest)) + 1  # background + the dataset's classes
     ths = thresholds(cfg)
     c = cfg.cam
 
@@ -103,7 +105,7 @@ def run(cfg: Config) -> dict:
         gt = sample.get("seg.png")
         if gt is None or sample["__key__"] not in ids:
             return None
-        return sweep_confusion(*prediction, gt, ths)
+        return sweep_confusion(*prediction, gt, ths, num_classes=labels_count)
 
     result = map_shards(cfg, c.split, runs.stage_dir(cfg.run_dir, "cam"), ("jpg", "cls.npy", "seg.png?"), process,
                         evaluate, desc="cam", prepare=prepare_image, batch=c.batch_images)

@@ -1,6 +1,6 @@
 """Stage cls: train the CAM classifier with one of six methods.
 
-Inputs: train shards (image + 20 image-level labels). Model: backbone → GAP → bias-free 1×1 classifier
+Inputs: train shards (image + image-level labels over the dataset's K classes). Model: backbone → GAP → bias-free 1×1 classifier
 (+ a sub-category head for ``sc``/``teach``). Objective per method (its entry in :mod:`wsss_dist.registry`):
 
 - ``cam``:      L = MLSM(ŷ, y)

@@ -11,6 +11,7 @@ import torch
 
 from .. import runs
 from ..config import Config
+from ..data.datasets import num_labels
 from ..data.records import encode_label
 from ..data.stream import image_tensor, prepare_image
 from ..engine import dist, map_shards
@@ -23,6 +24,7 @@ def run(cfg: Config) -> dict:
     d = dist()
     model = load_trained(cfg, "seg", "eval").to(d.device)
     s = cfg.seg
+    labels_count = num_labels(cfg)  # background + the dataset's classes (the confusion matrix's size)
 
     @torch.no_grad()
     def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
@@ -31,7 +33,7 @@ def run(cfg: Config) -> dict:
         return lambda: encode_label(sample["__key__"], pred.cpu().numpy()), pred
 
     result = map_shards(cfg, "val", runs.stage_dir(cfg.run_dir, "eval"), ("jpg", "seg.png?"), process,
-                        lambda sample, pred: gt_confusion(pred.cpu().numpy(), sample), desc="eval",
+                        lambda sample, pred: gt_confusion(pred.cpu().numpy(), sample, labels_count), desc="eval",
                         prepare=prepare_image)
     metrics = {"samples": result["samples"], "skipped": result["skipped"], "split": "val", **miou_metrics(result["cm"])}
     if d.main:

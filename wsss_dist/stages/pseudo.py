@@ -17,7 +17,7 @@ import torch
 from .. import runs
 from ..config import Config
 from ..data.records import CAM_KEYS, decode_cam, encode_label
-from ..data.shards import load_manifest, split_ids
+from ..data.shards import load_manifest, manifest_classes, split_ids
 from ..data.stream import image_tensor, prepare_image
 from ..engine import dist, map_shards
 from ..methods.random_walk import propagate_labels
@@ -39,7 +39,9 @@ def run(cfg: Config) -> dict:
     d = dist()
     model = load_trained(cfg, "aff", "pseudo").to(d.device)
     p = cfg.pseudo
-    ids = set(split_ids(load_manifest(cfg.shards_dir, verify=False), cfg.cam.eval_split))
+    manifest = load_manifest(cfg.shards_dir, verify=False)
+    ids = set(split_ids(manifest, cfg.cam.eval_split))
+    labels_count = len(manifest_classes(manifest)) + 1  # background + the dataset's classes
 
     @torch.no_grad()
     def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
@@ -54,7 +56,7 @@ def run(cfg: Config) -> dict:
         return lambda: encode_label(sample["__key__"], label.cpu().numpy()), label
 
     def evaluate(sample: dict, label: torch.Tensor) -> np.ndarray | None:
-        return gt_confusion(label.cpu().numpy(), sample) if sample["__key__"] in ids else None
+        return gt_confusion(label.cpu().numpy(), sample, labels_count) if sample["__key__"] in ids else None
 
     result = map_shards(cfg, cfg.cam.split, runs.stage_dir(cfg.run_dir, "pseudo"), ("jpg", "seg.png?"), process,
                         evaluate, paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="pseudo", prepare=prepare)

@@ -17,15 +17,18 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .. import runs, viz
 from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
-from ..data.shards import load_manifest, read_shard, split_ids, split_urls
-from ..data.voc import CLASSES, PALETTE
+from ..data.shards import load_manifest, manifest_classes, read_shard, split_ids, split_urls
+from ..data.datasets import dataset_classes
+from ..data.voc import PALETTE
+from ..errors import DataError
+from ..registry import DATASETS
 from ..registry import STAGE_SPECS, TRAINERS
 
 logger = logging.getLogger(__name__)
@@ -205,36 +208,41 @@ def loss_figure(points: list[dict]) -> bytes | None:
     return data
 
 
-def iou_figure(rows: list[dict], stage: str, title: str) -> bytes | None:
-    """A heat map of per-class IoU (%): rows = (method, split), columns = background + 20 classes."""
+def iou_figure(rows: list[dict], stage: str, title: str, classes: Sequence[str]) -> bytes | None:
+    """A heat map of per-class IoU (%): rows = (method, split), columns = background + the dataset's classes."""
     import matplotlib.pyplot as plt
 
     mats = [(f"{r['method']} ({r['split']})", r[f"iou_{stage}"]) for r in rows if r[f"iou_{stage}"]]
     if not mats:
         return None
     m = np.array([[np.nan if x is None else 100 * x for x in v] for _, v in mats])
-    fig, ax = plt.subplots(figsize=(12, 0.5 * len(mats) + 1.6))
-    im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-    ax.set_xticks(range(21), ["bg", *CLASSES], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(mats)), [n for n, _ in mats], fontsize=8)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if not np.isnan(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] < 50 else "black")
-    fig.colorbar(im, ax=ax, label="IoU (%)")
-    ax.set_title(title)
+    names = ["bg", *classes][: m.shape[1]]
+    parts = [range(s, min(s + WIDE, m.shape[1])) for s in range(0, m.shape[1], WIDE)]  # COCO: 4 panels of ≤ 21
+    fig, axes = plt.subplots(len(parts), 1, figsize=(12, len(parts) * (0.5 * len(mats) + 1.6)), squeeze=False,
+                             layout="constrained" if len(parts) > 1 else None)  # panels: room for their labels
+    for ax, cols in zip(axes[:, 0], parts):
+        sub = m[:, cols.start:cols.stop]
+        im = ax.imshow(sub, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(cols)), names[cols.start:cols.stop], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(mats)), [n for n, _ in mats], fontsize=8)
+        for i in range(sub.shape[0]):
+            for j in range(sub.shape[1]):
+                if not np.isnan(sub[i, j]):
+                    ax.text(j, i, f"{sub[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if sub[i, j] < 50 else "black")
+        fig.colorbar(im, ax=ax, label="IoU (%)")
+    axes[0, 0].set_title(title)
     data = _png(fig)
     plt.close(fig)
     return data
 
 
-def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[str]) -> dict[str, dict]:
+def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[str], num_labels: int) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for name in names:
         if not (url_dir / name).exists():
             continue
-        for s in read_shard(str(url_dir / name), keys):
+        for s in read_shard(str(url_dir / name), keys, num_labels=num_labels):
             if s["__key__"] in wanted:
                 found[s["__key__"]] = s
         if len(found) == len(wanted):
@@ -242,8 +250,8 @@ def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[st
     return found
 
 
-def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str]) -> bytes:
-    """A titled grid of pictures (None: an empty cell) with a legend of the VOC classes present."""
+def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str], classes: Sequence[str]) -> bytes:
+    """A titled grid of pictures (None: an empty cell) with a legend of the dataset's classes."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -256,8 +264,10 @@ def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str]) -> bytes
                 ax.imshow(pic)
             if i == 0:
                 ax.set_title(titles[j], fontsize=8)
-    fig.legend(handles=[Patch(color=PALETTE[c] / 255, label=n) for c, n in enumerate(["background", *CLASSES])],
-               loc="lower center", ncol=7, fontsize=7, frameon=False)
+    names = ["background", *classes]
+    ncol = max(7, -(-len(names) // 3))  # three legend rows at most (VOC: 7 columns, as before)
+    fig.legend(handles=[Patch(color=PALETTE[c] / 255, label=n) for c, n in enumerate(names)],
+               loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.subplots_adjust(bottom=0.12)
     data = _png(fig)
     plt.close(fig)
@@ -267,6 +277,7 @@ def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str]) -> bytes
 def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) -> list[str]:
     """The qualitative grids (the first run of each group), same images across groups; their file names."""
     manifest = load_manifest(cfg.shards_dir, verify=False)
+    labels_count = len(manifest_classes(manifest)) + 1
     reps = [(f"{m} ({s})", Path(ps[0]["run"])) for (m, s), ps in grouped.items()]
     written = []
     for split, ids_split, stages, name in ((cfg.cam.split, cfg.cam.eval_split, ("cam", "pseudo"), "cams.png"),
@@ -275,8 +286,8 @@ def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) 
         wanted = set(split_ids(manifest, ids_split)[: cfg.report.num_images])
         if not wanted:
             continue
-        base = _find(cfg.shards_dir, names, ("jpg", "seg.png?"), wanted)
-        found = {(r, st): _find(r / st, names, CAM_KEYS if st == "cam" else LABEL_KEYS, wanted)
+        base = _find(cfg.shards_dir, names, ("jpg", "seg.png?"), wanted, labels_count)
+        found = {(r, st): _find(r / st, names, CAM_KEYS if st == "cam" else LABEL_KEYS, wanted, labels_count)
                  for _, r in reps for st in stages}
         titles = ["image"] + [f"{ {'cam': 'CAM', 'pseudo': 'pseudo', 'eval': 'DeepLab'}[st]} {g}" for st in stages
                               for g, _ in reps] + ["ground truth"]
@@ -297,9 +308,36 @@ def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) 
             row.append(viz.colorize(gt) if gt is not None else None)
             rows.append(row)
         if rows:
-            runs.atomic_write(out / name, grid_figure(rows, titles))
+            runs.atomic_write(out / name, grid_figure(rows, titles, manifest_classes(manifest)))
             written.append(name)
     return written
+
+
+WIDE = DATASETS["voc"].num_labels  # per-class tables and heat maps up to VOC's width keep one column per class
+
+
+def per_class_table(rows: list[dict], stage: str, classes: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-class IoU (%) table of ``stage``: one row per (method, split) and a column per class; with more labels
+    than :data:`WIDE` (COCO's 81) transposed, one row per class sorted by the first group's IoU, best first."""
+    names = ["bg", *classes]
+    cells = [["–"] * len(names) if not r[f"iou_{stage}"] else
+             ["–" if x is None else f"{100 * x:.1f}" for x in r[f"iou_{stage}"]] for r in rows]
+    if len(names) <= WIDE:
+        return ["method", "split", *names], [[r["method"], r["split"], *c] for r, c in zip(rows, cells)]
+    first = next((r[f"iou_{stage}"] for r in rows if r[f"iou_{stage}"]), None) or [None] * len(names)
+    order = sorted(range(len(names)), key=lambda i: (first[i] is None, -(first[i] or 0.0), i))
+    return (["class", *(f"{r['method']} ({r['split']})" for r in rows)],
+            [[names[i], *(c[i] if i < len(c) else "–" for c in cells)] for i in order])
+
+
+def report_classes(cfg: Config, rows: list[dict]) -> tuple[str, ...]:
+    """The class names of the report's columns: the dataset's (registry, manifest or labels file); when those cannot
+    be read, ``class 1``.. as many as the runs' per-class IoUs have."""
+    try:
+        return dataset_classes(cfg)
+    except (DataError, OSError):
+        n = max((len(r[f"iou_{st}"]) for r in rows for st in ("cam", "pseudo", "eval") if r.get(f"iou_{st}")), default=1)
+        return tuple(f"class {i}" for i in range(1, n))
 
 
 def run(cfg: Config) -> dict:
@@ -310,6 +348,7 @@ def run(cfg: Config) -> dict:
     points = [load_run(Path(r)) for r in (cfg.report.runs or (str(cfg.run_dir),))]
     grouped = groups(points)
     rows = summary_rows(grouped)
+    classes = report_classes(cfg, rows)
     out = runs.stage_dir(cfg.run_dir, "report")
     header = ["method", "split", *[t for *_, t in STAGES]]
     table = [[r["method"], r["split"], *[_pct(r[t]) for *_, t in STAGES]] for r in rows]
@@ -326,7 +365,7 @@ def run(cfg: Config) -> dict:
         pics.append("losses.png")
     for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
                          ("eval", "DeepLab per-class IoU (val)")):
-        data = iou_figure(rows, stage, title)
+        data = iou_figure(rows, stage, title, classes)
         if data is not None:
             runs.atomic_write(out / f"iou_{stage}.png", data)
             pics.append(f"iou_{stage}.png")
@@ -349,9 +388,7 @@ def run(cfg: Config) -> dict:
         page += [f"<h2>{title}</h2>", html_table(h, t)]
     for stage, title in (("cam", "CAM per-class IoU (train)"), ("pseudo", "Pseudo-label per-class IoU (train)"),
                          ("eval", "DeepLab per-class IoU (val)")):
-        h = ["method", "split", "bg", *CLASSES]
-        t = [[r["method"], r["split"], *(["–"] * 21 if not r[f"iou_{stage}"] else
-                                          ["–" if x is None else f"{100 * x:.1f}" for x in r[f"iou_{stage}"]])] for r in rows]
+        h, t = per_class_table(rows, stage, classes)
         md += [f"## {title} (mean over seeds)", "", markdown(h, t), ""]
         page += [f"<h2>{html.escape(title)} (mean over seeds)</h2>", html_table(h, t)]
     for p in pics:

@@ -2,7 +2,7 @@
 
 Inputs: the ``cls.split`` shards, normalised with the mean/std timm's data config gives for the teacher's weights
 (ImageNet's when it trains from scratch). Model: timm ``teacher.arch`` (``teacher.weights``: docs/usage.md#weights)
-with a 20-way head, position embedding resampled to ``teacher.img_size``. Objective: multilabel soft-margin loss. Engine: :func:`wsss_dist.engine.fit`. Outputs:
+with a multi-label head over the dataset's classes, position embedding resampled to ``teacher.img_size``. Objective: multilabel soft-margin loss. Engine: :func:`wsss_dist.engine.fit`. Outputs:
 ``teacher/model.safetensors``, ``teacher/model.json`` and ``teacher/embeddings.npz`` (keys, pooled pre-logit features, labels) from which
 stage cls clusters sub-categories with FINCH (Sub-category Teaching).
 """
