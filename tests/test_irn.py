@@ -1,0 +1,133 @@
+"""IRN's formulas (wsss_dist.methods.irn) against their definitions on small hand-built inputs (notes §5.7-5.9, §13)."""
+import itertools
+
+import pytest
+import torch
+
+from wsss_dist.methods.affinity import affinity_labels, affinity_loss, affinity_offsets, pair_labels
+from wsss_dist.methods.irn import boundary_affinity, path_max, path_offsets, propagate_irn
+from wsss_dist.methods.random_walk import native_available, random_walk_affinity
+
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="no native kernel"))]
+
+
+def test_directions_and_paths_match_the_notes():
+    assert len(affinity_offsets(5)) == 34 and len(affinity_offsets(10)) == 152  # §13.3
+    assert len(path_offsets(0, 4)) == 5 and len(path_offsets(2, 3)) == 8 and len(path_offsets(4, -2)) == 11
+    assert set(path_offsets(0, 4)) == {(0, x) for x in range(5)}
+    for dy, dx in affinity_offsets(10):  # both end points on the path, every point in the box
+        p = path_offsets(dy, dx)
+        assert (0, 0) in p and (dy, dx) in p
+        assert all(min(0, dy) <= y <= max(0, dy) and min(0, dx) <= x <= max(0, dx) for y, x in p)
+    assert set(path_offsets(1, 1)) == {(0, 0), (0, 1), (1, 0), (1, 1)}  # distance² of (0,1), (1,0): 1/2 < 1
+
+
+def _path_max_reference(b: torch.Tensor, radius: int, crop: bool) -> torch.Tensor:
+    """Per source pixel and direction: the max of B over the box points at line distance² < 1 (1 outside the map)."""
+    h, w = b.shape
+    r = radius - 1
+    rows, cols = (range(h - r), range(r, w - r)) if crop else (range(h), range(w))
+    dirs = affinity_offsets(radius)
+    out = torch.zeros(len(dirs), len(rows), len(cols), dtype=b.dtype)
+    for p, (dy, dx) in enumerate(dirs):
+        for i, y in enumerate(rows):
+            for j, x in enumerate(cols):
+                vals = []
+                for py in range(min(0, dy), max(0, dy) + 1):
+                    for px in range(min(0, dx), max(0, dx) + 1):
+                        if (dy * px - dx * py) ** 2 < dy * dy + dx * dx:
+                            yy, xx = y + py, x + px
+                            vals.append(float(b[yy, xx]) if 0 <= yy < h and 0 <= xx < w else 1.0)
+                out[p, i, j] = max(vals)
+    return out
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_path_max_and_affinity_match_the_definition(crop):
+    b = torch.rand(9, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = _path_max_reference(b, 4, crop)
+    torch.testing.assert_close(path_max(b, 4, crop=crop), ref)
+    torch.testing.assert_close(boundary_affinity(b[None], 4, crop=crop)[0], 1 - ref)
+
+
+def test_path_max_gradient_reaches_each_paths_maximum_only():
+    b = torch.zeros(1, 4, 8)
+    b[0, 0, 4] = 0.9  # on the path (0,3)→(0,6), off the path (0,3)→(1,3)
+    b.requires_grad_(True)
+    m = path_max(b, 4)  # sources: row 0, cols 3..4
+    v = m.detach()
+    across, down = affinity_offsets(4).index((0, 3)), affinity_offsets(4).index((1, 0))
+    assert float(v[0, across, 0, 0]) == pytest.approx(0.9) and float(v[0, down, 0, 0]) == 0
+    m[0, across, 0, 0].backward()
+    assert b.grad[0, 0, 4] == 1 and b.grad.abs().sum() == 1
+
+
+def test_ir_labels_thresholds():
+    """IR labels: fg where max CAM > 0.30, bg where max CAM ≤ 0.05 (ties go to the plane), 255 between."""
+    cams = torch.tensor([[[0.50, 0.31, 0.30, 0.20, 0.05, 0.01]], [[0.10, 0.00, 0.00, 0.00, 0.00, 0.00]]])
+    label = affinity_labels(cams, torch.tensor([3, 7]), mode="threshold", conf_fg=0.30, conf_bg=0.05)
+    assert label[0].tolist() == [3, 3, 255, 255, 0, 0]
+    cams2 = torch.tensor([[[0.1, 0.6]], [[0.4, 0.2]]])
+    assert affinity_labels(cams2, torch.tensor([3, 7]))[0].tolist() == [7, 3]
+
+
+def test_loss_balancing_is_irn_s():
+    """(L_bg/2 + L_fg/2 + L_neg)/2, each term a mean over its own pair count, whatever the counts."""
+    labels = torch.tensor([[[0, 0, 0, 5, 5, 255, 2, 2]] * 4])
+    aff = torch.rand(1, len(affinity_offsets(2)), 3, 6, generator=torch.Generator().manual_seed(1))
+    bg, fg, neg = pair_labels(labels, 2)
+    total, terms = affinity_loss(aff, bg, fg, neg)
+    lbg = -(torch.log(aff[bg] + 1e-5)).sum() / (bg.sum() + 1e-5)
+    lfg = -(torch.log(aff[fg] + 1e-5)).sum() / (fg.sum() + 1e-5)
+    lneg = -(torch.log(1 + 1e-5 - aff[neg])).sum() / (neg.sum() + 1e-5)
+    assert bg.sum() != fg.sum() != neg.sum()
+    torch.testing.assert_close(total, (lbg / 2 + lfg / 2 + lneg) / 2)
+    torch.testing.assert_close(terms["neg"], lneg)
+
+
+def _dense_transition(aff: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
+    """T = column-normalised A^β, A symmetric with 1 on the diagonal and a_ij for in-map pairs within radius."""
+    _, h, w = aff.shape
+    n = h * w
+    a = torch.eye(n, dtype=aff.dtype)
+    for p, (dy, dx) in enumerate(affinity_offsets(radius)):
+        for y, x in itertools.product(range(h), range(w)):
+            ty, tx = y + dy, x + dx
+            if 0 <= ty < h and 0 <= tx < w:
+                a[y * w + x, ty * w + tx] = a[ty * w + tx, y * w + x] = aff[p, y, x]
+    t = a.pow(beta)
+    return t / t.sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("h, w, radius, logt", [(6, 7, 3, 4), (5, 9, 5, 8), (2, 3, 5, 3)])
+def test_walk_on_given_affinities_equals_dense_transition(backend, h, w, radius, logt):
+    g = torch.Generator().manual_seed(h * w)
+    aff = torch.rand(len(affinity_offsets(radius)), h, w, generator=g, dtype=torch.float64)
+    scores = torch.rand(3, h, w, generator=g, dtype=torch.float64)
+    scores[1] = 0
+    t = _dense_transition(aff, radius, 10.0)
+    ref = (scores.reshape(3, -1) @ torch.linalg.matrix_power(t, 2**logt)).reshape(3, h, w)
+    out = random_walk_affinity(scores, aff, radius=radius, beta=10.0, logt=logt, backend=backend)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    assert out[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_propagate_irn_fills_the_region_a_boundary_encloses(backend):
+    """A square boundary: the CAM peak inside spreads to the whole square and stops at the boundary."""
+    H = W = 48
+    b = torch.zeros(12, 12)
+    b[2, 2:10] = b[9, 2:10] = b[2:10, 2] = b[2:10, 9] = 1.0
+    cams = torch.zeros(1, H, W)
+    cams[0, 20:28, 20:28] = 1.0
+    label = propagate_irn(cams, torch.tensor([4]), b, beta=10, logt=8, radius=5, bg_threshold=0.25, backend=backend)
+    assert label.shape == (H, W)
+    assert (label[14:34, 14:34] == 4).float().mean() > 0.95  # the inside of the square (cells 3..8)
+    assert (label[:6] == 0).all() and (label[:, 42:] == 0).all()  # outside stays background
+    assert set(label.unique().tolist()) <= {0, 4}
+
+
+def test_propagate_irn_without_classes_is_background():
+    label = propagate_irn(torch.zeros(0, 10, 13), torch.zeros(0, dtype=torch.long), torch.rand(3, 4))
+    assert label.shape == (10, 13) and label.max() == 0
