@@ -46,6 +46,17 @@ TOY_PRESET: dict[str, Any] = {
     "pseudo.beta": 32.0,
     "pseudo.logt": 4,
     "pseudo.alpha": 32.0,
+    # refine=irn: the boundary branch on the trained classifier's frozen backbone (no ImageNet ResNet-50 on a CPU box);
+    # toy images are ~80 px: a 20×20 boundary map at stride 4, IRN's radius 10 fits a crop of 80.
+    "irn.backbone": "resnet18",
+    "irn.init": "cls",
+    "irn.train.steps": 120,
+    "irn.train.batch_size": 8,
+    "irn.train.crop": 80,
+    "irn.scale_range": (0.75, 1.25),
+    "irn.optim.name": "adamw",
+    "irn.optim.lr": 2e-3,
+    "irn.optim.weight_decay": 1e-4,
     "seg.backbone": "resnet18",
     "seg.init": "cls",
     "seg.frozen_bn": False,
