@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wsss_dist.methods.affinity import affinity_labels, affinity_loss, affinity_offsets, pair_labels
-from wsss_dist.methods.irn import boundary_affinity, path_max, path_offsets, propagate_irn
+from wsss_dist.methods.irn import balanced_pair_loss, boundary_affinity, path_max, path_offsets, propagate_irn
 from wsss_dist.methods.random_walk import native_available, random_walk_affinity
 
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="no native kernel"))]
@@ -83,6 +83,11 @@ def test_loss_balancing_is_irn_s():
     assert bg.sum() != fg.sum() != neg.sum()
     torch.testing.assert_close(total, (lbg / 2 + lfg / 2 + lneg) / 2)
     torch.testing.assert_close(terms["neg"], lneg)
+    irn_total, irn_terms = balanced_pair_loss(aff, bg, fg, neg)  # psa's and irn's balance are the same
+    torch.testing.assert_close(irn_total, total)
+    # with the processes' mean counts (here: twice this batch's), each term is divided by those instead
+    half, half_terms = balanced_pair_loss(aff, bg, fg, neg, mean_counts=lambda c: 2 * c)
+    torch.testing.assert_close(half, total / 2, rtol=1e-4, atol=1e-6)
 
 
 def _dense_transition(aff: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
@@ -131,3 +136,49 @@ def test_propagate_irn_fills_the_region_a_boundary_encloses(backend):
 def test_propagate_irn_without_classes_is_background():
     label = propagate_irn(torch.zeros(0, 10, 13), torch.zeros(0, dtype=torch.long), torch.rand(3, 4))
     assert label.shape == (10, 13) and label.max() == 0
+
+
+def test_irn_keys_enter_the_fingerprints_only_with_refine_irn():
+    from wsss_dist.config import make_config
+    from wsss_dist.fingerprints import stage_settings
+
+    psa, irn = make_config([]), make_config(["refine=irn", "irn.beta=12"])
+    for stage in ("aff", "pseudo"):
+        assert not any(k == "refine" or k.startswith("irn.") for k in stage_settings(psa, stage))  # as before IRN
+        assert stage_settings(irn, stage)["refine"] == "irn" and stage_settings(irn, stage)["irn.beta"] == 12
+    assert "eval.crf" not in stage_settings(psa, "eval")
+    assert "irn" in irn.run  # the default run name tells the refinement apart
+
+
+@pytest.mark.slow
+def test_toy_chain_with_irn_and_crf(shards, tmp_path):
+    """stage cls → eval with refine=irn (and eval.crf where pydensecrf2 is installed): IRN's boundary network trains
+    on a frozen backbone, its pseudo labels hold only the image's classes, eval scores both numbers."""
+    import importlib.util
+    import numpy as np
+
+    from wsss_dist import pipeline, runs
+    from wsss_dist.config import make_config
+    from wsss_dist.data.shards import read_shard
+    from wsss_dist.models.build import load_trained
+
+    crf = importlib.util.find_spec("pydensecrf") is not None
+    cfg = make_config(shards + [f"run={tmp_path / 'run'}", "stage=[cls,cam,aff,pseudo,seg,eval]", "refine=irn",
+                                "irn.train.steps=6", "irn.train.batch_size=4", "irn.train.crop=48", "irn.radius=5",
+                                "irn.logt=6", f"eval.crf={str(crf).lower()}", "eval.crf_workers=2"])
+    out = pipeline.run(cfg)
+    assert runs.read_json(cfg.run_dir / "aff" / "model.json")["kind"] == "irn"
+    model, cls = load_trained(cfg, "aff", "test"), load_trained(cfg, "cls", "test")
+    trained = cls.backbone.state_dict()  # toy: irn.init=cls, and the backbone stays frozen while the branch learns
+    assert all(torch.equal(v, trained[k]) for k, v in model.backbone.state_dict().items())
+    assert 0 <= out["pseudo"]["miou"] <= 1 and out["pseudo"]["samples"] == 48
+    for url in sorted((cfg.run_dir / "pseudo").glob("*.tar")):  # labels ⊂ {background} ∪ the image's classes
+        cams = {s["__key__"]: s for s in read_shard(str(cfg.run_dir / "cam" / url.name), ("cam.json",))}
+        for s in read_shard(str(url), ("png",)):
+            label = np.asarray(s["png"])
+            assert set(np.unique(label).tolist()) <= {0, *cams[s["__key__"]]["cam.json"]["classes"]}
+    ev = out["eval"]
+    assert 0 <= ev["miou"] <= 1 and ev["samples"] == 12
+    if crf:
+        assert 0 <= ev["crf_miou"] <= 1 and ev["crf_image"] == "rgb" and len(ev["crf_iou"]) == 21
+        assert runs.read_json(cfg.run_dir / "eval" / "metrics.json")["crf_miou"] == ev["crf_miou"]

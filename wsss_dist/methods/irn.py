@@ -13,7 +13,7 @@ Notes §5.7–5.9 and §13 (../shared/notes/reference-implementations.md). The f
   pixels outside the map count as boundary (B = 1, irn pads with 1), so a pair whose path leaves the map has a = 0.
 * **Loss** (§13.4): pairs within radius 10 from psa's source set (:func:`~wsss_dist.methods.affinity.pair_labels`),
   L = (L_bg/2 + L_fg/2 + L_neg)/2 with each term the mean over its own pair count: psa's 1/4, 1/4, 1/2
-  (:func:`~wsss_dist.methods.affinity.affinity_loss`).
+  (:func:`balanced_pair_loss`; under several processes the counts are the processes' mean: irn #13).
 * **Walk** (§13.5): a over radius 5, A^β (β = 10), column-normalised, 2^8 steps
   (:func:`~wsss_dist.methods.random_walk.random_walk_affinity`); seeds v_c = CAM_c · (1 − B) at stride 4 (no
   background row); walked scores upsampled ×4, divided by their single global max, a constant background plane
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,25 @@ def path_max(boundary: torch.Tensor, radius: int, crop: bool = True) -> torch.Te
 def boundary_affinity(boundary: torch.Tensor, radius: int, crop: bool = True) -> torch.Tensor:
     """a_ij = 1 − max boundary on the path i→j (:func:`path_max`), same layout."""
     return 1 - path_max(boundary, radius, crop=crop)
+
+
+def balanced_pair_loss(
+    aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor,
+    mean_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """irn's affinity loss (L_bg/2 + L_fg/2 + L_neg)/2, each term Σ cost / (its pair count + 1e-5) with the costs
+    −log(a + 1e-5) (positive pairs) and −log(1 + 1e-5 − a) (negative). ``mean_counts``: maps the three counts to their
+    mean over the data-parallel processes, so that averaged gradients equal one big batch's (irn #13: per-replica
+    counts degrade IRN badly); None: this batch's counts (then equal to psa's
+    :func:`~wsss_dist.methods.affinity.affinity_loss`). Returns (total, {"bg", "fg", "neg"})."""
+    masks = (bg_pos, fg_pos, neg)
+    counts = torch.stack([m.sum() for m in masks]).to(aff.dtype)
+    if mean_counts is not None:
+        counts = mean_counts(counts.detach())
+    pos_cost, neg_cost = -torch.log(aff + 1e-5), -torch.log(1 + 1e-5 - aff)
+    terms = {name: (cost * m.to(cost.dtype)).sum() / (n + 1e-5)
+             for name, cost, m, n in zip(("bg", "fg", "neg"), (pos_cost, pos_cost, neg_cost), masks, counts)}
+    return (terms["bg"] / 2 + terms["fg"] / 2 + terms["neg"]) / 2, terms
 
 
 def propagate_irn(

@@ -30,7 +30,7 @@ from ..data.stream import train_loader_for
 from ..engine import map_shards, train_model
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..methods.crf import crf_for
-from ..methods.irn import boundary_affinity
+from ..methods.irn import balanced_pair_loss, boundary_affinity
 from ..models.build import affinity_spec, build_affinity, build_irn, irn_spec
 
 logger = logging.getLogger(__name__)
@@ -69,15 +69,26 @@ def make_loss(radius: int):
     return loss_fn
 
 
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the data-parallel processes (itself with one process)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return x
+    x = x.clone()
+    td.all_reduce(x)
+    return x / td.get_world_size()
+
+
 def make_irn_loss(radius: int):
-    """IRN's boundary objective as an engine ``loss_fn``: affinities 1 − path max of the boundary map, the same
-    balanced pair loss."""
+    """IRN's boundary objective as an engine ``loss_fn``: the boundary map at stride 4, the labels resized to it
+    (nearest), affinities 1 − path max of the boundary, irn's balanced pair loss with the processes' mean counts."""
 
     def loss_fn(model, batch, step):
         boundary = torch.sigmoid(model(batch["image"]).float())[:, 0]
         labels = F.interpolate(batch["mask"][:, None].float(), size=boundary.shape[-2:], mode="nearest")[:, 0].long()
         bg, fg, neg = pair_labels(labels, radius)
-        loss, terms = affinity_loss(boundary_affinity(boundary, radius), bg, fg, neg)
+        loss, terms = balanced_pair_loss(boundary_affinity(boundary, radius), bg, fg, neg, mean_over_processes)
         return loss, {k: v.detach() for k, v in terms.items()}
 
     return loss_fn
