@@ -130,6 +130,12 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("report", "tables and figures over runs", data_parallel=False, uses_gpu=False, always_runs=True),
 )}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGE_SPECS)
+
+
+def trainer_section(cfg: Any, stage: str) -> str:
+    """The config section whose ``train`` / ``optim`` a training stage uses: its own name, but ``irn`` for stage aff
+    with ``refine=irn``."""
+    return "irn" if stage == "aff" and cfg.refine == "irn" else stage
 TRAINERS: tuple[str, ...] = tuple(s.name for s in STAGE_SPECS.values() if s.trains)
 
 

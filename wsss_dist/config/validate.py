@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError
-from ..registry import TRAINERS
+from ..registry import TRAINERS, trainer_section
 from .keys import _schema, get
 from .schema import Config
 
@@ -191,7 +191,7 @@ def validate(cfg: Config) -> None:
 def check_batches(cfg: Config, world: int, stages: Iterable[str] | None = None) -> None:
     """Every trainer's global ``batch_size`` divides over ``world`` processes × its ``grad_accum`` (ConfigError)."""
     for stage in [s for s in (stages or cfg.stages()) if s in TRAINERS]:
-        stage = "irn" if stage == "aff" and cfg.refine == "irn" else stage  # refine=irn: aff trains IRN on irn.train
+        stage = trainer_section(cfg, stage)  # refine=irn: aff trains IRN on irn.train
         t = get(cfg, f"{stage}.train")
         if t.batch_size % (world * t.grad_accum):
             raise ConfigError(f"{stage}.train.batch_size={t.batch_size} is the global batch and must divide over "
