@@ -147,7 +147,13 @@ def test_irn_keys_enter_the_fingerprints_only_with_refine_irn():
         assert not any(k == "refine" or k.startswith("irn.") for k in stage_settings(psa, stage))  # as before IRN
         assert stage_settings(irn, stage)["refine"] == "irn" and stage_settings(irn, stage)["irn.beta"] == 12
     assert "eval.crf" not in stage_settings(psa, "eval")
+    crf = stage_settings(make_config(["eval.crf=true", "eval.crf_workers=3"]), "eval")
+    assert crf["eval.crf"] is True and crf["eval.crf_bi_xy_std"] == 67 and "eval.crf_workers" not in crf  # operational
     assert "irn" in irn.run  # the default run name tells the refinement apart
+    from wsss_dist.config.sweeps import sweep_points
+
+    _, points = sweep_points(["refine=[psa,irn]", "stage=all"])  # a sweep axis
+    assert [p.name for p in points] == ["psa", "irn"]
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
 # Keys that never change a result: where things live, how they are run and logged (every other key does).
 OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "log_with", "report", "sweep", "slurm", "teacher.dir",
                "data.shards_dir", "data.toy.root", "data.num_workers", "data.augment_on", "data.max_skip_fraction",
-               "cls.round", "cam.batch_images")
+               "cls.round", "cam.batch_images", "eval.crf_workers")
 
 
 OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")
