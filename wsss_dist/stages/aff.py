@@ -27,7 +27,7 @@ from .. import runs
 from ..config import Config
 from ..data.records import CAM_KEYS, decode_cam, encode_label
 from ..data.stream import train_loader_for
-from ..engine import map_shards, train_model
+from ..engine import map_shards, mean_over_processes, train_model
 from ..methods.affinity import affinity_labels, affinity_loss, pair_labels, pairwise_affinity
 from ..methods.crf import crf_for
 from ..methods.irn import balanced_pair_loss, boundary_affinity
@@ -67,17 +67,6 @@ def make_loss(radius: int):
         return loss, {k: v.detach() for k, v in terms.items()}
 
     return loss_fn
-
-
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """``x`` averaged over the data-parallel processes (itself with one process)."""
-    import torch.distributed as td
-
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
-        return x
-    x = x.clone()
-    td.all_reduce(x)
-    return x / td.get_world_size()
 
 
 def make_irn_loss(radius: int):
