@@ -145,7 +145,9 @@ def test_irn_keys_enter_the_fingerprints_only_with_refine_irn():
     psa, irn = make_config([]), make_config(["refine=irn", "irn.beta=12"])
     for stage in ("aff", "pseudo"):
         assert not any(k == "refine" or k.startswith("irn.") for k in stage_settings(psa, stage))  # as before IRN
-        assert stage_settings(irn, stage)["refine"] == "irn" and stage_settings(irn, stage)["irn.beta"] == 12
+        assert stage_settings(irn, stage)["refine"] == "irn"
+    assert stage_settings(irn, "pseudo")["irn.beta"] == 12 and "irn.beta" not in stage_settings(irn, "aff")
+    assert "irn.train.steps" in stage_settings(irn, "aff") and "irn.train.steps" not in stage_settings(irn, "pseudo")
     assert "eval.crf" not in stage_settings(psa, "eval")
     crf = stage_settings(make_config(["eval.crf=true", "eval.crf_workers=3"]), "eval")
     assert crf["eval.crf"] is True and crf["eval.crf_bi_xy_std"] == 67 and "eval.crf_workers" not in crf  # operational

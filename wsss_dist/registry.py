@@ -88,9 +88,18 @@ def _uses_teacher(cfg: Any) -> bool:
     return METHODS[cfg.method].subcategories == "teacher"
 
 
-def _irn(cfg: Any) -> tuple[str, ...]:
-    """refine=irn: the refinement and IRN's keys shape stages aff and pseudo."""
-    return ("refine", "irn") if cfg.refine == "irn" else ()
+IRN_WALK_KEYS = ("irn.walk_radius", "irn.beta", "irn.logt", "irn.bg_threshold", "irn.flip")  # stage pseudo's
+
+
+def _irn_aff(cfg: Any) -> tuple[str, ...]:
+    """refine=irn: the refinement and IRN's network and training keys shape stage aff."""
+    return ("refine", "irn.backbone", "irn.weights", "irn.init", "irn.radius", "irn.scale_range", "irn.train",
+            "irn.optim") if cfg.refine == "irn" else ()
+
+
+def _irn_pseudo(cfg: Any) -> tuple[str, ...]:
+    """refine=irn: the refinement and IRN's walk keys shape stage pseudo."""
+    return ("refine", *IRN_WALK_KEYS) if cfg.refine == "irn" else ()
 
 
 def _aff_reads(cfg: Any) -> tuple[str, ...]:
@@ -115,9 +124,9 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
               reads=_aff_reads, trains=True,
               images_per_gpu_s=40.0, repairs_when_asked=True, precision_key="aff.train.mixed_precision",
-              settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn),
+              settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn_aff),
     StageSpec("pseudo", "the random walk: pseudo labels and their mIoU", reads=lambda cfg: ("cam", "aff"),
-              images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",), settings_when=_irn,
+              images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",), settings_when=_irn_pseudo,
               report=(("miou", "after RW (train)"),)),
     StageSpec("seg", "DeepLab-v2 trained on the pseudo labels",
               reads=lambda cfg: ("pseudo", "cls") if cfg.seg.init == "cls" else ("pseudo",), trains=True,
