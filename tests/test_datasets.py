@@ -4,6 +4,8 @@ all on data generated here; a 3-class folder runs shards → cls → cam with 3-
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from wsss_dist.errors import DataError
 from wsss_dist.registry import COCO_CLASSES, DATASETS, VOC_CLASSES
 
 # COCO's category ids: 1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 (notes §16.2)
+ROOT = Path(__file__).resolve().parents[1]
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 
@@ -372,12 +375,12 @@ def make_coco_chain(root: Path, n: int = 10, seed: int = 0) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "coco"])
 def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
-    """stage=all on generated data in the folder and COCO layouts: heads of the data's class count, a val mIoU, and
-    the report's per-class tables in the data's class names."""
+    """``python launch/submit.py stage=all data=folder|coco ...`` (local jobs) on generated data in the folder and
+    COCO layouts: heads of the data's class count, a val mIoU, and the report's per-class tables in the data's class
+    names."""
     if layout == "coco":
         pytest.importorskip("pycocotools")
-    from wsss_dist import pipeline, runs
-    from wsss_dist.config import make_config
+    from wsss_dist import runs
 
     d = tmp_path / "data"
     if layout == "folder":
@@ -390,8 +393,11 @@ def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
         words = ["data=coco", f"data.coco_root={d}", "model.weights=none", "seg.weights=none",
                  "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4"]
         names, labels = ["person", "dog", "toothbrush"], 81
-    pipeline.run(make_config([*words, *CHAIN, f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}",
-                              "stage=all"]))
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), *words, *CHAIN, "stage=all",
+                        f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("results: CAM "), r.stdout[-2000:]
     done = runs.read_json(tmp_path / "run" / "eval" / "DONE")
     ev = done.get("metrics", done)
     assert isinstance(ev["miou"], float) and len(ev["iou"]) == labels

@@ -407,3 +407,26 @@ def test_queued_jobs_run_the_code_of_submit_time(tmp_path):
     assert set(wait_end(ids, 600).values()) == {"COMPLETED"}
     env = json.loads((tmp_path / "run" / "shards" / "environment.json").read_text())
     assert env["package"] == str(snaps[0].parent), env["package"]
+
+
+# ~4-8 min on 2 CPU cores: the whole chain of a user's own folder dataset (issue 22) as a chain of SLURM jobs
+@needs_training
+def test_a_folder_dataset_runs_the_whole_chain_as_slurm_jobs(tmp_path):
+    from test_datasets import CHAIN, make_folder
+    from wsss_dist import runs
+
+    d = tmp_path / "data"
+    make_folder(d)
+    words = ["data=folder", f"data.root={d / 'images'}", f"data.labels={d / 'labels.csv'}", f"data.masks={d / 'masks'}",
+             f"data.split_lists={d / 'lists'}", "data.classes=red,green,blue", *CHAIN]
+    r, ids = submit_slurm([*words, "stage=all", f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"],
+                          tmp_path)
+    assert r.returncode == 0 and len(ids) >= 5, r.stdout + r.stderr
+    states = wait_end(ids, 1800)
+    logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in ids}
+    assert set(states.values()) == {"COMPLETED"}, (states, {j: p.read_text()[-1500:] for j, p in logs.items() if p.exists()})
+    assert_afterok_order(ids)
+    ev = runs.read_json(tmp_path / "run" / "eval" / "DONE")
+    ev = ev.get("metrics", ev)
+    assert isinstance(ev["miou"], float) and len(ev["iou"]) == 4  # background + the folder's 3 classes
+    assert " red " in (tmp_path / "run" / "report" / "report.md").read_text()

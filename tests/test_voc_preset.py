@@ -113,7 +113,7 @@ def test_lr_momentum_choice_matches_the_references_effective_step():
 
 
 def test_toy_preset_is_unchanged():
-    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 45
+    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 54  # 45 + the 9 irn.* keys (refine=irn only)
     cfg = make_config([])
     assert (cfg.model.backbone, cfg.model.frozen_bn) == ("resnet18", False)
     assert (cfg.cls.train.steps, cfg.cls.train.batch_size, cfg.cls.train.crop) == (300, 16, 56)
@@ -123,6 +123,16 @@ def test_toy_preset_is_unchanged():
     assert (cfg.seg.backbone, cfg.seg.train.steps, cfg.seg.train.batch_size, cfg.seg.optim.lr) == ("resnet18", 200, 16, 1e-3)
     assert cfg.cam.scales == (1.0, 0.5) and cfg.seg.scale_range == (0.75, 1.25) and cfg.aff.label_mode == "threshold"
     assert cfg.teacher.arch == "vit_tiny_patch16_224" and cfg.slurm.time_min == 30
+    assert cfg.refine == "psa" and (cfg.irn.backbone, cfg.irn.init, cfg.irn.train.crop) == ("resnet18", "cls", 80)
+
+
+def test_voc_irn_recipe_is_irn_s():
+    cfg = voc("refine=irn")
+    i = cfg.irn
+    assert (i.backbone, i.radius, i.walk_radius, i.beta, i.logt, i.bg_threshold) == ("resnet50", 10, 5, 10.0, 8, 0.25)
+    assert (cfg.aff.conf_fg, cfg.aff.conf_bg, i.train.steps, i.train.batch_size, i.train.crop) == (0.30, 0.05, 990, 32, 512)
+    # irn: lr 0.1 with its momentum slot holding the weight decay 1e-4: the same steady-state step at momentum 0.9
+    assert i.optim.lr / (1 - i.optim.momentum) == pytest.approx(0.1 / (1 - i.optim.weight_decay), rel=1e-12)
 
 
 def _section() -> str:

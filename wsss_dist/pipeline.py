@@ -275,8 +275,13 @@ def stage_setup(cfg: Config, stage: str) -> str:
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     key = STAGE_SPECS[stage].precision_key
+    if stage == "aff" and cfg.refine == "irn":
+        key = "irn.train.mixed_precision"
     precision = get(cfg, key) if key else "no"
-    if stage == "teacher":
+    if stage in ("aff", "pseudo") and cfg.refine == "irn":
+        net = f"IRN boundaries on {cfg.irn.backbone}"
+        weights = "the classifier's backbone" if cfg.irn.init == "cls" else cfg.irn.weights
+    elif stage == "teacher":
         net, weights = cfg.teacher.arch, cfg.teacher.weights
     elif stage in ("seg", "eval"):
         net, weights = cfg.seg.backbone, cfg.seg.weights if cfg.seg.init == "imagenet" else "the classifier's backbone"

@@ -84,12 +84,32 @@ class StageSpec:
     optional: bool = False  # in ``stage=all`` only for the methods whose ``extra_stages`` name it
     precision_key: Optional[str] = None  # the config key of its autocast precision
     settings: tuple[str, ...] = ()  # config keys (or sections) that shape it; upstream effects come through ``reads``
+    settings_when: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # keys that shape it only in some configs (refine=irn, eval.crf=true); out of the fingerprint otherwise, so the default's fingerprints stay as they were
     not_settings: tuple[str, ...] = ()  # keys inside ``settings`` sections that belong to another stage
     report: tuple[tuple[str, str], ...] = ()  # (DONE metric, column title) in the report's tables
 
 
 def _uses_teacher(cfg: Any) -> bool:
     return METHODS[cfg.method].subcategories == "teacher"
+
+
+IRN_WALK_KEYS = ("irn.walk_radius", "irn.beta", "irn.logt", "irn.bg_threshold", "irn.flip")  # stage pseudo's
+
+
+def _irn_aff(cfg: Any) -> tuple[str, ...]:
+    """refine=irn: the refinement and IRN's network and training keys shape stage aff."""
+    return ("refine", "irn.backbone", "irn.weights", "irn.init", "irn.radius", "irn.scale_range", "irn.train",
+            "irn.optim") if cfg.refine == "irn" else ()
+
+
+def _irn_pseudo(cfg: Any) -> tuple[str, ...]:
+    """refine=irn: the refinement and IRN's walk keys shape stage pseudo."""
+    return ("refine", *IRN_WALK_KEYS) if cfg.refine == "irn" else ()
+
+
+def _aff_reads(cfg: Any) -> tuple[str, ...]:
+    init = cfg.irn.init if cfg.refine == "irn" else cfg.aff.init
+    return ("cam", "cls") if init == "cls" else ("cam",)
 
 
 STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
@@ -109,11 +129,11 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
               repairs_when_asked=True, precision_key="cam.mixed_precision", settings=("cam",),
               report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)"))),
     StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
-              reads=lambda cfg: ("cam", "cls") if cfg.aff.init == "cls" else ("cam",), trains=True,
+              reads=_aff_reads, trains=True,
               images_per_gpu_s=40.0, repairs_when_asked=True, precision_key="aff.train.mixed_precision",
-              settings=("aff", "model", "data.shuffle_buffer")),
+              settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn_aff),
     StageSpec("pseudo", "the random walk: pseudo labels and their mIoU", reads=lambda cfg: ("cam", "aff"),
-              images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",),
+              images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",), settings_when=_irn_pseudo,
               report=(("miou", "after RW (train)"),)),
     StageSpec("seg", "DeepLab-v2 trained on the pseudo labels",
               reads=lambda cfg: ("pseudo", "cls") if cfg.seg.init == "cls" else ("pseudo",), trains=True,
@@ -121,10 +141,17 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
               not_settings=("seg.eval_scales", "seg.eval_flip")),
     StageSpec("eval", "val predictions, mIoU and per-class IoU", reads=lambda cfg: ("seg",), images_per_gpu_s=200.0,
               repairs_when_asked=True, settings=("seg.eval_scales", "seg.eval_flip"),
-              report=(("miou", "DeepLab (val)"),)),
+              settings_when=lambda cfg: ("eval",) if cfg.eval.crf else (),
+              report=(("miou", "DeepLab (val)"), ("crf_miou", "DeepLab + CRF (val)"))),
     StageSpec("report", "tables and figures over runs", data_parallel=False, uses_gpu=False, always_runs=True),
 )}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGE_SPECS)
+
+
+def trainer_section(cfg: Any, stage: str) -> str:
+    """The config section whose ``train`` / ``optim`` a training stage uses: its own name, but ``irn`` for stage aff
+    with ``refine=irn``."""
+    return "irn" if stage == "aff" and cfg.refine == "irn" else stage
 TRAINERS: tuple[str, ...] = tuple(s.name for s in STAGE_SPECS.values() if s.trains)
 
 

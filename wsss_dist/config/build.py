@@ -22,8 +22,8 @@ PRECISION_KEYS = tuple(s.precision_key for s in STAGE_SPECS.values() if s.precis
 
 
 ALIASES: dict[str, tuple[str, ...]] = {"data": ("data.name",),
-                                       "train.seed": tuple(f"{t}.train.seed" for t in TRAINERS),
-                                       "precision": PRECISION_KEYS}  # one precision for every trainer and the CAMs
+                                       "train.seed": (*(f"{t}.train.seed" for t in TRAINERS), "irn.train.seed"),
+                                       "precision": (*PRECISION_KEYS, "irn.train.mixed_precision")}  # one precision for every trainer and the CAMs
 
 
 def parse_words(words: Iterable[str]) -> list[tuple[str, str]]:
@@ -56,7 +56,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
     _merge(cfg, _nested(PRESETS[name].items()), "the preset")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch --mixed_precision / accelerate config
     if launched:
-        for key in PRECISION_KEYS:
+        for key in ALIASES["precision"]:
             _set(cfg, key, launched, "accelerate's --mixed_precision (ACCELERATE_MIXED_PRECISION)")
     for f, layer in zip(files, layers):
         _merge(cfg, layer, f)
@@ -74,7 +74,7 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
 # Keys that never change a result: where things live, how they are run and logged (every other key does).
 OPERATIONAL = ("config", "stage", "run", "redo", "cluster", "log_level", "device", "log_with", "report", "sweep", "slurm", "teacher.dir",
                "data.shards_dir", "data.toy.root", "data.num_workers", "data.pack_workers", "data.augment_on", "data.max_skip_fraction",
-               "cls.round", "cam.batch_images")
+               "cls.round", "cam.batch_images", "eval.crf_workers")
 
 
 OPERATIONAL_LEAVES = ("ckpt_every", "log_every", "channels_last")

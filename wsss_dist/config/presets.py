@@ -46,6 +46,17 @@ TOY_PRESET: dict[str, Any] = {
     "pseudo.beta": 32.0,
     "pseudo.logt": 4,
     "pseudo.alpha": 32.0,
+    # refine=irn: the boundary branch on the trained classifier's frozen backbone (no ImageNet ResNet-50 on a CPU box);
+    # toy images are ~80 px: a 20×20 boundary map at stride 4, IRN's radius 10 fits a crop of 80.
+    "irn.backbone": "resnet18",
+    "irn.init": "cls",
+    "irn.train.steps": 120,
+    "irn.train.batch_size": 8,
+    "irn.train.crop": 80,
+    "irn.scale_range": (0.75, 1.25),
+    "irn.optim.name": "adamw",
+    "irn.optim.lr": 2e-3,
+    "irn.optim.weight_decay": 1e-4,
     "seg.backbone": "resnet18",
     "seg.init": "cls",
     "seg.frozen_bn": False,
@@ -123,6 +134,28 @@ VOC_PRESET: dict[str, Any] = {
     "pseudo.beta": 8.0,
     "pseudo.logt": 8,
     "pseudo.radius": 5,
+    # refine=irn: irn's run_sample.py and step/train_irn.py (notes §5.3, §13). IR labels: aff.conf_fg / aff.conf_bg.
+    "aff.conf_fg": 0.30,  # irn conf_fg_thres
+    "aff.conf_bg": 0.05,  # irn conf_bg_thres
+    "irn.backbone": "resnet50",  # irn net/resnet50_irn.py: torchvision ImageNet ResNet-50, strides (2,2,2,1), frozen
+    "irn.init": "imagenet",  # irn.weights: the ImageNet ResNet-50 (timm resnet50 here; irn used torchvision's)
+    "irn.radius": 10,  # train_irn.py: path radius 10 at stride 4
+    "irn.walk_radius": 5,  # make_sem_seg_labels.py: radius 5
+    "irn.beta": 10.0,  # run_sample.py beta
+    "irn.logt": 8,  # run_sample.py exp_times (T^256)
+    "irn.bg_threshold": 0.25,  # run_sample.py sem_seg_bg_thres
+    "irn.flip": True,  # EdgeDisplacement: image + flip
+    "irn.scale_range": (0.5, 1.5),  # voc12/dataloader.py: random scale U(0.5, 1.5), flip, crop 512
+    "irn.train.steps": 990,  # irn: 3 epochs · ⌊10,582 / 32⌋
+    "irn.train.batch_size": 32,  # run_sample.py irn_batch_size
+    "irn.train.crop": 512,  # run_sample.py irn_crop_size
+    "irn.train.resize_long": (0, 0),  # no resize-long: irn.scale_range instead
+    "irn.optim.name": "sgd",
+    "irn.optim.lr": 0.1 * (1 - 0.9) / (1 - 1e-4),  # irn's 0.1 at effective momentum 1e-4 (its PolyOptimizer bug)
+    "irn.optim.momentum": 0.9,
+    "irn.optim.weight_decay": 1e-4,  # run_sample.py irn_weight_decay
+    "irn.optim.poly_power": 0.9,
+    "irn.optim.legacy_momentum_bug": False,
     "seg.backbone": "resnet101",
     "seg.init": "imagenet",
     "seg.frozen_bn": True,

@@ -176,6 +176,24 @@ class PseudoCfg:
 
 
 @dataclass
+class IrnCfg:
+    """IRN (refine=irn): class boundaries from IR labels, affinities from boundaries, random walk (irn's recipe)."""
+
+    backbone: str = "resnet50"  # the frozen boundary backbone: a timm ResNet (irn: ImageNet ResNet-50 at output stride 16)
+    weights: Optional[str] = ""  # its ImageNet init: FILE | timm | timm:NAME[@FILE] | hf-hub:ID | none; unset: required with data=voc and irn.init=imagenet
+    init: Literal["imagenet", "cls"] = "imagenet"  # backbone from irn.weights (irn) or the trained classifier (same backbone name)
+    radius: int = 10  # training pairs within this radius (stride-4 cells)
+    walk_radius: int = 5  # random-walk pairs within this radius (stride-4 cells)
+    beta: float = 10.0  # affinity power of the walk
+    logt: int = 8  # the walk takes 2^logt steps
+    bg_threshold: float = 0.25  # background plane after the walk (walked scores divided by their global max)
+    flip: bool = True  # boundary map averaged with the mirrored image's (irn)
+    scale_range: tuple[float, float] = (0.5, 1.5)  # random scale of training images (irn)
+    train: TrainCfg = field(default_factory=lambda: TrainCfg(steps=990, batch_size=32, crop=512, resize_long=(0, 0)))
+    optim: OptimCfg = field(default_factory=lambda: OptimCfg(lr=0.1, weight_decay=1e-4))
+
+
+@dataclass
 class SegCfg:
     """DeepLab-v2 on pseudo labels, and its evaluation."""
 
@@ -188,6 +206,21 @@ class SegCfg:
     scale_range: tuple[float, float] = (0.5, 1.5)  # random scale of training images
     eval_scales: tuple[float, ...] = (1.0, 0.75, 0.5)  # evaluation scales, max-fused
     eval_flip: bool = False  # evaluation: average with the mirrored image at every scale
+
+
+@dataclass
+class EvalCfg:
+    """Post-processing of the final predictions (stage eval)."""
+
+    crf: bool = False  # also score the predictions after a dense CRF (deeplab-pytorch's; needs the [crf] extra, pydensecrf2)
+    crf_iters: int = 10  # mean-field iterations (deeplab-pytorch: 10)
+    crf_pos_w: float = 3.0  # Gaussian (smoothness) kernel weight (deeplab-pytorch POS_W)
+    crf_pos_xy_std: float = 1.0  # Gaussian kernel's spatial std in px (POS_XY_STD)
+    crf_bi_w: float = 4.0  # bilateral (appearance) kernel weight (BI_W)
+    crf_bi_xy_std: float = 67.0  # bilateral kernel's spatial std in px (BI_XY_STD)
+    crf_bi_rgb_std: float = 3.0  # bilateral kernel's colour std (BI_RGB_STD)
+    crf_image: Literal["rgb", "deeplab_pytorch_wrap"] = "rgb"  # the CRF's image: the RGB image, or deeplab-pytorch's mean-subtracted BGR cast to uint8 (its wrap-around bug, to reproduce its numbers)
+    crf_workers: int = 0  # CRF processes per rank (0: the CPUs this process may use)
 
 
 @dataclass
@@ -235,6 +268,7 @@ class Config:
     log_level: str = "INFO"  # logging level
     log_with: tuple[str, ...] = ()  # experiment trackers besides TensorBoard: wandb, mlflow (accelerate's trackers; the package must be installed; their env vars apply, e.g. WANDB_MODE=offline, MLFLOW_TRACKING_URI)
     device: Literal["auto", "cpu"] = "auto"  # auto: CUDA where present, and a multi-process run that finds none stops; cpu: run on the CPU on purpose (also a multi-process gloo rehearsal)
+    refine: Literal["psa", "irn"] = "psa"  # how stages aff and pseudo refine the CAMs: AffinityNet (psa) or IRN's class boundaries (irn)
     redo: str = ""  # stages to run again from scratch although done (one or a list [a,b]); later stages whose inputs change then rerun too
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -243,7 +277,9 @@ class Config:
     cam: CamCfg = field(default_factory=CamCfg)
     aff: AffCfg = field(default_factory=AffCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
+    irn: IrnCfg = field(default_factory=IrnCfg)
     seg: SegCfg = field(default_factory=SegCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     report: ReportCfg = field(default_factory=ReportCfg)
     sweep: SweepCfg = field(default_factory=SweepCfg)
     slurm: SlurmCfg = field(default_factory=SlurmCfg)

@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError
-from ..registry import DATASETS, TRAINERS
+from ..registry import DATASETS, TRAINERS, trainer_section
 from .keys import _schema, get
 from .schema import Config
 
@@ -24,7 +24,7 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     def add(key: str, rule: tuple[Callable[[Any], bool], str]) -> None:
         out.append((key, rule[0], rule[1]))
 
-    for k in ("cls", "aff", "seg", "teacher"):
+    for k in ("cls", "aff", "irn", "seg", "teacher"):
         for name, rule in (("steps", at_least(1)), ("batch_size", at_least(1)), ("crop", at_least(8)),
                            ("grad_accum", at_least(1)), ("ckpt_every", at_least(0)), ("log_every", at_least(0))):
             add(f"{k}.train.{name}", rule)
@@ -41,13 +41,25 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     add("log_level", (lambda v: v in LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)))
     for key in ("cls.split", "cam.split", "cam.eval_split"):
         add(key, (lambda v: v in SPLITS, "one of " + ", ".join(SPLITS)))
-    for key in ("data.toy.seed", *(f"{k}.train.seed" for k in ("cls", "aff", "seg", "teacher"))):
+    for key in ("data.toy.seed", *(f"{k}.train.seed" for k in ("cls", "aff", "irn", "seg", "teacher"))):
         add(key, at_least(0))
     for key in ("slurm.gpus_per_node", "slurm.signal_delay_s", "cls.ent_weight", "cls.con_weight", "cls.sub_weight"):
         add(key, at_least(0))
     for key in ("cls.mixup_alpha", "cls.fmix_alpha", "cls.fmix_decay", "cls.manifold_alpha"):
         add(key, positive)
     add("cls.round", at_least(-1))
+    add("irn.radius", at_least(2))
+    add("irn.walk_radius", at_least(2))
+    add("irn.logt", at_least(0))
+    add("irn.beta", positive)
+    add("irn.bg_threshold", unit)
+    add("irn.backbone", (lambda v: v != "resnet38d" and bool(v), "a timm ResNet name (resnet50, resnet18, ...)"))
+    add("eval.crf_iters", at_least(1))
+    add("eval.crf_workers", at_least(0))
+    for key in ("eval.crf_pos_w", "eval.crf_bi_w"):
+        add(key, at_least(0))
+    for key in ("eval.crf_pos_xy_std", "eval.crf_bi_xy_std", "eval.crf_bi_rgb_std"):
+        add(key, positive)
     add("cam.sweep", (lambda v: len(v) > 0, "a non-empty list"))
     add("data.toy.size", at_least(24))
     add("cls.sc_rounds", at_least(1))
@@ -59,7 +71,8 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     for key in ("cam.scales", "seg.eval_scales"):
         out.append((key, lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0"))
     out.append(("cam.sweep", lambda v: all(0 <= x <= 1 for x in v), "numbers in [0, 1]"))
-    out.append(("seg.scale_range", lambda v: 0 < v[0] <= v[1], "[lo,hi] with 0 < lo ≤ hi"))
+    for key in ("seg.scale_range", "irn.scale_range"):
+        out.append((key, lambda v: 0 < v[0] <= v[1], "[lo,hi] with 0 < lo ≤ hi"))
     for key in ("pseudo.alpha", "pseudo.beta", "aff.alpha_low", "aff.alpha_high", "cls.kmeans_k"):
         add(key, positive)
     out.append(("cls.finch_partition", lambda v: v in ("last", "first") or re.fullmatch(r"-?\d+", v) is not None,
@@ -174,8 +187,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"log_with={name}: allowed trackers are wandb, mlflow (TensorBoard is always written)")
         if importlib.util.find_spec(name) is None:
             raise ConfigError(f"log_with={name} needs its package: pip install {'mlflow-skinny' if name == 'mlflow' else name}")
-    if cfg.aff.crf and importlib.util.find_spec("pydensecrf") is None:
-        raise ConfigError("aff.crf=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
+    for key in ("aff.crf", "eval.crf"):
+        if get(cfg, key) and importlib.util.find_spec("pydensecrf") is None:
+            raise ConfigError(f"{key}=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     splits = DATASETS[cfg.data.name].splits
     for key, value in (("cls.split", cfg.cls.split), ("cam.split", cfg.cam.split), ("cam.eval_split", cfg.cam.eval_split)):
         if value not in splits:
@@ -186,6 +200,7 @@ def validate(cfg: Config) -> None:
 def check_batches(cfg: Config, world: int, stages: Iterable[str] | None = None) -> None:
     """Every trainer's global ``batch_size`` divides over ``world`` processes × its ``grad_accum`` (ConfigError)."""
     for stage in [s for s in (stages or cfg.stages()) if s in TRAINERS]:
+        stage = trainer_section(cfg, stage)  # refine=irn: aff trains IRN on irn.train
         t = get(cfg, f"{stage}.train")
         if t.batch_size % (world * t.grad_accum):
             raise ConfigError(f"{stage}.train.batch_size={t.batch_size} is the global batch and must divide over "

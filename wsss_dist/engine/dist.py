@@ -59,3 +59,14 @@ def autocast(device: torch.device, precision: str):
     if precision == "no":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the data-parallel processes (all-reduced; ``x`` itself with one process)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return x
+    x = x.clone()
+    td.all_reduce(x)
+    return x / td.get_world_size()

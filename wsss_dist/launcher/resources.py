@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import Config, SlurmCfg, get
 from ..errors import UserError
-from ..registry import DATASETS, STAGE_SPECS
+from ..registry import DATASETS, STAGE_SPECS, trainer_section
 from .options import LaunchCfg
 
 
@@ -61,7 +61,7 @@ def stage_hours(cfg: Config, stage: str, gpus: int) -> float | None:
     if stage not in STAGE_RATES or gpus < 1:
         return None
     if STAGE_SPECS[stage].trains:
-        t = get(cfg, f"{stage}.train")
+        t = get(cfg, f"{trainer_section(cfg, stage)}.train")
         images = t.steps * t.batch_size
     else:
         counts = dict(DATASETS[cfg.data.name].images)  # the full dataset's images per split (registry; none: unknown)

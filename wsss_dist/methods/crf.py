@@ -1,4 +1,13 @@
-"""Dense CRF on class scores (psa ``tool/imutils.py``), via the optional ``pydensecrf2`` package.
+"""Dense CRFs via the optional ``pydensecrf2`` package: psa's on affinity-label scores, deeplab-pytorch's on final
+predictions (:func:`crf_predictions`, notes §14).
+
+Final predictions (``eval.crf=true``, deeplab-pytorch ``libs/utils/crf.py``): unary −log(max(p, 1e-5)) of the
+softmax of the logits at the image size, a Gaussian kernel (POS_W 3, POS_XY_STD 1), a bilateral kernel (BI_W 4,
+BI_XY_STD 67, BI_RGB_STD 3), 10 mean-field iterations, argmax. Its image is the RGB image (``crf_image=rgb``);
+deeplab-pytorch (and CLIP-ES) hand it the mean-subtracted BGR image cast to uint8, whose negative values wrap
+around (false colour edges where a channel crosses its mean): ``crf_image=deeplab_pytorch_wrap`` reproduces that.
+
+Dense CRF on class scores (psa ``tool/imutils.py``):
 
 psa refines its affinity-label score stacks [(1 − max CAM)^α; CAMs] with a fully connected CRF:
 unary −log(scores) (``unary_from_softmax``, the stack is *not* renormalised, as psa), a Gaussian kernel
@@ -7,6 +16,7 @@ divides both sxy. Install with ``pip install 'wsss-dist[crf]'``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -40,3 +50,50 @@ def crf_for(image: np.ndarray, iters: int = 10) -> Callable[[torch.Tensor], torc
         return torch.from_numpy(out).to(scores.device)
 
     return refine
+
+
+DEEPLAB_PYTORCH_MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's configs/voc12.yaml MEAN (BGR)
+
+
+@dataclass(frozen=True)
+class CrfParams:
+    """deeplab-pytorch's DenseCRF settings (``eval.crf_*``); ``image``: rgb | deeplab_pytorch_wrap."""
+
+    iters: int = 10
+    pos_w: float = 3.0
+    pos_xy_std: float = 1.0
+    bi_w: float = 4.0
+    bi_xy_std: float = 67.0
+    bi_rgb_std: float = 3.0
+    image: str = "rgb"
+
+
+def crf_image(rgb: np.ndarray, mode: str = "rgb") -> np.ndarray:
+    """The uint8 [H, W, 3] image the CRF sees: the RGB image, or (``deeplab_pytorch_wrap``) deeplab-pytorch's BGR
+    minus its mean cast to uint8 — truncated toward zero and wrapped modulo 256, as the x86 float→uint8 cast does."""
+    if mode == "rgb":
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+    if mode != "deeplab_pytorch_wrap":
+        raise ValueError(f"crf image mode must be rgb or deeplab_pytorch_wrap, got {mode!r}")
+    bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(DEEPLAB_PYTORCH_MEAN_BGR, np.float32)
+    return np.ascontiguousarray(np.trunc(bgr).astype(np.int64) & 255, dtype=np.uint8)
+
+
+def crf_predictions(rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams()) -> np.ndarray:
+    """deeplab-pytorch's CRF on softmax probabilities [C, H, W] and the image uint8 [H, W, 3] → labels uint8 [H, W]
+    (channel index of the largest marginal; runs in a CRF worker process)."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as e:
+        raise ConfigError("eval.crf=true needs the dense CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)") from e
+    c, h, w = probs.shape
+    if rgb.shape[:2] != (h, w):
+        raise ValueError(f"image {rgb.shape[:2]} and probabilities {(h, w)} differ in size")
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))  # −log(max(p, 1e-5))
+    d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
+    d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=crf_image(rgb, params.image),
+                           compat=params.bi_w)
+    q = np.array(d.inference(params.iters), dtype=np.float32).reshape(c, h, w)
+    return q.argmax(0).astype(np.uint8)

@@ -119,7 +119,14 @@ def _transition_stencil(
 ) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """Offsets o_k (self, half plane, mirrored half plane) and W_k [K, h, w] = column k of T."""
     half, aff = _half_plane_affinity(features, radius, beta)
-    _, h, w = features.shape
+    return _stencil_from_half(half, aff)
+
+
+def _stencil_from_half(
+    half: list[tuple[int, int]], aff: torch.Tensor
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Offsets o_k and W_k [K, h, w] from A^β [P, h, w] stored at each pair's source (0 where the target is outside)."""
+    _, h, w = aff.shape
     mirrored = torch.zeros_like(aff)
     for p, (dy, dx) in enumerate(half):
         # A(j, j - o) = A(j - o, j): the value stored at source j - o, moved to j.
@@ -319,6 +326,52 @@ def random_walk(
     else:
         offsets, stencil = _transition_stencil(features.to(dtype), radius, beta)
         out[active] = _walk(v, stencil, offsets, 2**logt, radius - 1)
+    return out
+
+
+def random_walk_affinity(
+    scores: torch.Tensor,
+    affinity: torch.Tensor,
+    radius: int = 5,
+    beta: float = 10,
+    logt: int = 8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Propagate scores [C, h, w] on given pair affinities: ``affinity`` [P, h, w] holds a(j, j + o_p) at source j
+    for the half-plane offsets o_p of :func:`~wsss_dist.methods.affinity.affinity_offsets` (irn's boundary
+    affinities). Same operator as :func:`random_walk` (self-affinity 1, A^β, column-normalised, 2^logt steps;
+    pairs whose target leaves the map do not exist), with the native kernel's walk for CPU tensors."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    half = affinity_offsets(radius)
+    if affinity.dim() != 3 or affinity.shape[0] != len(half) or affinity.shape[-2:] != scores.shape[-2:]:
+        raise ValueError(f"affinity must be [{len(half)}, h, w] for radius {radius} and scores {tuple(scores.shape)}, "
+                         f"got {tuple(affinity.shape)}")
+    dtype = _compute_dtype(scores)
+    c, h, w = scores.shape
+    out = torch.zeros(c, h, w, dtype=dtype, device=scores.device)
+    active = scores.reshape(c, -1).ne(0).any(1)
+    if not bool(active.any()):
+        return out
+    aff = affinity.to(dtype).clamp_min(0).pow(beta)
+    inside = torch.zeros_like(aff, dtype=torch.bool)
+    for p, (dy, dx) in enumerate(half):  # pairs whose target leaves the map do not exist
+        inside[p, : max(0, h - dy), max(0, -dx) : max(0, w - max(0, dx))] = True
+    offsets, stencil = _stencil_from_half(half, aff * inside)
+    lib = None
+    if backend != "torch" and scores.device.type == "cpu" and affinity.device.type == "cpu":
+        lib = _native_library()
+    if backend == "native" and lib is None:
+        raise RuntimeError("the native random walk needs CPU tensors and a working C++ compiler")
+    v = scores[active].to(dtype)
+    pad = radius - 1
+    if lib is not None:
+        wp, _, m, _ = _native_layout(h, w, pad, lib.rw_tile())
+        weights = stencil.new_zeros(len(offsets), m)
+        weights[:, : h * wp] = F.pad(stencil, (pad, pad)).reshape(len(offsets), h * wp)
+        out[active] = _walk_native(lib, v, weights, offsets, 2**logt, pad)
+    else:
+        out[active] = _walk(v, stencil, offsets, 2**logt, pad)
     return out
 
 

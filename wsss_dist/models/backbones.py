@@ -192,6 +192,22 @@ class TimmBackbone(Backbone):
             x = self.body[name](x)
         return x
 
+    @property
+    def pyramid_channels(self) -> tuple[int, ...]:
+        """Channels of :meth:`forward_pyramid`'s five levels (stem, layer1..layer4)."""
+        return (self.body[self._stage_names[0][-1]][0].conv1.in_channels, *self.body.feature_info.channels())
+
+    def forward_pyramid(self, x: Tensor) -> list[Tensor]:
+        """The stem's output (stride 4, before layer1) and each stage's output (IRN's five levels s1..s5)."""
+        outs, x = [], self.renormalize(x)
+        for k in range(self.num_stages):
+            for name in self._stage_names[k]:
+                if k == 0 and name == self._stage_names[0][-1]:
+                    outs.append(x)
+                x = self.body[name](x)
+            outs.append(x)
+        return outs
+
     def forward_levels(self, x: Tensor, low: bool = False) -> list[Tensor]:
         """Outputs of the last three stages, resized (bilinear) to the last one's size; with ``low``, preceded by
         the first stage's output (stride 4)."""

@@ -25,12 +25,13 @@ from .affinity_net import AffinityNet
 from .backbones import create_backbone
 from .cam_net import CAMNet
 from .deeplab import DeepLabV2
+from .irn import BoundaryNet
 from .pretrained import Weights, load_pretrained, normalization, parse_weights, read_state_dict
 from .weights import MODEL_JSON, WEIGHTS, load_model_weights, redo_advice
 
 logger = logging.getLogger(__name__)
 
-MODELS = MappingProxyType({"cam": CAMNet, "affinity": AffinityNet, "deeplab": DeepLabV2})
+MODELS = MappingProxyType({"cam": CAMNet, "affinity": AffinityNet, "deeplab": DeepLabV2, "irn": BoundaryNet})
 # The head sizes of a model.json without ``num_classes`` (runs made before the dataset registry: VOC's); the specs of
 # a config record the dataset's (wsss_dist.data.datasets.dataset_classes).
 NUM_CLASSES = MappingProxyType({"cam": DATASETS["voc"].num_classes, "deeplab": DATASETS["voc"].num_labels,
@@ -56,6 +57,14 @@ def affinity_spec(cfg: Config) -> dict[str, Any]:
     starts from them or from the classifier trained on them."""
     return {"kind": "affinity", "backbone": cfg.model.backbone, "frozen_bn": cfg.model.frozen_bn, "stride": cfg.aff.stride,
             **_normalization(cfg.model.weights, cfg.model.backbone)}
+
+
+def irn_spec(cfg: Config) -> dict[str, Any]:
+    """The architecture of IRN's boundary network (``aff/model.json`` with ``refine=irn``): a frozen timm ResNet at
+    output stride 16 (irn) with ``irn.weights``' normalisation (``irn.init=cls``: the classifier's)."""
+    weights = cfg.irn.weights if cfg.irn.init == "imagenet" else cfg.model.weights
+    return {"kind": "irn", "backbone": cfg.irn.backbone, "output_stride": 16, "frozen_bn": True,
+            **_normalization(weights, cfg.irn.backbone)}
 
 
 def deeplab_spec(cfg: Config) -> dict[str, Any]:
@@ -101,7 +110,8 @@ def create_model(spec: Mapping[str, Any] | str, backbone: str | None = None, *, 
     num_classes = spec.get("num_classes", NUM_CLASSES.get(kind))
     heads = {"cam": lambda: CAMNet(bb, num_classes=num_classes, num_sub=spec.get("num_sub", 0)),
              "affinity": lambda: AffinityNet(bb, stride=spec.get("stride", 8)),
-             "deeplab": lambda: DeepLabV2(bb, num_classes=num_classes)}
+             "deeplab": lambda: DeepLabV2(bb, num_classes=num_classes),
+             "irn": lambda: BoundaryNet(bb)}
     model = heads[kind]()
     if sd is not None:
         _load_aspp(model, sd, str(w.path))  # type: ignore[arg-type]
@@ -209,6 +219,16 @@ def build_affinity(cfg: Config, needed_by: str = "aff") -> AffinityNet:
     model = create_model(affinity_spec(cfg), weights=imagenet)
     if cfg.aff.init == "cls":
         init_from_classifier(cfg, model, cfg.model.backbone, "aff")
+    return model  # type: ignore[return-value]
+
+
+def build_irn(cfg: Config) -> BoundaryNet:
+    """IRN's boundary network on ``irn.backbone``, its frozen backbone from ``irn.weights`` (irn: ImageNet) or, with
+    ``irn.init=cls``, the trained classifier's backbone (the toy data: no ImageNet weights on a CPU box)."""
+    imagenet = imagenet_weights(cfg.irn.weights, "irn.weights") if cfg.irn.init == "imagenet" else None
+    model = create_model(irn_spec(cfg), weights=imagenet)
+    if cfg.irn.init == "cls":
+        init_from_classifier(cfg, model, cfg.irn.backbone, "irn")
     return model  # type: ignore[return-value]
 
 

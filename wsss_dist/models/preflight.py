@@ -20,9 +20,13 @@ def preflight(cfg: Config) -> None:
     check_backbone("model.backbone", cfg.model.backbone)
     check_backbone("seg.backbone", cfg.seg.backbone)
     check_backbone("teacher.arch", cfg.teacher.arch)
+    if cfg.refine == "irn":
+        check_backbone("irn.backbone", cfg.irn.backbone)
     stages = cfg.stages()
     uses = []
-    if "cls" in stages or ("aff" in stages and cfg.aff.init == "imagenet"):
+    if "aff" in stages and cfg.refine == "irn" and cfg.irn.init == "imagenet":
+        uses.append(("irn.weights", cfg.irn.weights, "irn.backbone", cfg.irn.backbone, "aff"))
+    if "cls" in stages or ("aff" in stages and cfg.refine == "psa" and cfg.aff.init == "imagenet"):
         uses.append(("model.weights", cfg.model.weights, "model.backbone", cfg.model.backbone,
                      "cls" if "cls" in stages else "aff"))
     if "seg" in stages and cfg.seg.init == "imagenet":

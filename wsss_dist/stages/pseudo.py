@@ -5,6 +5,11 @@ Inputs: images, CAM shards (stage cam), the trained AffinityNet (stage aff). Per
 transition T = D⁻¹ A^β over pixel pairs within ``pseudo.radius`` (a_ij = exp(−mean |f_i − f_j|), self-affinity 1);
 scores · T^(2^logt) by sparse neighbourhood propagation; upsampled, argmax → label. Outputs: pseudo-label shards
 (``png``, same keys) and ``pseudo/DONE`` with the pseudo-label mIoU on ``cam.eval_split``.
+
+``refine=irn`` (IRN, :func:`wsss_dist.methods.irn.propagate_irn`): the boundary map B at stride 4 (sigmoid of the
+logits, averaged with the mirrored image's with ``irn.flip``); seeds CAM · (1 − B) (no background row); transition
+from a = 1 − max B on each pair's path within ``irn.walk_radius`` (5), A^β (``irn.beta`` 10), 2^``irn.logt`` steps;
+upsampled, divided by the global max, background plane ``irn.bg_threshold`` (0.25), argmax.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from ..data.records import CAM_KEYS, decode_cam, encode_label
 from ..data.shards import load_manifest, manifest_classes, split_ids
 from ..data.stream import image_tensor, prepare_image
 from ..engine import dist, map_shards
+from ..methods.irn import propagate_irn
 from ..methods.random_walk import propagate_labels
 from ..metrics import gt_confusion, miou_metrics
 from ..models.build import load_trained
@@ -31,6 +37,16 @@ def prepare(sample: dict) -> dict:
     """In a reader worker: the normalised image and the CAMs decoded to the image size (``cams``: CAMs, classes)."""
     sample["cams"] = decode_cam(sample)
     return prepare_image(sample)
+
+
+def boundary_map(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """IRN's boundary probabilities [⌈H/4⌉, ⌈W/4⌉] of one image [1, 3, H, W] (padded to a multiple of 16; with
+    ``flip`` the logits are averaged with the mirrored image's, un-mirrored)."""
+    H, W = x.shape[-2:]
+    x = torch.nn.functional.pad(x, (0, -W % 16, 0, -H % 16))
+    logits = model(torch.cat([x, x.flip(-1)]) if flip else x).float()
+    logit = (logits[0] + logits[1].flip(-1)) / 2 if flip else logits[0]
+    return torch.sigmoid(logit[0, : -(-H // 4), : -(-W // 4)])
 
 
 def run(cfg: Config) -> dict:
@@ -46,13 +62,17 @@ def run(cfg: Config) -> dict:
     @torch.no_grad()
     def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
         x = image_tensor(sample, d.device)
-        H, W = x.shape[-2:]
-        ph, pw = -H % 8, -W % 8
-        s = model.stride
-        feats = model(torch.nn.functional.pad(x, (0, pw, 0, ph)))[0, :, : -(-H // s), : -(-W // s)].float()
         cams, classes = (t.to(d.device, non_blocking=True) for t in sample["cams"])
-        label = propagate_labels(cams, classes, feats, alpha=p.alpha, beta=p.beta, logt=p.logt, radius=p.radius,
-                                 stride=s).to(torch.uint8)  # to the host in the writer thread
+        if cfg.refine == "irn":
+            label = propagate_irn(cams, classes, boundary_map(model, x, cfg.irn.flip), beta=cfg.irn.beta,
+                                  logt=cfg.irn.logt, radius=cfg.irn.walk_radius, bg_threshold=cfg.irn.bg_threshold)
+        else:
+            H, W = x.shape[-2:]
+            s = model.stride
+            feats = model(torch.nn.functional.pad(x, (0, -W % 8, 0, -H % 8)))[0, :, : -(-H // s), : -(-W // s)].float()
+            label = propagate_labels(cams, classes, feats, alpha=p.alpha, beta=p.beta, logt=p.logt, radius=p.radius,
+                                     stride=s)
+        label = label.to(torch.uint8)  # to the host in the writer thread
         return lambda: encode_label(sample["__key__"], label.cpu().numpy()), label
 
     def evaluate(sample: dict, label: torch.Tensor) -> np.ndarray | None:

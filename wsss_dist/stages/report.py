@@ -46,7 +46,7 @@ def load_run(run: Path) -> dict[str, Any]:
     missing = [st for st in CHAIN if st not in done]
     status = "done" if not missing else f"incomplete: no {missing[0]}"
     return {"run": str(run), "name": run.name, "config": cfg, "done": done, "status": status,
-            "method": cfg.get("method", "?"), "split": (cfg.get("cls") or {}).get("split", "?"),
+            "method": cfg.get("method", "?") + ("+irn" if cfg.get("refine") == "irn" else ""), "split": (cfg.get("cls") or {}).get("split", "?"),
             "seed": ((cfg.get("cls") or {}).get("train") or {}).get("seed")}
 
 
@@ -120,7 +120,7 @@ def recipes(points: list[dict]) -> tuple[list[str], list[list[str]]]:
             cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
         return "–" if cfg in ({}, None, "") else str(cfg)
 
-    keys = ("method", "model.backbone", "model.weights", "cls.train.steps", "cls.train.batch_size", "aff.init",
+    keys = ("method", "refine", "model.backbone", "model.weights", "cls.train.steps", "cls.train.batch_size", "aff.init",
             "seg.backbone", "seg.init", "seg.weights", "seg.train.steps")
     return ["run", *keys], [[p["name"], *[get(p["config"], k) for k in keys]] for p in points]
 
