@@ -393,7 +393,7 @@ def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
         words = ["data=coco", f"data.coco_root={d}", "model.weights=none", "seg.weights=none",
                  "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4"]
         names, labels = ["person", "dog", "toothbrush"], 81
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), *words, *CHAIN, "stage=all",
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cluster=local", *words, *CHAIN, "stage=all",
                         f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
