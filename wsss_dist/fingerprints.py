@@ -49,7 +49,7 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
         return any(key == w or key.startswith(w + ".") for w in prefixes)
 
     return {k: v for k, v in _flat(to_dict(cfg)).items()
-            if within(k, spec.settings) and not within(k, spec.not_settings) and not is_operational(k)}
+            if within(k, spec.settings + spec.method_settings(cfg)) and not within(k, spec.not_settings) and not is_operational(k)}
 
 
 def upstream(cfg: Config, stage: str) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, Optional
 
 Mix = Optional[Literal["mixup", "fmix", "manifold"]]
 SubSource = Optional[Literal["rounds", "teacher"]]
+CamSource = Literal["classifier", "clip_es"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,18 @@ class Method:
     mix: Mix = None  # None: plain batches; mixup/fmix: input mixing; manifold: feature mixing inside the backbone
     subcategories: SubSource = None  # rounds: clustered features of the previous round (SC-CAM); teacher: ViT embeddings
     extra_stages: tuple[str, ...] = ()  # stages that only this method runs (before cls)
+    cam_source: CamSource = "classifier"  # classifier: stage cam reads the method's trained classifier; clip_es: a frozen CLIP (no stage cls)
+    preset: tuple[tuple[str, Any], ...] = ()  # config values the method sets over the dataset preset (the user's words win)
+
+    @property
+    def trains_classifier(self) -> bool:
+        """Whether the method trains a classifier (stage cls); methods that do not skip it."""
+        return self.cam_source == "classifier"
+
+    @property
+    def skips(self) -> tuple[str, ...]:
+        """The stages this method never runs."""
+        return () if self.trains_classifier else ("cls",)
 
     @property
     def rounds(self) -> bool:
@@ -52,6 +65,10 @@ METHODS: dict[str, Method] = _table(
     Method("sc", "Sub-category Exploration: rounds of train → cluster pooled features → train", subcategories="rounds"),
     Method("teach", "Sub-category Teaching: FINCH on a fine-tuned ViT teacher's embeddings", subcategories="teacher",
            extra_stages=("teacher",)),
+    Method("clip_es", "CLIP-ES: softmax-Grad-CAM of a frozen CLIP + class-aware attention affinity; no classifier",
+           cam_source="clip_es",
+           # no classifier to start AffinityNet / DeepLab from: their own init (model.weights, seg.weights)
+           preset=(("aff.init", "imagenet"), ("seg.init", "imagenet"))),
 )
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's type of ``method``: the registry's names
@@ -79,12 +96,17 @@ class StageSpec:
     optional: bool = False  # in ``stage=all`` only for the methods whose ``extra_stages`` name it
     precision_key: Optional[str] = None  # the config key of its autocast precision
     settings: tuple[str, ...] = ()  # config keys (or sections) that shape it; upstream effects come through ``reads``
+    method_settings: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # more such keys for a config's method
     not_settings: tuple[str, ...] = ()  # keys inside ``settings`` sections that belong to another stage
     report: tuple[tuple[str, str], ...] = ()  # (DONE metric, column title) in the report's tables
 
 
 def _uses_teacher(cfg: Any) -> bool:
     return METHODS[cfg.method].subcategories == "teacher"
+
+
+def _cam_reads(cfg: Any) -> tuple[str, ...]:
+    return ("cls",) if METHODS[cfg.method].trains_classifier else ()
 
 
 STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
@@ -98,8 +120,9 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("cls", "the classifier with a CAM head (the method)",
               reads=lambda cfg: ("teacher",) if _uses_teacher(cfg) else (), trains=True, images_per_gpu_s=40.0,
               precision_key="cls.train.mixed_precision", settings=("method", "model", "cls", "data.shuffle_buffer")),
-    StageSpec("cam", "multi-scale + flip CAMs and the CAM mIoU", reads=lambda cfg: ("cls",), images_per_gpu_s=9.0,
+    StageSpec("cam", "multi-scale + flip CAMs (or CLIP-ES's) and the CAM mIoU", reads=_cam_reads, images_per_gpu_s=9.0,
               repairs_when_asked=True, precision_key="cam.mixed_precision", settings=("cam",),
+              method_settings=lambda cfg: () if METHODS[cfg.method].trains_classifier else ("method", "clip"),
               report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)"))),
     StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
               reads=lambda cfg: ("cam", "cls") if cfg.aff.init == "cls" else ("cam",), trains=True,
