@@ -79,7 +79,7 @@ def resolve_weights(arch: str, value: str) -> Optional[str]:
     if "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise ConfigError(f"{key}: weights file not found")
     if arch == TINY:
-        raise ConfigError(f"{key}: clip.arch=tiny has no pretrained weights; use clip.weights={RANDOM}")
+        raise ConfigError(f"{key}: clip.arch=tiny has no pretrained weights; use clip.weights={RANDOM} or a file")
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(arch, value)
@@ -110,6 +110,8 @@ def build_clip(arch: str, weights: str) -> torch.nn.Module:
         torch.manual_seed(0)  # random init: the same model on every rank and after a resume
         if arch == TINY:
             model = open_clip.model.CLIP(**tiny_config())
+            if path is not None:
+                open_clip.load_checkpoint(model, path)
         else:
             model = open_clip.create_model(arch, pretrained=path, load_weights=path is not None)
     return model.eval().requires_grad_(False)
