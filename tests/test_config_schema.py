@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ZERO_IS_VALID = {
     "data.num_workers", "data.shuffle_buffer", "data.max_skip_fraction", "data.max_pixels", "data.toy.seed", "data.toy.n_sbd",
     "cls.ent_weight", "cls.con_weight", "cls.sub_weight", "cls.round", "cam.bg_threshold", "aff.conf_fg",
-    "aff.conf_bg", "pseudo.logt", "slurm.gpus_per_node", "slurm.signal_delay_s", "slurm.array_parallelism",
+    "aff.conf_bg", "clip.box_threshold", "clip.refine_steps", "pseudo.logt", "slurm.gpus_per_node", "slurm.signal_delay_s", "slurm.array_parallelism",
     *(f"{t}.train.{k}" for t in ("cls", "teacher", "aff", "seg") for k in ("ckpt_every", "log_every", "seed")),
     *(f"{t}.optim.{k}" for t in ("cls", "teacher", "aff", "seg")
       for k in ("momentum", "weight_decay", "poly_power", "warmup_steps", "grad_clip")),
