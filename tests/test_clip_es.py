@@ -210,6 +210,14 @@ def test_weights_key_resolves_local_files_and_folders_and_never_downloads(tmp_pa
     loaded = clipm.build_clip(clipm.TINY, str(folder))
     torch.testing.assert_close(loaded.visual.proj, model.visual.proj)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    scripted = tmp_path / "ViT-tiny.pt"  # OpenAI's release format: a TorchScript archive
+    torch.jit.script(model).save(str(scripted))
+    assert clipm.is_torchscript(str(scripted))
+    torch.testing.assert_close(clipm.build_clip(clipm.TINY, str(scripted)).visual.proj, model.visual.proj)
+    other = tmp_path / "other.safetensors"
+    save_file({"visual.proj": model.visual.proj.contiguous()}, str(other))
+    with pytest.raises(ConfigError, match="not a tiny CLIP checkpoint"):
+        clipm.build_clip(clipm.TINY, str(other))
     for bad, says in ((str(tmp_path / "nope.pt"), "not found"), (str(tmp_path), "no open_clip_model")):
         with pytest.raises(ConfigError, match=says):
             clipm.resolve_weights("ViT-B-16-quickgelu", bad)
@@ -270,3 +278,6 @@ def test_the_toy_chain_with_clip_es_runs_to_a_val_miou(shards, tmp_path):
     ev = json.loads((run / "eval" / "DONE").read_text())
     miou = ev.get("metrics", ev)["miou"]
     assert 0 < miou < 1
+    from wsss_dist.stages.report import load_run
+
+    assert load_run(run)["status"] == "done"  # no cls stage, yet a finished run

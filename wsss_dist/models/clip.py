@@ -101,6 +101,16 @@ def resolve_weights(arch: str, value: str) -> Optional[str]:
     return hit
 
 
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's released ``ViT-B-16.pt``)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
 def build_clip(arch: str, weights: str) -> torch.nn.Module:
     """The frozen CLIP (eval mode, no parameter requires grad) of ``clip.arch`` with ``clip.weights``."""
     import open_clip
@@ -108,12 +118,15 @@ def build_clip(arch: str, weights: str) -> torch.nn.Module:
     path = resolve_weights(arch, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random init: the same model on every rank and after a resume
-        if arch == TINY:
-            model = open_clip.model.CLIP(**tiny_config())
-            if path is not None:
-                open_clip.load_checkpoint(model, path)
-        else:
-            model = open_clip.create_model(arch, pretrained=path, load_weights=path is not None)
+        model = (open_clip.model.CLIP(**tiny_config()) if arch == TINY
+                 else open_clip.create_model(arch, pretrained=None, load_weights=False))
+    if path is not None:
+        # OpenAI's JIT archive cannot be read with weights_only (torch refuses TorchScript there): torch.jit.load
+        bad = open_clip.load_checkpoint(model, path, strict=False, weights_only=not is_torchscript(path))
+        unexpected = [k for k in bad.unexpected_keys if k != "attn_mask"]  # a scripted model's text-mask buffer
+        if bad.missing_keys or unexpected:
+            raise ConfigError(f"clip.weights={weights}: not a {arch} CLIP checkpoint ({len(bad.missing_keys)} missing, "
+                              f"{len(unexpected)} unexpected names, e.g. {(bad.missing_keys + unexpected)[0]})")
     return model.eval().requires_grad_(False)
 
 

@@ -26,7 +26,7 @@ from ..config import Config, load_yaml
 from ..data.records import CAM_KEYS, LABEL_KEYS, decode_cam, decode_label
 from ..data.shards import load_manifest, read_shard, split_ids, split_urls
 from ..data.voc import CLASSES, PALETTE
-from ..registry import STAGE_SPECS, TRAINERS
+from ..registry import METHODS, STAGE_SPECS, TRAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def load_run(run: Path) -> dict[str, Any]:
 
     cfg = OmegaConf.to_container(load_yaml(run / "config.yaml")) if (run / "config.yaml").is_file() else {}
     done = {st: runs.read_done(run, st) for st in ("teacher", *CHAIN) if runs.is_done(run, st)}
-    missing = [st for st in CHAIN if st not in done]
+    method = METHODS.get(str(cfg.get("method")))
+    missing = [st for st in CHAIN if st not in done and not (method and st in method.skips)]  # clip_es: no cls
     status = "done" if not missing else f"incomplete: no {missing[0]}"
     return {"run": str(run), "name": run.name, "config": cfg, "done": done, "status": status,
             "method": cfg.get("method", "?"), "split": (cfg.get("cls") or {}).get("split", "?"),
