@@ -8,7 +8,6 @@ import time
 
 import fire
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench import common
 
@@ -44,9 +43,15 @@ def main(classes: int = 2, repeats: int = 3, device: str = "cpu", json: str | No
         clip_es_cams(model, x, cls, emb, bg)
         sync()
 
-    with FlopCounterMode(display=False) as fc:
-        stage()
-    tflop = fc.get_total_flops() / 1e12
+    # FLOPs, counted from the shapes (torch's FlopCounterMode misses the fused attention kernel of the frozen blocks):
+    # per block 24·N·C² (qkv, out, MLP) + 4·N²·C (QKᵀ, AV); the patch embedding; one block-12 backward per class
+    # (activation gradients only: nothing else requires grad ≈ one block forward); CAA's R = S·S, 2·(N−1)³
+    v = model.visual
+    C, L, p = v.conv1.out_channels, len(v.transformer.resblocks), v.conv1.kernel_size[0]
+    n = (384 // p) * (512 // p)
+    N = n + 1
+    block = 24 * N * C * C + 4 * N * N * C
+    tflop = (L * block + 2 * n * 3 * p * p * C + classes * block + 2 * n ** 3) / 1e12
     stage(), bare()  # warm-up
     times: dict[str, list[float]] = {"bare": [], "stage": []}
     for _ in range(repeats):
