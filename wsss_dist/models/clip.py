@@ -118,8 +118,9 @@ def build_clip(arch: str, weights: str) -> torch.nn.Module:
     path = resolve_weights(arch, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random init: the same model on every rank and after a resume
-        model = (open_clip.model.CLIP(**tiny_config()) if arch == TINY
-                 else open_clip.create_model(arch, pretrained=None, load_weights=False))
+        config = tiny_config() if arch == TINY else open_clip.get_model_config(arch)
+        model = (open_clip.model.CLIP(**config) if config and not config.get("custom_text")
+                 else open_clip.create_model(arch, pretrained=None, load_weights=False))  # (it logs "random init")
     if path is not None:
         # OpenAI's JIT archive cannot be read with weights_only (torch refuses TorchScript there): torch.jit.load
         bad = open_clip.load_checkpoint(model, path, strict=False, weights_only=not is_torchscript(path))
