@@ -144,7 +144,7 @@ class ClipCfg:
     arch: str = "ViT-B-16-quickgelu"  # open_clip model name (OpenAI's ViT-B/16 = ViT-B-16-quickgelu); tiny: a small test CLIP of the same family
     weights: str = ""  # openai (an open_clip tag, found in the local HF / open_clip caches only) | FILE | FOLDER (an HF cache repo folder or one holding open_clip_model.safetensors) | random; unset: an error (docs/usage.md#clip-weights)
     template: str = "a clean origami {}."  # prompt template; {} = the class string (CLIP-ES)
-    background: tuple[str, ...] = ()  # background words; () = CLIP-ES's list for the dataset (VOC 25 words, COCO 23)
+    background: tuple[str, ...] = ()  # background words; [] = CLIP-ES's list for the dataset (VOC 25 words, COCO 23)
     scales: tuple[float, ...] = (1.0,)  # input scales, CAMs averaged (CLIP-ES: one scale, no flip)
     refine: bool = True  # class-aware attention affinity (CAA) refinement; false: the softmax-Grad-CAM alone
     box_threshold: float = 0.4  # box mask: regions above this × the CAM's max (CLIP-ES: VOC 0.4, COCO 0.7)
