@@ -20,7 +20,7 @@ ZERO_IS_VALID = {
     "data.num_workers", "data.shuffle_buffer", "data.max_skip_fraction", "data.max_pixels", "data.toy.seed", "data.toy.n_sbd",
     "cls.ent_weight", "cls.con_weight", "cls.sub_weight", "cls.round", "cam.bg_threshold", "aff.conf_fg",
     "aff.conf_bg", "pseudo.logt", "slurm.gpus_per_node", "slurm.signal_delay_s", "slurm.array_parallelism",
-    "irn.logt", "irn.bg_threshold", "eval.crf_workers", "eval.crf_pos_w", "eval.crf_bi_w",
+    "irn.logt", "clip.box_threshold", "clip.refine_steps", "irn.bg_threshold", "eval.crf_workers", "eval.crf_pos_w", "eval.crf_bi_w",
     *(f"{t}.train.{k}" for t in ("cls", "teacher", "aff", "irn", "seg") for k in ("ckpt_every", "log_every", "seed")),
     *(f"{t}.optim.{k}" for t in ("cls", "teacher", "aff", "irn", "seg")
       for k in ("momentum", "weight_decay", "poly_power", "warmup_steps", "grad_clip")),

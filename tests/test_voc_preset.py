@@ -113,8 +113,9 @@ def test_lr_momentum_choice_matches_the_references_effective_step():
 
 
 def test_toy_preset_is_unchanged():
-    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 54  # 45 + the 9 irn.* keys (refine=irn only)
+    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 56  # 45 + 9 irn.* keys (refine=irn only) + clip_es's tiny random CLIP (2)
     cfg = make_config([])
+    assert (cfg.clip.arch, cfg.clip.weights) == ("tiny", "random")
     assert (cfg.model.backbone, cfg.model.frozen_bn) == ("resnet18", False)
     assert (cfg.cls.train.steps, cfg.cls.train.batch_size, cfg.cls.train.crop) == (300, 16, 56)
     assert (cfg.cls.optim.name, cfg.cls.optim.lr, cfg.cls.sc_rounds) == ("adamw", 2e-3, 2)

@@ -22,7 +22,7 @@ from . import fingerprints, runs
 from .config import PRECISION_KEYS, STAGES, Config, data_settings, get, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
-from .registry import STAGE_SPECS
+from .registry import METHODS, STAGE_SPECS
 
 logger = logging.getLogger("wsss_dist")
 
@@ -247,7 +247,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     versions = {}
-    for name in ("wsss-dist", "torch", "torchvision", "accelerate", "timm", "numpy", "submitit", "webdataset"):
+    for name in ("wsss-dist", "torch", "torchvision", "accelerate", "timm", "numpy", "submitit", "webdataset", "open_clip_torch"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -290,6 +290,8 @@ def stage_setup(cfg: Config, stage: str) -> str:
         weights = "the classifier's backbone" if stage == "aff" and cfg.aff.init == "cls" else cfg.model.weights
     if stage in ("cam", "pseudo", "eval"):
         weights = "this run's trained model"
+    if stage == "cam" and not METHODS[cfg.method].trains_classifier:
+        net, weights = f"CLIP {cfg.clip.arch}", cfg.clip.weights
     if stage in ("shards", "report"):
         return f"device {device}, world {world_size()}"
     return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, Optional
 
 Mix = Optional[Literal["mixup", "fmix", "manifold"]]
 SubSource = Optional[Literal["rounds", "teacher"]]
+CamSource = Literal["classifier", "clip_es"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,18 @@ class Method:
     mix: Mix = None  # None: plain batches; mixup/fmix: input mixing; manifold: feature mixing inside the backbone
     subcategories: SubSource = None  # rounds: clustered features of the previous round (SC-CAM); teacher: ViT embeddings
     extra_stages: tuple[str, ...] = ()  # stages that only this method runs (before cls)
+    cam_source: CamSource = "classifier"  # classifier: stage cam reads the method's trained classifier; clip_es: a frozen CLIP (no stage cls)
+    preset: tuple[tuple[str, Any], ...] = ()  # config values the method sets over the dataset preset (the user's words win)
+
+    @property
+    def trains_classifier(self) -> bool:
+        """Whether the method trains a classifier (stage cls); methods that do not skip it."""
+        return self.cam_source == "classifier"
+
+    @property
+    def skips(self) -> tuple[str, ...]:
+        """The stages this method never runs."""
+        return () if self.trains_classifier else ("cls",)
 
     @property
     def rounds(self) -> bool:
@@ -57,6 +70,10 @@ METHODS: dict[str, Method] = _table(
     Method("sc", "Sub-category Exploration: rounds of train → cluster pooled features → train", subcategories="rounds"),
     Method("teach", "Sub-category Teaching: FINCH on a fine-tuned ViT teacher's embeddings", subcategories="teacher",
            extra_stages=("teacher",)),
+    Method("clip_es", "CLIP-ES: softmax-Grad-CAM of a frozen CLIP + class-aware attention affinity; no classifier",
+           cam_source="clip_es",
+           # no classifier to start AffinityNet / IRN / DeepLab from: their own init (model/irn/seg.weights)
+           preset=(("aff.init", "imagenet"), ("irn.init", "imagenet"), ("seg.init", "imagenet"))),
 )
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's type of ``method``: the registry's names
@@ -112,6 +129,10 @@ def _aff_reads(cfg: Any) -> tuple[str, ...]:
     return ("cam", "cls") if init == "cls" else ("cam",)
 
 
+def _cam_reads(cfg: Any) -> tuple[str, ...]:
+    return ("cls",) if METHODS[cfg.method].trains_classifier else ()
+
+
 STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shards", "the dataset packed into WebDataset tar shards + manifest", data_parallel=False,
               uses_gpu=False, shared_by_sweep=True, repairs_when_asked=True,
@@ -125,8 +146,9 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("cls", "the classifier with a CAM head (the method)",
               reads=lambda cfg: ("teacher",) if _uses_teacher(cfg) else (), trains=True, images_per_gpu_s=40.0,
               precision_key="cls.train.mixed_precision", settings=("method", "model", "cls", "data.shuffle_buffer")),
-    StageSpec("cam", "multi-scale + flip CAMs and the CAM mIoU", reads=lambda cfg: ("cls",), images_per_gpu_s=9.0,
+    StageSpec("cam", "multi-scale + flip CAMs (or CLIP-ES's) and the CAM mIoU", reads=_cam_reads, images_per_gpu_s=9.0,
               repairs_when_asked=True, precision_key="cam.mixed_precision", settings=("cam",),
+              settings_when=lambda cfg: () if METHODS[cfg.method].trains_classifier else ("method", "clip"),
               report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)"))),
     StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
               reads=_aff_reads, trains=True,

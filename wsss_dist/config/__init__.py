@@ -17,14 +17,14 @@ from .build import (ALIASES, PRECISION_KEYS, default_run, is_operational, keys, 
                     to_dict, to_yaml, typed_value)
 from .keys import _schema, get, type_name
 from .presets import PRESETS, TOY_PRESET, VOC_PRESET
-from .schema import (DATA_KEYS, STAGES, AffCfg, CamCfg, ClsCfg, Config, DataCfg, ModelCfg, OptimCfg, Precision, PseudoCfg,
+from .schema import (DATA_KEYS, STAGES, AffCfg, CamCfg, ClipCfg, ClsCfg, Config, DataCfg, ModelCfg, OptimCfg, Precision, PseudoCfg,
                      ReportCfg, SegCfg, SlurmCfg, SweepCfg, TeacherCfg, ToyCfg, TrainCfg, data_hash, data_settings,
                      parse_stages)
 from .sweeps import Point, sweep_axes, sweep_points
 from .validate import check_batches, check_value, validate
 
 __all__ = ["ALIASES", "DATA_KEYS", "METHOD_NAMES", "PRECISION_KEYS", "PRESETS", "STAGES", "TOY_PRESET", "VOC_PRESET",
-           "AffCfg", "CamCfg", "ClsCfg", "Config", "ConfigError", "DataCfg", "ModelCfg", "OptimCfg", "Point", "Precision",
+           "AffCfg", "CamCfg", "ClipCfg", "ClsCfg", "Config", "ConfigError", "DataCfg", "ModelCfg", "OptimCfg", "Point", "Precision",
            "PseudoCfg", "ReportCfg", "SegCfg", "SlurmCfg", "SweepCfg", "TeacherCfg", "ToyCfg", "TrainCfg", "_schema",
            "check_batches", "check_value", "data_hash", "data_settings", "default_run", "get", "is_operational", "keys",
            "load_yaml", "make_config", "parse_stages", "parse_words", "sweep_axes", "sweep_points", "to_dict", "to_yaml",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..errors import ConfigError
-from ..registry import STAGE_SPECS, TRAINERS
+from ..registry import METHODS, STAGE_SPECS, TRAINERS
 from .keys import _all_keys, _field_types, _is_group, _schema, get, type_name
 from .presets import PRESETS
 from .schema import Config, DataCfg
@@ -54,6 +54,11 @@ def make_config(overrides: dict[str, Any] | list[str] | None = None, check: bool
         raise ConfigError(f"data={name!r}: allowed values are {', '.join(PRESETS)}")
     cfg = OmegaConf.structured(Config)
     _merge(cfg, _nested(PRESETS[name].items()), "the preset")
+    method = next((v for k, v in reversed(pairs) if k == "method"), None)
+    for layer in reversed(layers):
+        method = method or OmegaConf.select(layer, "method", default=None)
+    if str(method) in METHODS and METHODS[str(method)].preset:  # the method's own values (method=clip_es: no classifier)
+        _merge(cfg, _nested(METHODS[str(method)].preset), f"method={method}'s preset")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # accelerate launch --mixed_precision / accelerate config
     if launched:
         for key in ALIASES["precision"]:

@@ -31,6 +31,9 @@ TOY_PRESET: dict[str, Any] = {
     "teacher.optim.warmup_steps": 20,
     "cam.scales": (1.0, 0.5),
     "cam.out_stride": 1,
+    # method=clip_es on a CPU: a small randomly initialised CLIP of ViT-B/16's family (wsss_dist/models/clip.py)
+    "clip.arch": "tiny",
+    "clip.weights": "random",
     # No ImageNet weights on a CPU box: AffinityNet and DeepLab start from the trained classifier's backbone.
     # Toy objects span 3-5 cells of a stride-8 grid, too coarse for the walk: affinities at stride 4.
     "aff.stride": 4,

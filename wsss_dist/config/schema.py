@@ -149,6 +149,23 @@ class CamCfg:
 
 
 @dataclass
+class ClipCfg:
+    """CLIP-ES (method=clip_es): the frozen CLIP and the CAM stage's formulas (reference-implementations.md §15)."""
+
+    arch: str = "ViT-B-16-quickgelu"  # open_clip model name (OpenAI's ViT-B/16 = ViT-B-16-quickgelu); tiny: a small test CLIP of the same family
+    weights: str = ""  # openai (an open_clip tag, found in the local HF / open_clip caches only) | FILE | FOLDER (an HF cache repo folder or one holding open_clip_model.safetensors) | random; unset: an error (docs/usage.md#clip-weights)
+    template: str = "a clean origami {}."  # prompt template; {} = the class string (CLIP-ES)
+    background: tuple[str, ...] = ()  # background words; [] = CLIP-ES's list for the dataset (VOC 25 words, COCO 23)
+    scales: tuple[float, ...] = (1.0,)  # input scales, CAMs averaged (CLIP-ES: one scale, no flip)
+    refine: bool = True  # class-aware attention affinity (CAA) refinement; false: the softmax-Grad-CAM alone
+    box_threshold: float = 0.4  # box mask: regions above this × the CAM's max (CLIP-ES: VOC 0.4, COCO 0.7)
+    attn_layers: int = 8  # CAA: attention of the last this many blocks averaged (CLIP-ES: 8)
+    sinkhorn_rounds: int = 3  # CAA: (÷ column sums, ÷ row sums) rounds (CLIP-ES: 3)
+    refine_steps: int = 1  # CAA: squarings of the symmetrised affinity (CLIP-ES: 1, R = S·S)
+    legacy_box_edge: bool = False  # reproduce CLIP-ES's boxes clipped to w−1 / h−1 (a box at the right/bottom edge loses that column/row)
+
+
+@dataclass
 class AffCfg:
     """AffinityNet: labels from CAMs, training."""
 
@@ -275,6 +292,7 @@ class Config:
     cls: ClsCfg = field(default_factory=ClsCfg)
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     cam: CamCfg = field(default_factory=CamCfg)
+    clip: ClipCfg = field(default_factory=ClipCfg)
     aff: AffCfg = field(default_factory=AffCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     irn: IrnCfg = field(default_factory=IrnCfg)
@@ -364,4 +382,8 @@ def parse_stages(stage: str, method: str, key: str = "stage") -> list[str]:
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
         raise ConfigError(f"{key}={stage!r}: unknown stage {bad[0] if bad else ''!r}; allowed: all, {', '.join(STAGES)} or a list [a,b]")
-    return [x for x in STAGES if x in names]
+    skips = METHODS[method].skips if method in METHODS else ()
+    kept = [x for x in STAGES if x in names and x not in skips]
+    if not kept:
+        raise ConfigError(f"{key}={stage!r}: method={method} has no stage {', '.join(names)} (it trains no classifier)")
+    return kept

@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError
-from ..registry import DATASETS, TRAINERS, trainer_section
+from ..registry import DATASETS, METHODS, TRAINERS, trainer_section
 from .keys import _schema, get
 from .schema import Config
 
@@ -60,6 +60,13 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
         add(key, at_least(0))
     for key in ("eval.crf_pos_xy_std", "eval.crf_bi_xy_std", "eval.crf_bi_rgb_std"):
         add(key, positive)
+    for key in ("clip.attn_layers", "clip.sinkhorn_rounds"):
+        add(key, at_least(1))
+    add("clip.refine_steps", at_least(0))
+    add("clip.box_threshold", unit)
+    out.append(("clip.scales", lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0"))
+    out.append(("clip.template", lambda v: v.count("{}") == 1, "a text with one {} (the class string)"))
+    out.append(("clip.background", lambda v: all(x.strip() for x in v), "non-empty words"))
     add("cam.sweep", (lambda v: len(v) > 0, "a non-empty list"))
     add("data.toy.size", at_least(24))
     add("cls.sc_rounds", at_least(1))
@@ -171,6 +178,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data=coco needs data.coco_root=PATH (holding train2014/, val2014/ and annotations/)")
     for key in _schema():  # finite, no control characters, within its range or choices
         check_value(key, get(cfg, key))
+    if not METHODS[cfg.method].trains_classifier:
+        for key in ("aff.init", "irn.init", "seg.init"):
+            if get(cfg, key) == "cls":
+                raise ConfigError(f"{key}=cls: method={cfg.method} trains no classifier to start from; use {key}=imagenet")
     if cfg.model.backbone == "resnet38d" and cfg.model.output_stride != 8:
         raise ConfigError(f"model.output_stride={cfg.model.output_stride}: resnet38d has a fixed output stride of 8")
     for key in _schema():

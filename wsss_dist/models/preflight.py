@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from wsss_dist.errors import ConfigError
 from wsss_dist.models.pretrained import Weights, header_shapes, parse_weights, strip_module, weights_mismatch
-from wsss_dist.registry import BACKBONES
+from wsss_dist.registry import BACKBONES, METHODS
 
 if TYPE_CHECKING:
     from wsss_dist.config import Config
@@ -33,6 +33,8 @@ def preflight(cfg: Config) -> None:
         uses.append(("seg.weights", cfg.seg.weights, "seg.backbone", cfg.seg.backbone, "seg"))
     if "teacher" in stages:
         uses.append(("teacher.weights", cfg.teacher.weights, "teacher.arch", cfg.teacher.arch, "teacher"))
+    if "cam" in stages and METHODS[cfg.method].cam_source == "clip_es":
+        check_clip(cfg.clip.arch, cfg.clip.weights)
     for key, value, arch_key, arch, stage in uses:
         w = parse_weights(value)
         if w.kind == "unset":
@@ -51,6 +53,24 @@ def preflight(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: an MXNet .params file is psa's ResNet-38d; {arch_key}={arch}")
         if w.kind == "file" and w.path.endswith(".safetensors"):  # type: ignore[union-attr]
             _check_header(key, w.path, arch, cfg.teacher.img_size if key == "teacher.weights" else None)  # type: ignore[arg-type]
+
+
+def check_clip(arch: str, weights: str) -> None:
+    """ConfigError unless open_clip is installed, knows ``clip.arch`` and ``clip.weights`` names a local file
+    (a tag found in the caches, a file, a folder) or ``random`` (never downloads)."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError("method=clip_es needs open_clip: pip install open_clip_torch (or the [clip] extra)") from None
+    from wsss_dist.models.clip import TINY, resolve_weights
+
+    if arch != TINY and arch not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"clip.arch={arch}: not an open_clip model (or tiny)"
+                          + (f"; did you mean {', '.join(close)}?" if close else ""))
+    resolve_weights(arch, weights)
 
 
 def check_backbone(key: str, name: str) -> None:
@@ -149,4 +169,4 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-__all__ = ["check_backbone", "preflight"]
+__all__ = ["check_backbone", "check_clip", "preflight"]

@@ -7,6 +7,11 @@ upsampled to the image size, the mirror flipped back; CAM = Σ_s CAM(s) restrict
 then divided by its per-class spatial maximum (psa/irn). Outputs: one CAM shard per input shard
 (``cam.npy`` float16 [K, ⌈H/out_stride⌉, ⌈W/out_stride⌉], ``cam.json`` {classes, size}) and ``cam/DONE`` with
 the CAM mIoU of the ``cam.eval_split`` ids at background ``cam.bg_threshold`` plus a threshold sweep.
+
+``method=clip_es`` (no classifier): the CAMs of a frozen CLIP (:mod:`wsss_dist.methods.clip_es`, ``clip.*`` keys),
+CLIP-normalised images at ``clip.scales``; the prompts' text embeddings are computed once per run (rank 0) and
+stored in ``cam/clip_text.npy`` + ``cam/clip_text.json`` (the prompts, arch and weights they were made from).
+Same outputs.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from ..data.stream import image_tensor, prepare_image
 from ..engine import autocast, dist, map_shards
 from ..metrics import miou_metrics, sweep_confusion
 from ..models.build import load_trained
+from ..registry import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +80,60 @@ def thresholds(cfg: Config) -> list[float]:
     return [cfg.cam.bg_threshold] + [t for t in cfg.cam.sweep if t != cfg.cam.bg_threshold]
 
 
+def clip_text(cfg: Config, model: torch.nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class, background) text embeddings of the run's prompts: computed once by rank 0 into ``cam/clip_text.npy``
+    (its ``.json`` written last names the prompts, arch and weights), read by every rank and every resume."""
+    from ..data.datasets import dataset_classes
+    from ..methods.clip_es import background_prompts, class_prompts
+    from ..models.clip import text_embeddings
+
+    k = cfg.clip
+    names = dataset_classes(cfg)
+    prompts = class_prompts(cfg.data.name, names, k.template) + background_prompts(cfg.data.name, k.background, k.template)
+    made = {"prompts": prompts, "classes": len(names), "arch": k.arch, "weights": k.weights}
+    folder = runs.stage_dir(cfg.run_dir, "cam")
+    npy, meta = folder / "clip_text.npy", folder / "clip_text.json"
+    d = dist()
+    if d.main and not (meta.exists() and runs.read_json(meta) == made):
+        emb = text_embeddings(model, k.arch, prompts, device).cpu().numpy()
+        runs.write_npy(npy, emb)
+        runs.write_json(meta, made)
+        logger.info("clip_es: %d class + %d background prompt embeddings → %s", len(names), len(prompts) - len(names), npy)
+    d.barrier()
+    emb = torch.as_tensor(runs.read_npy(npy), device=device)
+    return emb[:len(names)], emb[len(names):]
+
+
+def cam_function(cfg: Config, device: torch.device) -> Callable[[torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]:
+    """``cams(x, labels)``: the method's CAMs [K_b, H, W] of same-size ImageNet-normalised images ``x`` [N, 3, H, W]
+    (``labels``: N multi-hot): the trained classifier's multi-scale CAMs, or CLIP-ES's for method=clip_es."""
+    c = cfg.cam
+    if METHODS[cfg.method].trains_classifier:
+        model = load_trained(cfg, "cls", "cam").to(device).to(memory_format=torch.channels_last)
+        return lambda x, labels: multiscale_cams(model, x, labels, c.scales, c.flip)
+    from ..data.transforms import renormalize
+    from ..methods.clip_es import clip_es_cams
+    from ..models.clip import CLIP_MEAN, CLIP_STD, build_clip
+
+    k = cfg.clip
+    clip = build_clip(k.arch, k.weights).to(device)
+    class_emb, bg_emb = clip_text(cfg, clip, device)
+
+    def cams(x: torch.Tensor, labels: list[torch.Tensor]) -> list[torch.Tensor]:
+        classes = [torch.nonzero(torch.as_tensor(y).flatten() > 0.5).flatten().to(device) for y in labels]
+        return clip_es_cams(clip, renormalize(x, CLIP_MEAN, CLIP_STD), classes, class_emb, bg_emb, k.scales,
+                            refine_cams=k.refine, box_threshold=k.box_threshold, legacy_edge=k.legacy_box_edge,
+                            attn_layers=k.attn_layers, rounds=k.sinkhorn_rounds, steps=k.refine_steps)
+
+    return cams
+
+
 def run(cfg: Config) -> dict:
     """Compute CAM shards for ``cam.split`` and the CAM mIoU (threshold sweep) on ``cam.eval_split``."""
     if cfg.cam.batch_images < 1:
         raise ConfigError(f"cam.batch_images={cfg.cam.batch_images}: images per CAM forward must be at least 1")
     d = dist()
-    model = load_trained(cfg, "cls", "cam").to(d.device).to(memory_format=torch.channels_last)
+    compute = cam_function(cfg, d.device)
     manifest = load_manifest(cfg.shards_dir, verify=False)
     ids = set(split_ids(manifest, cfg.cam.eval_split))
     labels_count = len(manifest_classes(manifest)) + 1  # background + the dataset's classes
@@ -90,7 +144,7 @@ def run(cfg: Config) -> dict:
         x = torch.cat([image_tensor(sample, d.device) for sample in samples])  # same-size images (map_shards' batch)
         labels = [torch.as_tensor(sample["cls.npy"]) for sample in samples]
         with autocast(d.device, c.mixed_precision):
-            cams = multiscale_cams(model, x, labels, c.scales, c.flip)
+            cams = compute(x, labels)
         H, W = x.shape[-2:]
         out = []
         for sample, y, cam in zip(samples, labels, cams):

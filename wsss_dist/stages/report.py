@@ -28,8 +28,7 @@ from ..data.shards import load_manifest, manifest_classes, read_shard, split_ids
 from ..data.datasets import dataset_classes
 from ..data.voc import PALETTE
 from ..errors import DataError
-from ..registry import DATASETS
-from ..registry import STAGE_SPECS, TRAINERS
+from ..registry import DATASETS, METHODS, STAGE_SPECS, TRAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,8 @@ def load_run(run: Path) -> dict[str, Any]:
 
     cfg = OmegaConf.to_container(load_yaml(run / "config.yaml")) if (run / "config.yaml").is_file() else {}
     done = {st: runs.read_done(run, st) for st in ("teacher", *CHAIN) if runs.is_done(run, st)}
-    missing = [st for st in CHAIN if st not in done]
+    method = METHODS.get(str(cfg.get("method")))
+    missing = [st for st in CHAIN if st not in done and not (method and st in method.skips)]  # clip_es: no cls
     status = "done" if not missing else f"incomplete: no {missing[0]}"
     return {"run": str(run), "name": run.name, "config": cfg, "done": done, "status": status,
             "method": cfg.get("method", "?") + ("+irn" if cfg.get("refine") == "irn" else ""), "split": (cfg.get("cls") or {}).get("split", "?"),
