@@ -409,24 +409,38 @@ def test_queued_jobs_run_the_code_of_submit_time(tmp_path):
     assert env["package"] == str(snaps[0].parent), env["package"]
 
 
-# ~4-8 min on 2 CPU cores: the whole chain of a user's own folder dataset (issue 22) as a chain of SLURM jobs
+# ~4-8 min on 2 CPU cores: the whole chain of a user's own folder dataset and of a COCO-2014 layout (issue 22), each
+# a chain of SLURM jobs; both chains are queued at once and share the node (1 CPU per job)
 @needs_training
-def test_a_folder_dataset_runs_the_whole_chain_as_slurm_jobs(tmp_path):
-    from test_datasets import CHAIN, make_folder
+def test_folder_and_coco_datasets_run_the_whole_chain_as_slurm_jobs(tmp_path):
+    from test_datasets import CHAIN, make_coco_chain, make_folder
     from wsss_dist import runs
 
-    d = tmp_path / "data"
-    make_folder(d)
-    words = ["data=folder", f"data.root={d / 'images'}", f"data.labels={d / 'labels.csv'}", f"data.masks={d / 'masks'}",
-             f"data.split_lists={d / 'lists'}", "data.classes=red,green,blue", *CHAIN]
-    r, ids = submit_slurm([*words, "stage=all", f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"],
-                          tmp_path)
-    assert r.returncode == 0 and len(ids) >= 5, r.stdout + r.stderr
-    states = wait_end(ids, 1800)
-    logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in ids}
+    layouts = {"folder": ["data=folder", f"data.root={tmp_path / 'folder' / 'images'}",
+                          f"data.labels={tmp_path / 'folder' / 'labels.csv'}", f"data.masks={tmp_path / 'folder' / 'masks'}",
+                          f"data.split_lists={tmp_path / 'folder' / 'lists'}", "data.classes=red,green,blue"]}
+    make_folder(tmp_path / "folder")
+    try:
+        import pycocotools  # noqa: F401
+    except ImportError:
+        pass  # the COCO layout needs the [coco] extra: the folder chain alone
+    else:
+        make_coco_chain(tmp_path / "coco")
+        layouts["coco"] = ["data=coco", f"data.coco_root={tmp_path / 'coco'}", "model.weights=none", "seg.weights=none",
+                           "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4",
+                           "slurm.gpus_per_node=0"]  # the coco preset's jobs ask for a GPU each; CI has none
+    chains = {}
+    for name, words in layouts.items():
+        r, ids = submit_slurm([*words, *CHAIN, "stage=all", f"data.shards_dir={tmp_path / name / 'shards'}",
+                               f"run={tmp_path / name / 'run'}"], tmp_path)
+        assert r.returncode == 0 and len(ids) >= 5, r.stdout + r.stderr
+        chains[name] = ids
+    states = wait_end([j for ids in chains.values() for j in ids], 1800)
+    logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in states}
     assert set(states.values()) == {"COMPLETED"}, (states, {j: p.read_text()[-1500:] for j, p in logs.items() if p.exists()})
-    assert_afterok_order(ids)
-    ev = runs.read_json(tmp_path / "run" / "eval" / "DONE")
-    ev = ev.get("metrics", ev)
-    assert isinstance(ev["miou"], float) and len(ev["iou"]) == 4  # background + the folder's 3 classes
-    assert " red " in (tmp_path / "run" / "report" / "report.md").read_text()
+    for name, ids in chains.items():
+        assert_afterok_order(ids)
+        ev = runs.read_json(tmp_path / name / "run" / "eval" / "DONE")
+        ev = ev.get("metrics", ev)
+        assert isinstance(ev["miou"], float) and len(ev["iou"]) == {"folder": 4, "coco": 81}[name]
+    assert " red " in (tmp_path / "folder" / "run" / "report" / "report.md").read_text()
