@@ -391,7 +391,8 @@ def test_the_whole_chain_runs_on_each_layout_to_a_val_miou(tmp_path, layout):
     else:
         make_coco_chain(d)
         words = ["data=coco", f"data.coco_root={d}", "model.weights=none", "seg.weights=none",
-                 "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4"]
+                 "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4",
+                 "slurm.gpus_per_node=0"]  # the coco preset's stages ask for a GPU each
         names, labels = ["person", "dog", "toothbrush"], 81
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cluster=local", *words, *CHAIN, "stage=all",
                         f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"], cwd=tmp_path,
@@ -465,3 +466,22 @@ def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):
         src.mask(ids[1])
     with pytest.raises(DataError, match=r"mask not found in data\.coco_masks"):
         COCOSource(tmp_path / "coco", masks=tmp_path / "m").mask(rendered.ids("val")[0])
+
+
+def test_local_coco_without_the_gpus_its_stages_ask_for_fails_before_any_job(tmp_path):
+    """data=coco's stages ask for a GPU each: on a machine without one, a local chain stops in one line before any
+    job (naming slurm.gpus_per_node=0), instead of a job failing after the shards were packed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    pytest.importorskip("pycocotools")
+    make_coco_chain(tmp_path / "data")
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), "cluster=local", "data=coco",
+                        f"data.coco_root={tmp_path / 'data'}", "model.weights=none", "seg.weights=none",
+                        f"data.shards_dir={tmp_path / 'shards'}", f"run={tmp_path / 'run'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage ") and "slurm.gpus_per_node=0" in last, last
+    assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "shards").exists()  # no job ran

@@ -97,6 +97,22 @@ def results_line(run_dir: Path) -> str:
     return f"results: {', '.join(figures)} % mIoU; {where}" if figures else where
 
 
+def check_local_gpus(cfg: Config, steps: list[Step]) -> None:
+    """UserError before any local job when a stage to run asks for more GPUs per node than this machine has (the
+    job would refuse to start on the CPU, after the stages before it had run)."""
+    todo = [s for s in steps if not s.done and s.resources.gpus_per_node > 0]
+    if not todo:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    step = max(todo, key=lambda s: s.resources.gpus_per_node)
+    if step.resources.gpus_per_node > have:
+        raise UserError(f"stage {step.name} asks for {step.resources.gpus_per_node} GPU(s) per node (slurm.gpus_per_node "
+                        f"or data={cfg.data.name}'s defaults) but this machine has {have}: run it where the GPUs are, or "
+                        "add slurm.gpus_per_node=0 to run the stages here on the CPU")
+
+
 def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callable[[str], None], label: str = "",
                  first_dep: Optional[str] = None) -> list[Any]:
     """Submit the ``steps`` of one run: local jobs (:func:`run_local`) and debug jobs one after another
@@ -109,6 +125,7 @@ def submit_chain(cfg: Config, steps: list[Step], launch: LaunchCfg, out: Callabl
     if launch.dry_run:
         return dry_run(cfg, steps, folder, out, label, first_dep)
     if cluster == "local":
+        check_local_gpus(cfg, steps)
         return run_local(cfg, steps, folder, cwd, out, label, launch.one_process)
     jobs: list[Any] = []
     prev: Optional[str] = None
