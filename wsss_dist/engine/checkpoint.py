@@ -97,7 +97,8 @@ def _disk_full(e: Exception, path: Path) -> Exception:
     except OSError:
         free = -1
     if "unexpected pos" in str(e) or 0 <= free < (16 << 20):
-        return OSError(errno.ENOSPC, f"No space left on device while writing a checkpoint ({free} bytes free)", str(path))
+        return OSError(errno.ENOSPC, "No space left on device while writing a checkpoint", str(path))  # the free
+        # space is named by the one-line report (pipeline.describe_fault)
     return e
 
 

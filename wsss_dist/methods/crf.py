@@ -27,18 +27,26 @@ from ..errors import ConfigError
 
 def dense_crf(image: np.ndarray, scores: np.ndarray, iters: int = 10, scale_factor: float = 1.0) -> np.ndarray:
     """Mean-field marginals [C, H, W] of a dense CRF on ``scores`` [C, H, W] (> 0) and ``image`` uint8 [H, W, 3]."""
+    return _mean_field(np.ascontiguousarray(image, dtype=np.uint8), scores, iters, pos=(3 / scale_factor, 3),
+                       bilateral=(80 / scale_factor, 13, 10), key="aff.crf")
+
+
+def _mean_field(image: np.ndarray, scores: np.ndarray, iters: int, pos: tuple[float, float],
+                bilateral: tuple[float, float, float], key: str) -> np.ndarray:
+    """pydensecrf's marginals [C, H, W]: unary −log(scores), a Gaussian kernel (sxy, compat) and a bilateral one
+    (sxy, srgb, compat) on ``image`` uint8 [H, W, 3]; ``key`` names the setting that asked for it in the error."""
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError as e:
-        raise ConfigError("aff.crf=true needs the dense CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)") from e
+        raise ConfigError(f"{key}=true needs the dense CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)") from e
     c, h, w = scores.shape
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and scores {(h, w)} differ in size")
     d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(scores.astype(np.float32))))
-    d.addPairwiseGaussian(sxy=3 / scale_factor, compat=3)
-    d.addPairwiseBilateral(sxy=80 / scale_factor, srgb=13, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=10)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(scores.astype(np.float32))))  # −log(max(p, 1e-5))
+    d.addPairwiseGaussian(sxy=pos[0], compat=pos[1])
+    d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=bilateral[2])
     return np.array(d.inference(iters), dtype=np.float32).reshape(c, h, w)
 
 
@@ -82,18 +90,6 @@ def crf_image(rgb: np.ndarray, mode: str = "rgb") -> np.ndarray:
 def crf_predictions(rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams()) -> np.ndarray:
     """deeplab-pytorch's CRF on softmax probabilities [C, H, W] and the image uint8 [H, W, 3] → labels uint8 [H, W]
     (channel index of the largest marginal; runs in a CRF worker process)."""
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_softmax
-    except ImportError as e:
-        raise ConfigError("eval.crf=true needs the dense CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)") from e
-    c, h, w = probs.shape
-    if rgb.shape[:2] != (h, w):
-        raise ValueError(f"image {rgb.shape[:2]} and probabilities {(h, w)} differ in size")
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))  # −log(max(p, 1e-5))
-    d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
-    d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=crf_image(rgb, params.image),
-                           compat=params.bi_w)
-    q = np.array(d.inference(params.iters), dtype=np.float32).reshape(c, h, w)
+    q = _mean_field(crf_image(rgb, params.image), probs, params.iters, pos=(params.pos_xy_std, params.pos_w),
+                    bilateral=(params.bi_xy_std, params.bi_rgb_std, params.bi_w), key="eval.crf")
     return q.argmax(0).astype(np.uint8)

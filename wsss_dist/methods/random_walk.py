@@ -290,6 +290,17 @@ def _walk_native(
     return bufs[steps % 2][:, base : base + h * wp].view(c, h, wp)[:, :, pad : pad + w].contiguous()
 
 
+def _library_for(backend: str, *tensors: torch.Tensor):
+    """The native kernel's library when ``backend`` allows it and every tensor is on the CPU, else None (PyTorch);
+    RuntimeError for ``backend="native"`` where it is unavailable."""
+    lib = None
+    if backend != "torch" and all(t.device.type == "cpu" for t in tensors):
+        lib = _native_library()
+    if backend == "native" and lib is None:
+        raise RuntimeError("the native random walk needs CPU tensors and a working C++ compiler")
+    return lib
+
+
 def random_walk(
     scores: torch.Tensor,
     features: torch.Tensor,
@@ -314,11 +325,7 @@ def random_walk(
     active = scores.reshape(c, -1).ne(0).any(1)
     if not bool(active.any()):
         return out
-    lib = None
-    if backend != "torch" and scores.device.type == "cpu" and features.device.type == "cpu":
-        lib = _native_library()
-    if backend == "native" and lib is None:
-        raise RuntimeError("the native random walk needs CPU tensors and a working C++ compiler")
+    lib = _library_for(backend, scores, features)
     v = scores[active].to(dtype)
     if lib is not None:
         offsets, weights = _stencil_native(lib, features.to(dtype), radius, beta)
@@ -358,11 +365,7 @@ def random_walk_affinity(
     for p, (dy, dx) in enumerate(half):  # pairs whose target leaves the map do not exist
         inside[p, : max(0, h - dy), max(0, -dx) : max(0, w - max(0, dx))] = True
     offsets, stencil = _stencil_from_half(half, aff * inside)
-    lib = None
-    if backend != "torch" and scores.device.type == "cpu" and affinity.device.type == "cpu":
-        lib = _native_library()
-    if backend == "native" and lib is None:
-        raise RuntimeError("the native random walk needs CPU tensors and a working C++ compiler")
+    lib = _library_for(backend, scores, affinity)
     v = scores[active].to(dtype)
     pad = radius - 1
     if lib is not None:
