@@ -60,6 +60,11 @@ def test_round_trip_and_stage_lists(tmp_path):
     assert parse_stages("all", "teach")[:3] == ["shards", "teacher", "cls"]
     assert "teacher" not in parse_stages("all", "cam")
     assert parse_stages("[aff,cam]", "cam") == ["cam", "aff"]
+    # a sweep over methods names the teacher once: the methods without one leave it out; only it is an error
+    assert parse_stages("[teacher,cls,cam]", "mixup") == ["cls", "cam"]
+    assert parse_stages("[teacher,cls,cam]", "teach") == ["teacher", "cls", "cam"]
+    with pytest.raises(ConfigError, match="method=cam has no stage teacher$"):
+        parse_stages("teacher", "cam")
 
 
 def test_cli_user_error_is_one_line_without_traceback():

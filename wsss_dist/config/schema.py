@@ -375,15 +375,18 @@ def parse_stages(stage: str, method: str, key: str = "stage") -> list[str]:
     if s.startswith("[") and s.endswith("]"):
         s = s[1:-1]
     names = [x.strip() for x in s.split(",") if x.strip()]
+    extra = METHODS[method].extra_stages if method in METHODS else ()
+    optional = {st.name for st in STAGE_SPECS.values() if st.optional}
     if names == ["all"]:
-        extra = METHODS[method].extra_stages if method in METHODS else ()
-        optional = {st.name for st in STAGE_SPECS.values() if st.optional}
         names = [x for x in STAGES if x not in optional or x in extra]
     bad = [x for x in names if x not in STAGES]
     if bad or not names:
         raise ConfigError(f"{key}={stage!r}: unknown stage {bad[0] if bad else ''!r}; allowed: all, {', '.join(STAGES)} or a list [a,b]")
-    skips = METHODS[method].skips if method in METHODS else ()
+    # a stage the method does not have (clip_es: cls; every method but teach: teacher) is left out of a list, so that a
+    # sweep over methods can name it once; asking for nothing else is an error
+    skips = set(METHODS[method].skips if method in METHODS else ()) | (optional - set(extra))
     kept = [x for x in STAGES if x in names and x not in skips]
     if not kept:
-        raise ConfigError(f"{key}={stage!r}: method={method} has no stage {', '.join(names)} (it trains no classifier)")
+        raise ConfigError(f"{key}={stage!r}: method={method} has no stage {', '.join(names)}"
+                          f"{' (it trains no classifier)' if 'cls' in names else ''}")
     return kept
