@@ -46,6 +46,45 @@ SHORT = [*TINY, "data.toy.n_train=12", "data.toy.n_val=6", "data.toy.n_sbd=12", 
          "cls.train.ckpt_every=3", "aff.train.steps=3", "seg.train.steps=3"]
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``-n auto``, the default in pyproject.toml) each worker runs torch on one thread: the
+    workers share the cores, and several threads per worker on tiny tensors only contend. Set before torch is
+    imported; the stage jobs the tests start inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+
+
+# test modules whose module-scoped fixtures train or run a chain: their tests stay on one xdist worker, so that the
+# fixture runs once (the other modules' tests are spread one by one)
+ONE_WORKER_MODULES = ("test_pipeline", "test_rehearsal", "test_infer", "test_preempt", "test_reliability", "test_clip_es",
+                      "test_damaged", "test_fingerprints", "test_fuzz_records", "test_models", "test_pretrained_real",
+                      "test_weights")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Order and group the tests for ``--dist loadgroup``: the SLURM tests form one group (one worker queues them on
+    the single-node cluster while the others compute), the modules above one group each; the SLURM group and the
+    slow tests go first, so that the workers end together instead of one waiting for the last long test."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif module in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+    group_rank: dict[str, int] = {}  # a group goes where its first (most urgent) test would
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark:
+            group_rank[mark.args[0]] = min(group_rank.get(mark.args[0], 9), rank(item))
+    items.sort(key=lambda it: group_rank[it.get_closest_marker("xdist_group").args[0]]
+               if it.get_closest_marker("xdist_group") else rank(it))
+
+
 @pytest.fixture(scope="session")
 def toy_cfg(tmp_path_factory) -> ToyCfg:
     """The tiny toy config (root in a session temp dir)."""
