@@ -449,7 +449,7 @@ def test_folder_and_coco_datasets_run_the_whole_chain_as_slurm_jobs(tmp_path):
 IRN_TINY = ["refine=irn", "irn.train.steps=4", "irn.train.batch_size=4", "irn.train.crop=48", "irn.radius=5", "irn.logt=4"]
 
 
-# ~5-10 min on 2 busy CPU cores: issues 23 and 24 ask for CLIP-ES, IRN and eval.crf "on CI's SLURM"; two whole chains
+# ~7 min on 2 busy CPU cores (7.2 min beside a local sweep): issues 23 and 24 ask for CLIP-ES, IRN and eval.crf "on CI's SLURM"; two whole chains
 # queued at once (1 CPU per job): method=clip_es (the tiny random CLIP: no cls job) with refine=irn and eval.crf=true,
 # and method=cam with refine=irn
 @needs_training
