@@ -207,7 +207,7 @@ def test_the_sweep_report_is_stale_when_it_covers_other_runs_or_predates_a_point
     assert _report_stale(tmp_path, [a, b])
 
 
-@pytest.mark.slow  # ~3 min on 2 busy CPU cores: three SHORT chains
+@pytest.mark.slow  # ~6 min on 2 busy CPU cores (353 s): three SHORT chains
 def test_a_sweep_over_cam_fmix_and_clip_es_makes_one_report(tmp_path):
     """Issue 24 #5: method=[cam,fmix,clip_es] (the tiny random CLIP) runs as one sweep; clip_es has no cls stage (no
     job, no failure) and the one report has the three methods as rows with their CAM, pseudo and val numbers."""
