@@ -444,3 +444,40 @@ def test_folder_and_coco_datasets_run_the_whole_chain_as_slurm_jobs(tmp_path):
         ev = ev.get("metrics", ev)
         assert isinstance(ev["miou"], float) and len(ev["iou"]) == {"folder": 4, "coco": 81}[name]
     assert " red " in (tmp_path / "folder" / "run" / "report" / "report.md").read_text()
+
+
+IRN_TINY = ["refine=irn", "irn.train.steps=4", "irn.train.batch_size=4", "irn.train.crop=48", "irn.radius=5", "irn.logt=4"]
+
+
+# ~7 min on 2 busy CPU cores (7.2 min beside a local sweep): issues 23 and 24 ask for CLIP-ES, IRN and eval.crf "on CI's SLURM"; two whole chains
+# queued at once (1 CPU per job): method=clip_es (the tiny random CLIP: no cls job) with refine=irn and eval.crf=true,
+# and method=cam with refine=irn
+@needs_training
+def test_clip_es_and_irn_chains_with_crf_run_to_a_val_miou_as_slurm_jobs(tmp_path):
+    pytest.importorskip("open_clip")
+    pytest.importorskip("pydensecrf", reason="eval.crf needs the [crf] extra: pip install pydensecrf2")
+    from test_datasets import CHAIN
+    from wsss_dist import runs
+
+    layouts = {"clip_es": ["method=clip_es", "clip.arch=tiny", "clip.weights=random", "eval.crf=true", "eval.crf_workers=1"],
+               "cam": ["method=cam"]}
+    chains = {}
+    for name, words in layouts.items():
+        r, ids = submit_slurm([*_toy(tmp_path / name), *CHAIN, *IRN_TINY, *words, "stage=all", "slurm.mem_gb=2",
+                               f"run={tmp_path / name / 'run'}"], tmp_path)
+        assert r.returncode == 0 and len(ids) == {"clip_es": 7, "cam": 8}[name], r.stdout + r.stderr  # shards .. report
+        assert ("cls: submitted" in r.stdout) == (name == "cam"), r.stdout
+        chains[name] = ids
+    states = wait_end([j for ids in chains.values() for j in ids], 2400)
+    logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in states}
+    assert set(states.values()) == {"COMPLETED"}, (states, {j: p.read_text()[-1500:] for j, p in logs.items() if p.exists()})
+    for name, ids in chains.items():
+        assert_afterok_order(ids)
+        run = tmp_path / name / "run"
+        assert runs.read_json(run / "aff" / "model.json")["kind"] == "irn"
+        ev = runs.read_json(run / "eval" / "DONE")
+        ev = ev.get("metrics", ev)
+        assert 0 <= ev["miou"] <= 1 and len(ev["iou"]) == 21, ev
+        assert (0 <= ev["crf_miou"] <= 1 and ev["crf_image"] == "rgb") if name == "clip_es" else "crf_miou" not in ev, ev
+    assert not (tmp_path / "clip_es" / "run" / "cls").exists()
+    assert "clip_es+irn" in (tmp_path / "clip_es" / "run" / "report" / "report.md").read_text()

@@ -205,3 +205,26 @@ def test_the_sweep_report_is_stale_when_it_covers_other_runs_or_predates_a_point
     runs.mark_done(b, "cam")
     os.utime(Path(b) / "cam" / "DONE", (2e9 + 1, 2e9 + 1))  # b went on after the report
     assert _report_stale(tmp_path, [a, b])
+
+
+@pytest.mark.slow  # ~6 min on 2 busy CPU cores (353 s): three SHORT chains
+def test_a_sweep_over_cam_fmix_and_clip_es_makes_one_report(tmp_path):
+    """Issue 24 #5: method=[cam,fmix,clip_es] (the tiny random CLIP) runs as one sweep; clip_es has no cls stage (no
+    job, no failure) and the one report has the three methods as rows with their CAM, pseudo and val numbers."""
+    pytest.importorskip("open_clip")
+    words = ["stage=all", "method=[cam,fmix,clip_es]", "clip.arch=tiny", "clip.weights=random", "sweep.name=vs",
+             f"data.shards_dir={tmp_path}/shards", f"data.toy.root={tmp_path}/src", *SHORT, "report.num_images=2"]
+    r = subprocess.run([sys.executable, str(SUBMIT), *words], cwd=tmp_path, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[point 3/3] clip_es: cam: running" in r.stdout and "[point 3/3] clip_es: eval: done" in r.stdout, r.stdout
+    assert "clip_es: cls" not in r.stdout and "[point 2/3] fmix: cls: running" in r.stdout, r.stdout
+    sweep = tmp_path / "runs" / "vs"
+    assert not (sweep / "clip_es" / "cls").exists()
+    md, res = _report(sweep)
+    assert [g["method"] for g in res["groups"]] == ["cam", "fmix", "clip_es"]
+    for g in res["groups"]:  # (clip_es's DeepLab: 3 steps from random weights, may predict no class right: 0 is a number)
+        for title in ("CAM (train)", "after RW (train)", "DeepLab (val)"):
+            low = 0 if (g["method"], title) == ("clip_es", "DeepLab (val)") else 1e-9
+            assert g[title]["n"] == 1 and low <= g[title]["mean"] < 1, (g["method"], title, g[title])
+    assert {p["name"]: p["status"] for p in res["runs"]} == {"cam": "done", "fmix": "done", "clip_es": "done"}
+    assert re.search(r"\| clip_es \| [^|]+ \| \d+\.\d \(n=1\) \|", md), md

@@ -114,8 +114,12 @@ def stage_times(points: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def recipes(points: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Per run: the method, networks, weights and training lengths that made its numbers."""
+    """Per run: the method, networks, weights and training lengths that made its numbers (a stage the method does not
+    run, e.g. clip_es's cls, shows –, not the unused config value)."""
     def get(cfg: dict, key: str) -> str:
+        method = METHODS.get(str(cfg.get("method")))
+        if method and key.split(".")[0] in method.skips:
+            return "–"
         for part in key.split("."):
             cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
         return "–" if cfg in ({}, None, "") else str(cfg)
