@@ -429,17 +429,72 @@ def test_per_class_tables_stay_readable_at_coco_s_class_count():
 
 
 def test_parallel_packing_writes_the_same_shards(tmp_path):
-    """data.pack_workers=3 packs shards at once: the same tars (sha256) and manifest as one at a time."""
+    """data.pack_workers=2 packs in 2 spawn processes: the same tar bytes and the same manifest as 1 process; the
+    folder dataset's class names recorded."""
     from wsss_dist.data.folder import FolderSource
-    from wsss_dist.data.shards import update_shards
+    from wsss_dist.data.shards import PROGRESS, update_shards
 
     make_folder(tmp_path / "d")
     src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
                        masks=tmp_path / "d" / "masks")
     one = update_shards(src, tmp_path / "one", splits=src.splits, shard_size=4, progress=False).manifest
-    three = update_shards(src, tmp_path / "three", splits=src.splits, shard_size=4, progress=False, workers=3).manifest
-    assert one["splits"] == three["splits"] and len(one["splits"]["train"]["shards"]) == 6
-    assert one["splits"]["val"]["class_hist"] == three["splits"]["val"]["class_hist"] and one["classes"] == ["red", "green", "blue"]
+    two = update_shards(src, tmp_path / "two", splits=src.splits, shard_size=4, progress=False, workers=2).manifest
+    assert one == two and len(one["splits"]["train"]["shards"]) == 6 and one["classes"] == ["red", "green", "blue"]
+    tars = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert tars == sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
+    assert len(tars) == sum(len(info["shards"]) for info in one["splits"].values())
+    assert all((tmp_path / "one" / t).read_bytes() == (tmp_path / "two" / t).read_bytes() for t in tars)
+    assert not (tmp_path / "two" / PROGRESS).exists() and not list((tmp_path / "two").glob(".*tmp*"))
+
+
+def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path, caplog, monkeypatch):
+    """A broken image stops a 2-process build in one DataError naming its shard, no half tar left; a build stopped
+    by Ctrl-C keeps what it packed (progress journal) and the rerun packs only the other shards, ending as a clean
+    build."""
+    from wsss_dist.data import shards as shards_mod
+    from wsss_dist.data.folder import FolderSource
+    from wsss_dist.data.shards import PROGRESS, update_shards
+
+    make_folder(tmp_path / "d")
+    src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
+                       masks=tmp_path / "d" / "masks")
+    clean = update_shards(src, tmp_path / "clean", splits=src.splits, shard_size=4, progress=False).manifest
+    jpg = src.jpeg_path(src.ids("train")[13])  # in shard train-000003
+    good = jpg.read_bytes()
+    jpg.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "s"
+    with pytest.raises(DataError) as err:
+        update_shards(src, out, splits=src.splits, shard_size=4, progress=False, workers=2)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{out / 'train-000003.tar'}: not packed" in msg and jpg.name in msg
+    assert not (out / "manifest.json").exists() and not (out / "train-000003.tar").exists()
+    assert not list(out.glob(".*.tar.tmp-*"))
+    jpg.write_bytes(good)
+
+    src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
+                       masks=tmp_path / "d" / "masks")
+    pack_one = shards_mod._pack_one
+
+    def interrupted(source, split, index, *a):
+        if (split, index) == ("train", 3):
+            raise KeyboardInterrupt
+        return pack_one(source, split, index, *a)
+
+    monkeypatch.setattr(shards_mod, "_pack_one", interrupted)
+    out = tmp_path / "t"
+    with pytest.raises(KeyboardInterrupt):
+        update_shards(src, out, splits=src.splits, shard_size=4, progress=False)
+    monkeypatch.setattr(shards_mod, "_pack_one", pack_one)
+    kept = json.loads((out / PROGRESS).read_text())["shards"]
+    assert sorted(kept) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in kept}
+    caplog.set_level("INFO", logger="wsss_dist.data.shards")
+    report = update_shards(src, out, splits=src.splits, shard_size=4, progress=False, workers=2)
+    assert "3 shards already packed by an interrupted build (verified); packing the other 15" in caplog.text
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == stamps  # not rewritten
+    assert not (out / PROGRESS).exists()
+    assert {k: v for k, v in report.manifest.items() if k != "fingerprint"} == {
+        k: v for k, v in clean.items() if k != "fingerprint"}  # the fixed image's mtime is in the fingerprint
 
 
 def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):

@@ -366,13 +366,17 @@ def _open_journal(out_dir: Path, key: dict) -> dict:
     return journal
 
 
-def _stop_pool(pool: Any) -> None:
-    """Cancel the shards not started and end the packing processes now (a shard being written is left unwritten)."""
+def _stop_pool(pool: Any, out_dir: Path) -> None:
+    """Cancel the shards not started and end the packing processes now; the temporary file of a shard they were
+    writing is removed (a shard appears only whole, by an atomic rename)."""
     pool.shutdown(wait=False, cancel_futures=True)
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public API ends running workers
+    procs = dict(getattr(pool, "_processes", None) or {})  # no public API ends running workers
+    for proc in procs.values():
         proc.terminate()
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+    for pid, proc in procs.items():
         proc.join(timeout=10)
+        for tmp in out_dir.glob(f".*.tar.tmp-{pid}-*"):
+            tmp.unlink(missing_ok=True)
 
 
 def _pack_shards(source: Any, out_dir: Path, jobs: Sequence[tuple[str, int, Sequence[str]]], workers: int, bar: Any,
@@ -446,7 +450,7 @@ def _pack_shards(source: Any, out_dir: Path, jobs: Sequence[tuple[str, int, Sequ
                         raise fail(split, index, why)
                     done(split, index, rec)
         except BaseException:
-            _stop_pool(pool)
+            _stop_pool(pool, out_dir)
             raise
         else:
             pool.shutdown(wait=True)
