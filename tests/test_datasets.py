@@ -540,3 +540,35 @@ def test_local_coco_without_the_gpus_its_stages_ask_for_fails_before_any_job(tmp
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage ") and "slurm.gpus_per_node=0" in last, last
     assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "shards").exists()  # no job ran
+
+
+def test_figures_use_the_registry_palette_and_the_folder_class_names(monkeypatch):
+    """The report's grids colour labels in the dataset's registry palette (distinct for every label 0..255) and their
+    legend names a folder dataset's own classes; at COCO's 81 labels it lists only the labels the grid shows."""
+    from wsss_dist import viz
+    from wsss_dist.stages import report
+
+    colours = viz.palette("folder")
+    assert len({tuple(c) for c in colours.tolist()}) == 256 and DATASETS["folder"].palette == "voc"
+    entries = viz.legend_entries(FOLDER_CLASSES, colours)
+    assert [(i, n) for i, n, _ in entries] == [(0, "background"), *((i + 1, n) for i, n in enumerate(FOLDER_CLASSES))]
+    assert [rgb for *_, rgb in entries] == [tuple(colours[i].tolist()) for i in range(len(entries))]
+    coco = viz.legend_entries(COCO_CLASSES, viz.palette("coco"), present={0, 17, 80, 255})
+    assert [(i, n) for i, n, _ in coco] == [(0, "background"), (17, "dog"), (80, "toothbrush")]
+    assert len(viz.legend_entries(VOC_CLASSES, viz.palette("voc"), present={0})) == 21  # VOC: always all 21
+    label = np.array([[0, 1], [2, 3]], np.uint8)
+    assert np.array_equal(viz.colorize(label, colours), colours[label])
+
+    seen = {}
+
+    def keep(fig):
+        seen["legend"] = [(t.get_text(), tuple(h.get_facecolor()[:3])) for t, h in
+                          zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)]
+        return b"png"
+
+    monkeypatch.setattr(report, "_png", keep)
+    report.grid_figure([[viz.colorize(label, colours)]], ["ground truth"], FOLDER_CLASSES, colours, {0, 1, 2, 3})
+    assert [n for n, _ in seen["legend"]] == ["background", *FOLDER_CLASSES]
+    assert np.allclose([c for _, c in seen["legend"]], colours[: len(FOLDER_CLASSES) + 1] / 255)
+    report.grid_figure([[viz.colorize(label, colours)]], ["gt"], COCO_CLASSES, viz.palette("coco"), {0, 1, 2, 3})
+    assert [n for n, _ in seen["legend"]] == ["background", *COCO_CLASSES[:3]]
