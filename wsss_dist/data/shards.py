@@ -319,7 +319,7 @@ def _pack_task(source: Any, split: str, index: int, chunk: Sequence[str], out_di
     try:
         return _pack_one(source, split, index, chunk, out_dir, n_classes), None
     except (DataError, OSError) as e:
-        return None, str(e) if isinstance(e, DataError) else _short(e)
+        return None, str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
 
 
 def _worker_init(parent: int) -> None:
