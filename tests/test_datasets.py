@@ -485,7 +485,7 @@ def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path
     with pytest.raises(KeyboardInterrupt):
         update_shards(src, out, splits=src.splits, shard_size=4, progress=False)
     monkeypatch.setattr(shards_mod, "_pack_one", pack_one)
-    kept = json.loads((out / PROGRESS).read_text())["shards"]
+    kept = json.loads((out / PROGRESS).read_text())["shards"] if (out / PROGRESS).exists() else {}
     assert sorted(kept) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     stamps = {n: (out / n).stat().st_mtime_ns for n in kept}
     caplog.set_level("INFO", logger="wsss_dist.data.shards")
@@ -495,6 +495,47 @@ def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path
     assert not (out / PROGRESS).exists()
     assert {k: v for k, v in report.manifest.items() if k != "fingerprint"} == {
         k: v for k, v in clean.items() if k != "fingerprint"}  # the fixed image's mtime is in the fingerprint
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_packing_processes_and_the_rerun_finishes(tmp_path):
+    """SIGTERM to a stage packing with 2 processes: it ends (no orphan packer, no half or temporary tar); the rerun
+    keeps the recorded shards and ends with the manifest and tars of an uninterrupted build."""
+    import os
+    import signal
+    import time
+
+    from wsss_dist.data.folder import FolderSource
+    from wsss_dist.data.shards import PROGRESS, update_shards
+
+    make_folder(tmp_path / "d", n_train=150, n_val=8)
+    args = (tmp_path / "d" / "images", tmp_path / "d" / "labels.csv")
+    kw = dict(classes="red,green,blue", masks=tmp_path / "d" / "masks")
+    out = tmp_path / "s"
+    code = ("import sys\nfrom wsss_dist.data.folder import FolderSource\nfrom wsss_dist.data.shards import update_shards\n"
+            "if __name__ == '__main__':\n"
+            f"    src = FolderSource({str(args[0])!r}, {str(args[1])!r}, classes='red,green,blue', masks={str(kw['masks'])!r})\n"
+            f"    update_shards(src, {str(out)!r}, splits=src.splits, shard_size=1, progress=False, workers=2)\n")
+    (tmp_path / "pack.py").write_text(code)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "pack.py")], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.tar"))) < 5 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode != 0 and "KeyboardInterrupt: signal 15" in text
+    assert not list(out.glob(".*.tar.tmp-*")) and not (out / "manifest.json").exists()
+    kept = json.loads((out / PROGRESS).read_text())["shards"] if (out / PROGRESS).exists() else {}
+    src = FolderSource(*args, **kw)
+    report = update_shards(src, out, splits=src.splits, shard_size=1, progress=False, workers=2)
+    clean = update_shards(src, tmp_path / "clean", splits=src.splits, shard_size=1, progress=False).manifest
+    assert report.manifest == clean and not (set(report.rebuilt) & set(kept))
+    assert len(kept) + len(report.rebuilt) == sum(len(i["shards"]) for i in clean["splits"].values())
+    assert all((out / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in clean["splits"]["val"]["shards"])
 
 
 def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):

@@ -153,13 +153,13 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
             logger.info("%s: %d shards already packed by an interrupted build (verified); packing the other %d",
                         out_dir, len(jobs) - len(todo), len(todo))
         with tqdm(total=sum(len(j[2]) for j in todo), desc="shards", unit="img", disable=not progress) as bar:
-            _pack_shards(source, out_dir, todo, workers, bar, journal)
+            packed = _pack_shards(source, out_dir, todo, workers, bar, journal)
         for split in splits:
             _record_split(out_dir, split, ids[split], shard_size, len(source.classes), journal["shards"], manifest)
         runs.write_json(mpath, manifest)
         (out_dir / PROGRESS).unlink(missing_ok=True)
         names = [n for info in manifest["splits"].values() for n in info["shards"]]
-        return ShardsReport(manifest, rebuilt=names, full=True)
+        return ShardsReport(manifest, rebuilt=[n for n in names if n in packed], full=True)
 
     t0 = time.perf_counter()
     bad = _verify_tars(out_dir, old)
@@ -369,8 +369,8 @@ def _open_journal(out_dir: Path, key: dict) -> dict:
 def _stop_pool(pool: Any, out_dir: Path) -> None:
     """Cancel the shards not started and end the packing processes now; the temporary file of a shard they were
     writing is removed (a shard appears only whole, by an atomic rename)."""
+    procs = dict(getattr(pool, "_processes", None) or {})  # no public API ends running workers (shutdown clears it)
     pool.shutdown(wait=False, cancel_futures=True)
-    procs = dict(getattr(pool, "_processes", None) or {})  # no public API ends running workers
     for proc in procs.values():
         proc.terminate()
     for pid, proc in procs.items():
