@@ -429,17 +429,113 @@ def test_per_class_tables_stay_readable_at_coco_s_class_count():
 
 
 def test_parallel_packing_writes_the_same_shards(tmp_path):
-    """data.pack_workers=3 packs shards at once: the same tars (sha256) and manifest as one at a time."""
+    """data.pack_workers=2 packs in 2 spawn processes: the same tar bytes and the same manifest as 1 process; the
+    folder dataset's class names recorded."""
     from wsss_dist.data.folder import FolderSource
-    from wsss_dist.data.shards import update_shards
+    from wsss_dist.data.shards import PROGRESS, update_shards
 
     make_folder(tmp_path / "d")
     src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
                        masks=tmp_path / "d" / "masks")
     one = update_shards(src, tmp_path / "one", splits=src.splits, shard_size=4, progress=False).manifest
-    three = update_shards(src, tmp_path / "three", splits=src.splits, shard_size=4, progress=False, workers=3).manifest
-    assert one["splits"] == three["splits"] and len(one["splits"]["train"]["shards"]) == 6
-    assert one["splits"]["val"]["class_hist"] == three["splits"]["val"]["class_hist"] and one["classes"] == ["red", "green", "blue"]
+    two = update_shards(src, tmp_path / "two", splits=src.splits, shard_size=4, progress=False, workers=2).manifest
+    assert one == two and len(one["splits"]["train"]["shards"]) == 6 and one["classes"] == ["red", "green", "blue"]
+    tars = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert tars == sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
+    assert len(tars) == sum(len(info["shards"]) for info in one["splits"].values())
+    assert all((tmp_path / "one" / t).read_bytes() == (tmp_path / "two" / t).read_bytes() for t in tars)
+    assert not (tmp_path / "two" / PROGRESS).exists() and not list((tmp_path / "two").glob(".*tmp*"))
+
+
+def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path, caplog, monkeypatch):
+    """A broken image stops a 2-process build in one DataError naming its shard, no half tar left; a build stopped
+    by Ctrl-C keeps what it packed (progress journal) and the rerun packs only the other shards, ending as a clean
+    build."""
+    from wsss_dist.data import shards as shards_mod
+    from wsss_dist.data.folder import FolderSource
+    from wsss_dist.data.shards import PROGRESS, update_shards
+
+    make_folder(tmp_path / "d")
+    src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
+                       masks=tmp_path / "d" / "masks")
+    clean = update_shards(src, tmp_path / "clean", splits=src.splits, shard_size=4, progress=False).manifest
+    jpg = src.jpeg_path(src.ids("train")[13])  # in shard train-000003
+    good = jpg.read_bytes()
+    jpg.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "s"
+    with pytest.raises(DataError) as err:
+        update_shards(src, out, splits=src.splits, shard_size=4, progress=False, workers=2)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{out / 'train-000003.tar'}: not packed" in msg and jpg.name in msg
+    assert not (out / "manifest.json").exists() and not (out / "train-000003.tar").exists()
+    assert not list(out.glob(".*.tar.tmp-*"))
+    jpg.write_bytes(good)
+
+    src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
+                       masks=tmp_path / "d" / "masks")
+    pack_one = shards_mod._pack_one
+
+    def interrupted(source, split, index, *a):
+        if (split, index) == ("train", 3):
+            raise KeyboardInterrupt
+        return pack_one(source, split, index, *a)
+
+    monkeypatch.setattr(shards_mod, "_pack_one", interrupted)
+    out = tmp_path / "t"
+    with pytest.raises(KeyboardInterrupt):
+        update_shards(src, out, splits=src.splits, shard_size=4, progress=False)
+    monkeypatch.setattr(shards_mod, "_pack_one", pack_one)
+    kept = json.loads((out / PROGRESS).read_text())["shards"] if (out / PROGRESS).exists() else {}
+    assert sorted(kept) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    stamps = {n: (out / n).stat().st_mtime_ns for n in kept}
+    caplog.set_level("INFO", logger="wsss_dist.data.shards")
+    report = update_shards(src, out, splits=src.splits, shard_size=4, progress=False, workers=2)
+    assert "3 shards already packed by an interrupted build (verified); packing the other 15" in caplog.text
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == stamps  # not rewritten
+    assert not (out / PROGRESS).exists()
+    assert {k: v for k, v in report.manifest.items() if k != "fingerprint"} == {
+        k: v for k, v in clean.items() if k != "fingerprint"}  # the fixed image's mtime is in the fingerprint
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_packing_processes_and_the_rerun_finishes(tmp_path):
+    """SIGTERM to a stage packing with 2 processes: it ends (no orphan packer, no half or temporary tar); the rerun
+    keeps the recorded shards and ends with the manifest and tars of an uninterrupted build."""
+    import os
+    import signal
+    import time
+
+    from wsss_dist.data.folder import FolderSource
+    from wsss_dist.data.shards import PROGRESS, update_shards
+
+    make_folder(tmp_path / "d", n_train=150, n_val=8)
+    args = (tmp_path / "d" / "images", tmp_path / "d" / "labels.csv")
+    kw = dict(classes="red,green,blue", masks=tmp_path / "d" / "masks")
+    out = tmp_path / "s"
+    code = ("import sys\nfrom wsss_dist.data.folder import FolderSource\nfrom wsss_dist.data.shards import update_shards\n"
+            "if __name__ == '__main__':\n"
+            f"    src = FolderSource({str(args[0])!r}, {str(args[1])!r}, classes='red,green,blue', masks={str(kw['masks'])!r})\n"
+            f"    update_shards(src, {str(out)!r}, splits=src.splits, shard_size=1, progress=False, workers=2)\n")
+    (tmp_path / "pack.py").write_text(code)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "pack.py")], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.tar"))) < 5 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    text = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode != 0 and "KeyboardInterrupt: signal 15" in text
+    assert not list(out.glob(".*.tar.tmp-*")) and not (out / "manifest.json").exists()
+    kept = json.loads((out / PROGRESS).read_text())["shards"] if (out / PROGRESS).exists() else {}
+    src = FolderSource(*args, **kw)
+    report = update_shards(src, out, splits=src.splits, shard_size=1, progress=False, workers=2)
+    clean = update_shards(src, tmp_path / "clean", splits=src.splits, shard_size=1, progress=False).manifest
+    assert report.manifest == clean and not (set(report.rebuilt) & set(kept))
+    assert len(kept) + len(report.rebuilt) == sum(len(i["shards"]) for i in clean["splits"].values())
+    assert all((out / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in clean["splits"]["val"]["shards"])
 
 
 def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):
@@ -485,3 +581,35 @@ def test_local_coco_without_the_gpus_its_stages_ask_for_fails_before_any_job(tmp
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage ") and "slurm.gpus_per_node=0" in last, last
     assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "shards").exists()  # no job ran
+
+
+def test_figures_use_the_registry_palette_and_the_folder_class_names(monkeypatch):
+    """The report's grids colour labels in the dataset's registry palette (distinct for every label 0..255) and their
+    legend names a folder dataset's own classes; at COCO's 81 labels it lists only the labels the grid shows."""
+    from wsss_dist import viz
+    from wsss_dist.stages import report
+
+    colours = viz.palette("folder")
+    assert len({tuple(c) for c in colours.tolist()}) == 256 and DATASETS["folder"].palette == "voc"
+    entries = viz.legend_entries(FOLDER_CLASSES, colours)
+    assert [(i, n) for i, n, _ in entries] == [(0, "background"), *((i + 1, n) for i, n in enumerate(FOLDER_CLASSES))]
+    assert [rgb for *_, rgb in entries] == [tuple(colours[i].tolist()) for i in range(len(entries))]
+    coco = viz.legend_entries(COCO_CLASSES, viz.palette("coco"), present={0, 17, 80, 255})
+    assert [(i, n) for i, n, _ in coco] == [(0, "background"), (17, "dog"), (80, "toothbrush")]
+    assert len(viz.legend_entries(VOC_CLASSES, viz.palette("voc"), present={0})) == 21  # VOC: always all 21
+    label = np.array([[0, 1], [2, 3]], np.uint8)
+    assert np.array_equal(viz.colorize(label, colours), colours[label])
+
+    seen = {}
+
+    def keep(fig):
+        seen["legend"] = [(t.get_text(), tuple(h.get_facecolor()[:3])) for t, h in
+                          zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)]
+        return b"png"
+
+    monkeypatch.setattr(report, "_png", keep)
+    report.grid_figure([[viz.colorize(label, colours)]], ["ground truth"], FOLDER_CLASSES, colours, {0, 1, 2, 3})
+    assert [n for n, _ in seen["legend"]] == ["background", *FOLDER_CLASSES]
+    assert np.allclose([c for _, c in seen["legend"]], colours[: len(FOLDER_CLASSES) + 1] / 255)
+    report.grid_figure([[viz.colorize(label, colours)]], ["gt"], COCO_CLASSES, viz.palette("coco"), {0, 1, 2, 3})
+    assert [n for n, _ in seen["legend"]] == ["background", *COCO_CLASSES[:3]]

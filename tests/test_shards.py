@@ -193,3 +193,24 @@ def test_stage_shards_toy_then_voc_layout(tmp_path):
     assert (out2["train"], out2["val"], out2["train_aug"]) == (24, 16, 40)
     a, b = load_manifest(tmp_path / "s1"), load_manifest(tmp_path / "s2")
     assert all(a["splits"][s]["sha256"] == b["splits"][s]["sha256"] for s in a["splits"])  # reproducible tars
+
+
+def test_tar_bytes_are_webdatasets_tarwriter_bytes():
+    """The packer writes tars with the standard library (a packing process never imports webdataset and torch):
+    byte for byte what webdataset's TarWriter(encoder=False, mtime=0) writes, so shards already packed stay valid."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    from wsss_dist.data.tario import _encode, tar_bytes
+
+    samples = [{"__key__": f"2007_{i:06d}", "jpg": bytes(range(i, i + 200)), "cls.npy": np.eye(20, dtype=np.float32)[i],
+                "seg.png": b"\x89PNG" * (i + 1), "meta.json": {"i": i}} for i in range(3)]
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf, encoder=False, mtime=0)
+    for s in samples:
+        writer.write({"__key__": s["__key__"], **{k: _encode(k, v) for k, v in s.items() if k != "__key__"}})
+    writer.close()
+    data, n = tar_bytes(samples)
+    assert n == 3 and data == buf.getvalue() and len(data) % 10240 == 0

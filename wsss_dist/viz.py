@@ -1,15 +1,41 @@
-"""Pictures: VOC palette label maps, CAM heat-map overlays, figure grids."""
+"""Pictures: label maps in the dataset's palette, CAM heat-map overlays, figure grids, legends."""
 from __future__ import annotations
+
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .data.voc import PALETTE
+from .registry import get_dataset
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    """A label map [H, W] as an RGB image in the VOC palette."""
-    return PALETTE[label.astype(np.uint8)]
+def palette(dataset: str) -> np.ndarray:
+    """The 256×3 uint8 colour map of ``dataset``'s label maps (its registry entry's ``palette``).
+
+    ``voc``: the bit-interleaved VOC colour map, one distinct colour for every label 0..255 (VOC's 21, COCO's 81, a
+    folder's up to 254 classes; 255, ignore, is its cream)."""
+    name = get_dataset(dataset).palette
+    if name == "voc":
+        return PALETTE
+    raise ValueError(f"dataset {dataset!r}: unknown palette {name!r}")
+
+
+def colorize(label: np.ndarray, colours: np.ndarray = PALETTE) -> np.ndarray:
+    """A label map [H, W] as an RGB image in ``colours`` (a 256×3 palette; default VOC's)."""
+    return colours[label.astype(np.uint8)]
+
+
+def legend_entries(classes: Sequence[str], colours: np.ndarray, present: Iterable[int] | None = None,
+                   most: int = 21) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """(label, name, RGB) of a figure's legend: background + every class when there are at most ``most`` labels,
+    else only the labels in ``present`` (those the figure shows: 81 COCO entries would not be readable)."""
+    names = ["background", *classes]
+    labels = range(len(names))
+    if len(names) > most and present is not None:
+        keep = {int(v) for v in present}
+        labels = [i for i in labels if i in keep]
+    return [(i, names[i], tuple(int(x) for x in colours[i])) for i in labels]
 
 
 def heatmap(cams: np.ndarray) -> np.ndarray:

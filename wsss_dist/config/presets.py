@@ -182,7 +182,7 @@ VOC_PRESET: dict[str, Any] = {
 # preset (the same networks; only what the references change on COCO is set here). Steps = ⌊82,081 / batch⌋ · epochs.
 COCO_PRESET: dict[str, Any] = {
     **VOC_PRESET,
-    "data.pack_workers": 8,  # 122,218 images to pack: 8 shards at once (the shards stage's SLURM job has 8 CPUs)
+    "data.pack_workers": 8,  # 122,218 images to pack: 8 packing processes (the shards stage's SLURM job has 8 CPUs; docs/performance.md "Packing COCO")
     "cls.split": "train",  # COCO has no train_aug: train2014 minus its 702 unannotated images (82,081)
     "cls.train.steps": 25650,  # ReCAM/irn-COCO: 5 epochs · ⌊82,081 / 16⌋
     "cls.train.batch_size": 16,  # ReCAM run_sample_coco.py

@@ -50,7 +50,7 @@ class DataCfg:
     coco_crowd: Literal["ignore", "background", "class"] = "ignore"  # data=coco: crowd regions in rendered masks: ignore (255, the default: notes §16.3), background (0, ReCAM's annToMask) or class (painted like other objects, coco2voc)
     shards_dir: Optional[str] = None  # where shards are written and read; default shards/<name>-<hash of the data settings> (runs share a folder only when their data settings are equal)
     shard_size: int = 200  # samples per shard
-    pack_workers: int = 1  # shards packed at once by stage=shards (threads: decoding, mask rendering and PNG encoding run in parallel); the shards are the same whatever the number
+    pack_workers: int = 1  # processes packing shards at once in stage=shards (spawned; each writes whole shards, the manifest is written once after all); the tars are byte-identical whatever the number
     num_workers: int = 2  # DataLoader workers per process
     augment_on: Literal["auto", "host", "device"] = "auto"  # training stream: decode + augment in the DataLoader workers (host) or on the training device (device); auto: device where CUDA is
     shuffle_buffer: int = 500  # samples in the training stream's shuffle buffer

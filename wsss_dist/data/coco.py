@@ -144,6 +144,21 @@ class COCOSource:
             self._split_of[k] = split
         return self._index[split]
 
+    def restricted(self, ids: list[str]) -> "COCOSource":
+        """A copy that knows only ``ids`` (their image entries and annotations): what one packing process is sent
+        for one shard, instead of the whole instances index."""
+        import copy
+
+        part = copy.copy(self)
+        part._index, part._split_of = {}, {}
+        for image_id in ids:
+            split, idx = self._entry(image_id)
+            sub = part._index.setdefault(split, {"ids": [], "images": {}, "anns": {}, "label_of": idx["label_of"]})
+            sub["ids"].append(image_id)
+            sub["images"][image_id], sub["anns"][image_id] = idx["images"][image_id], idx["anns"][image_id]
+            part._split_of[image_id] = split
+        return part
+
     def _entry(self, image_id: str) -> tuple[str, dict[str, Any]]:
         if image_id not in self._split_of:
             for split in self.splits:

@@ -254,8 +254,10 @@ def _find(url_dir: Path, names: list[str], keys: tuple[str, ...], wanted: set[st
     return found
 
 
-def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str], classes: Sequence[str]) -> bytes:
-    """A titled grid of pictures (None: an empty cell) with a legend of the dataset's classes."""
+def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str], classes: Sequence[str],
+                colours: np.ndarray = PALETTE, present: set[int] | None = None) -> bytes:
+    """A titled grid of pictures (None: an empty cell) with a legend of the dataset's classes in its palette (more
+    than VOC's 21 labels: only those in ``present``, the labels the grid shows)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -268,11 +270,12 @@ def grid_figure(rows: list[list[np.ndarray | None]], titles: list[str], classes:
                 ax.imshow(pic)
             if i == 0:
                 ax.set_title(titles[j], fontsize=8)
-    names = ["background", *classes]
-    ncol = max(7, -(-len(names) // 3))  # three legend rows at most (VOC: 7 columns, as before)
-    fig.legend(handles=[Patch(color=PALETTE[c] / 255, label=n) for c, n in enumerate(names)],
+    entries = viz.legend_entries(classes, colours, present, most=WIDE)
+    ncol = max(1, min(len(entries), 7))  # VOC: 7 columns, 3 rows (as before)
+    legend_rows = -(-len(entries) // ncol)
+    fig.legend(handles=[Patch(color=np.array(rgb) / 255, label=n) for _, n, rgb in entries],
                loc="lower center", ncol=ncol, fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.12)
+    fig.subplots_adjust(bottom=min(0.5, max(0.12, 0.2 * legend_rows / (1.7 * len(rows) + 0.8))))  # room for its rows
     data = _png(fig)
     plt.close(fig)
     return data
@@ -295,7 +298,8 @@ def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) 
                  for _, r in reps for st in stages}
         titles = ["image"] + [f"{ {'cam': 'CAM', 'pseudo': 'pseudo', 'eval': 'DeepLab'}[st]} {g}" for st in stages
                               for g, _ in reps] + ["ground truth"]
-        rows = []
+        rows, present = [], set()
+        colours = viz.palette(cfg.data.name)
         for k in sorted(base):
             img = base[k]["jpg"]
             row: list[np.ndarray | None] = [img]
@@ -307,12 +311,16 @@ def figures(cfg: Config, grouped: dict[tuple[str, str], list[dict]], out: Path) 
                     elif st == "cam":
                         row.append(viz.overlay(img, viz.heatmap(decode_cam(s)[0].numpy())))
                     else:
-                        row.append(viz.colorize(decode_label(s)))
+                        label = decode_label(s)
+                        present.update(np.unique(label).tolist())
+                        row.append(viz.colorize(label, colours))
             gt = base[k].get("seg.png")
-            row.append(viz.colorize(gt) if gt is not None else None)
+            if gt is not None:
+                present.update(np.unique(gt).tolist())
+            row.append(viz.colorize(gt, colours) if gt is not None else None)
             rows.append(row)
         if rows:
-            runs.atomic_write(out / name, grid_figure(rows, titles, manifest_classes(manifest)))
+            runs.atomic_write(out / name, grid_figure(rows, titles, manifest_classes(manifest), colours, present))
             written.append(name)
     return written
 
