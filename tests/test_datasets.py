@@ -451,7 +451,7 @@ def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path
     """A broken image stops a 2-process build in one DataError naming its shard, no half tar left; a build stopped
     by Ctrl-C keeps what it packed (progress journal) and the rerun packs only the other shards, ending as a clean
     build."""
-    from wsss_dist.data import shards as shards_mod
+    from wsss_dist.data import packing
     from wsss_dist.data.folder import FolderSource
     from wsss_dist.data.shards import PROGRESS, update_shards
 
@@ -473,18 +473,18 @@ def test_failed_packing_names_the_shard_and_a_rerun_packs_only_the_rest(tmp_path
 
     src = FolderSource(tmp_path / "d" / "images", tmp_path / "d" / "labels.csv", classes="red,green,blue",
                        masks=tmp_path / "d" / "masks")
-    pack_one = shards_mod._pack_one
+    pack_one = packing._pack_one
 
     def interrupted(source, split, index, *a):
         if (split, index) == ("train", 3):
             raise KeyboardInterrupt
         return pack_one(source, split, index, *a)
 
-    monkeypatch.setattr(shards_mod, "_pack_one", interrupted)
+    monkeypatch.setattr(packing, "_pack_one", interrupted)
     out = tmp_path / "t"
     with pytest.raises(KeyboardInterrupt):
         update_shards(src, out, splits=src.splits, shard_size=4, progress=False)
-    monkeypatch.setattr(shards_mod, "_pack_one", pack_one)
+    monkeypatch.setattr(packing, "_pack_one", pack_one)
     kept = json.loads((out / PROGRESS).read_text())["shards"] if (out / PROGRESS).exists() else {}
     assert sorted(kept) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     stamps = {n: (out / n).stat().st_mtime_ns for n in kept}

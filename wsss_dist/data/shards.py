@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
-import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .. import runs
 from ..errors import DataError
 from ..registry import VOC_CLASSES
-from .voc import VOCSource, write_mask_png
+from .voc import VOCSource
+from .packing import PROGRESS, SHARD_RE, open_journal, pack_shards, shard_index, shard_name  # noqa: F401 - PROGRESS: the shard API
 from .tario import (  # noqa: F401 - the shard API in one place (tar I/O and reading live in tario)
     MANIFEST, PICKLE_EXTS, SkipCounter, check_skip_fraction, tar_bytes, write_shard, sha256_bytes, record_path,
     record_problem, decode_value, refuse_pickles, check_pixels, decode_sample, selector, tar_problem, check_tars,
@@ -51,7 +48,6 @@ def manifest_classes(manifest: dict) -> tuple[str, ...]:
     return tuple(classes) if isinstance(classes, list) and classes else VOC_CLASSES
 
 
-_SHARD_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")  # a shard file name: no '/', never '..' or hidden
 
 
 def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) -> str:
@@ -68,33 +64,6 @@ def _fingerprint(source: VOCSource, ids: dict[str, list[str]], shard_size: int) 
         except OSError:
             h.update(f"{f}\0missing\n".encode())
     return h.hexdigest()
-
-
-def check_jpeg(data: bytes, where: str | os.PathLike) -> None:
-    """DataError naming ``where`` unless ``data`` is a JPEG that decodes completely (not truncated, not other bytes)."""
-    if not data.startswith(b"\xff\xd8"):
-        raise DataError(f"{where}: not a JPEG file (expected JPEG bytes starting with FF D8, got {data[:8]!r})")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "JPEG":
-                raise ValueError(f"decoded as {img.format}")
-            img.load()  # a truncated file fails here ("image file is truncated")
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise DataError(f"{where}: broken JPEG ({type(e).__name__}: {e}); replace the file or remove its id "
-                        "from the split list") from None
-
-
-def _sample(source: VOCSource, image_id: str, need_mask: bool = False) -> dict:
-    jpg = source.jpeg_bytes(image_id)
-    check_jpeg(jpg, source.jpeg_path(image_id))
-    sample = {"__key__": image_id, "jpg": jpg, "cls.npy": source.labels(image_id).astype(np.float32)}
-    mask = source.mask(image_id)
-    if mask is not None:
-        sample["seg.png"] = write_mask_png(None, mask)
-    elif need_mask:
-        raise DataError(f"{source.expected_mask_path(image_id)}: mask not found "
-                        f"(image {image_id} is in a segmentation list, whose images all need ground truth)")
-    return sample
 
 
 @dataclasses.dataclass
@@ -145,15 +114,15 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
                                     **({"data": settings} if settings is not None else {}),
                                     "source": source.describe(), "classes": list(source.classes),
                                     "splits": {}}
-        journal = _open_journal(out_dir, {"fingerprint": fp, "shard_size": shard_size, "data": settings})
+        journal = open_journal(out_dir, {"fingerprint": fp, "shard_size": shard_size, "data": settings})
         jobs = [(split, i, ids[split][i * shard_size:(i + 1) * shard_size])
                 for split in splits for i in range(-(-len(ids[split]) // shard_size))]
-        todo = [j for j in jobs if _shard_name(j[0], j[1]) not in journal["shards"]]
+        todo = [j for j in jobs if shard_name(j[0], j[1]) not in journal["shards"]]
         if len(todo) < len(jobs):
             logger.info("%s: %d shards already packed by an interrupted build (verified); packing the other %d",
                         out_dir, len(jobs) - len(todo), len(todo))
         with tqdm(total=sum(len(j[2]) for j in todo), desc="shards", unit="img", disable=not progress) as bar:
-            packed = _pack_shards(source, out_dir, todo, workers, bar, journal)
+            packed = pack_shards(source, out_dir, todo, workers, bar, journal)
         for split in splits:
             _record_split(out_dir, split, ids[split], shard_size, len(source.classes), journal["shards"], manifest)
         runs.write_json(mpath, manifest)
@@ -174,11 +143,11 @@ def update_shards(source: VOCSource, out_dir: Path, splits: Sequence[str] = ("tr
     if not bad:
         logger.info("shards in %s are up to date (same inputs), nothing to do", out_dir)
         return report
-    todo = [(split, _index_of(name), _shard_ids(old["splits"][split], name)) for split, name in bad]
+    todo = [(split, shard_index(name), _shard_ids(old["splits"][split], name)) for split, name in bad]
     with tqdm(total=sum(len(c) for _, _, c in todo), desc="repair", unit="img", disable=not progress) as bar:
-        packed = _pack_shards(source, out_dir, todo, workers, bar)
+        packed = pack_shards(source, out_dir, todo, workers, bar)
     for split, index, chunk in todo:
-        name, info = _shard_name(split, index), old["splits"][split]
+        name, info = shard_name(split, index), old["splits"][split]
         info["sha256"][name], info["bytes"][name] = packed[name]["sha256"], packed[name]["bytes"]
         report.rebuilt.append(name)
         logger.info("rebuilt %s (%d samples)", out_dir / name, len(chunk))
@@ -290,184 +259,10 @@ def _shard_ids(info: dict, name: str) -> list[str]:
     return info["ids"][start:start + info["counts"][i]]
 
 
-PROGRESS = ".pack-progress.json"  # the shards an unfinished full build packed (removed once the manifest is written)
-
-
-def _shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
-def _index_of(name: str) -> int:
-    return int(name.rsplit("-", 1)[1].split(".")[0])
-
-
-def _pack_one(source: Any, split: str, index: int, chunk: Sequence[str], out_dir: Path, n_classes: int) -> dict:
-    """Pack one shard (validated samples: broken files are a DataError), written whole; its record for the manifest."""
-    samples = [_sample(source, image_id, need_mask=split in source.seg_splits) for image_id in chunk]
-    data, count = tar_bytes(samples)
-    runs.atomic_write(out_dir / _shard_name(split, index), data)
-    hist = np.zeros(n_classes, np.int64)
-    for s in samples:
-        hist += s["cls.npy"] > 0.5
-    return {"count": count, "class_hist": hist.tolist(), "with_mask": sum("seg.png" in s for s in samples),
-            "sha256": sha256_bytes(data), "bytes": len(data)}
-
-
-def _pack_task(source: Any, split: str, index: int, chunk: Sequence[str], out_dir: Path,
-               n_classes: int) -> tuple[dict | None, str | None]:
-    """In a packing process: (record, None), or (None, the one-line reason) for a data or file problem."""
-    try:
-        return _pack_one(source, split, index, chunk, out_dir, n_classes), None
-    except (DataError, OSError) as e:
-        return None, str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-
-
-def _worker_init(parent: int) -> None:
-    """A packing process: Ctrl-C is the parent's to handle (it stops us); end when the parent is gone."""
-    import signal
-    import threading
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)  # orphaned (the parent was killed): nothing to finish, a shard is only ever written whole
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _for_shard(source: Any, chunk: Sequence[str]) -> Any:
-    """What a packing process needs of ``source`` for ``chunk`` (COCO: only those images' annotations)."""
-    restricted = getattr(source, "restricted", None)
-    return restricted(chunk) if callable(restricted) else source
-
-
-def _open_journal(out_dir: Path, key: dict) -> dict:
-    """The progress record of a full build: the shards an interrupted build of the same inputs packed and whose tars
-    still match (kept), or a fresh one."""
-    path = out_dir / PROGRESS
-    journal = {**key, "shards": {}}
-    try:
-        old = runs.read_json(path) if path.is_file() else None
-    except (ValueError, OSError):
-        old = None
-    if isinstance(old, dict) and all(old.get(k) == v for k, v in key.items()) and isinstance(old.get("shards"), dict):
-        for name, rec in old["shards"].items():
-            tar = out_dir / str(name)
-            try:
-                if (_SHARD_RE.match(str(name)) and tar.is_file() and tar.stat().st_size == rec["bytes"]
-                        and runs.sha256_file(tar) == rec["sha256"]):
-                    journal["shards"][name] = rec
-            except (OSError, KeyError, TypeError):
-                continue
-    for tmp in out_dir.glob(".*.tar.tmp-*"):  # left by a killed packer: never a shard, never read
-        tmp.unlink(missing_ok=True)
-    return journal
-
-
-def _stop_pool(pool: Any, out_dir: Path) -> None:
-    """Cancel the shards not started and end the packing processes now; the temporary file of a shard they were
-    writing is removed (a shard appears only whole, by an atomic rename)."""
-    procs = dict(getattr(pool, "_processes", None) or {})  # no public API ends running workers (shutdown clears it)
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in procs.values():
-        proc.terminate()
-    for pid, proc in procs.items():
-        proc.join(timeout=10)
-        for tmp in out_dir.glob(f".*.tar.tmp-{pid}-*"):
-            tmp.unlink(missing_ok=True)
-
-
-def _pack_shards(source: Any, out_dir: Path, jobs: Sequence[tuple[str, int, Sequence[str]]], workers: int, bar: Any,
-                 journal: dict | None = None) -> dict[str, dict]:
-    """Pack ``jobs`` ((split, index, ids) each) into whole shards, ``workers`` processes at once; their records.
-
-    Several workers: a pool of 'spawn' processes (a fresh interpreter each, never a fork of a parent that may hold
-    torch's threads or CUDA; 'forkserver' would be as safe but is not on every platform, and a spawned packer starts
-    in ~0.7 s and imports no torch, against minutes of packing), each writing whole shards; the parent alone records them (``journal``, written at most
-    every 2 s and when stopped, lets a rerun keep them). A failed shard is one DataError naming the shard; Ctrl-C or
-    SIGTERM ends the processes (no shard is half written: each appears by an atomic rename).
-    """
-    import signal
-    import threading
-
-    n_classes = len(source.classes)
-    packed: dict[str, dict] = {}
-    last = [time.monotonic()]
-
-    def done(split: str, index: int, rec: dict, force: bool = False) -> None:
-        name = _shard_name(split, index)
-        packed[name] = rec
-        bar.update(rec["count"])
-        if journal is not None:
-            journal["shards"][name] = rec
-            if force or time.monotonic() - last[0] > 2.0:
-                runs.write_json(out_dir / PROGRESS, journal)
-                last[0] = time.monotonic()
-
-    def fail(split: str, index: int, why: str) -> DataError:
-        return DataError(f"{out_dir / _shard_name(split, index)}: not packed: {why}; fix it and run stage=shards "
-                         "again (the shards already packed are kept)")
-
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for split, index, chunk in jobs:
-                rec, why = _pack_task(source, split, index, chunk, out_dir, n_classes)
-                if why is not None:
-                    raise fail(split, index, why)
-                done(split, index, rec)
-            return packed
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        from concurrent.futures.process import BrokenProcessPool
-
-        def on_term(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        main = threading.current_thread() is threading.main_thread()
-        old_term = signal.signal(signal.SIGTERM, on_term) if main else None
-        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
-        try:
-            # at most 2 shards queued per process: a COCO shard's annotations travel with it, not the whole index
-            queue, running = list(jobs), {}
-            while queue or running:
-                while queue and len(running) < 2 * min(workers, len(jobs)):
-                    split, index, chunk = queue.pop(0)
-                    fut = pool.submit(_pack_task, _for_shard(source, chunk), split, index, list(chunk), out_dir,
-                                      n_classes)
-                    running[fut] = (split, index)
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in sorted(finished, key=lambda f: running[f]):
-                    split, index = running.pop(fut)
-                    try:
-                        rec, why = fut.result()
-                    except BrokenProcessPool as e:
-                        raise fail(split, index, f"its packing process died ({e or 'killed'})") from None
-                    except Exception as e:  # noqa: BLE001 - a bug in a worker: named, its traceback chained
-                        raise fail(split, index, f"{type(e).__name__}: {e}") from e
-                    if why is not None:
-                        raise fail(split, index, why)
-                    done(split, index, rec)
-        except BaseException:
-            _stop_pool(pool, out_dir)
-            raise
-        else:
-            pool.shutdown(wait=True)
-        finally:
-            if main:
-                signal.signal(signal.SIGTERM, old_term)
-        return packed
-    finally:
-        if journal is not None and packed:
-            runs.write_json(out_dir / PROGRESS, journal)
-
-
 def _record_split(out_dir: Path, split: str, split_ids_: list[str], shard_size: int, n_classes: int,
                   records: dict[str, dict], manifest: dict) -> None:
     """Record one split's packed shards (``records``, by name) in ``manifest``; remove the split's stale tars."""
-    names = [_shard_name(split, i) for i in range(-(-len(split_ids_) // shard_size))]
+    names = [shard_name(split, i) for i in range(-(-len(split_ids_) // shard_size))]
     hist = np.zeros(n_classes, np.int64)
     for n in names:
         hist += np.asarray(records[n]["class_hist"], np.int64)
@@ -498,7 +293,7 @@ def load_manifest(shards_dir: str | Path, verify: bool = True) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); run stage=shards again") from None
     try:
-        bad = [n for info in splits.values() for n in info["shards"] if not isinstance(n, str) or not _SHARD_RE.match(n)
+        bad = [n for info in splits.values() for n in info["shards"] if not isinstance(n, str) or not SHARD_RE.match(n)
                or ".." in n]
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: not a valid shard manifest ({type(e).__name__}: {e}); run stage=shards again") from None
