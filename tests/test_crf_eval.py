@@ -70,6 +70,7 @@ def test_pseudo_label_crf_moves_the_edge_and_stays_within_the_images_labels():
     label[:4, :4] = 7  # a third label of the set, in a corner of uniform colour
     probs = label_probs(label.astype(np.int64) // 6, 3)  # 0, 7, 12 → 0, 1, 2
     assert probs.shape == (3, h, w) and np.allclose(probs.sum(0), 1) and probs[2, 0, -1] == pytest.approx(0.7)
+    rgb.flags.writeable = False  # as a decoded shard image may be
     after = crf_labels(rgb, label, np.array([0, 7, 12]), CrfParams(bi_rgb_std=13, bi_w=10))
     assert after.dtype == label.dtype and set(np.unique(after)) <= {0, 7, 12}
     assert (after[:, edge - 4:edge] == 0).mean() > 0.9 and (after[:, edge:] == 12).all()  # moved to the colour edge

@@ -180,6 +180,8 @@ def test_toy_chain_with_irn_and_crf(shards, tmp_path):
     trained = cls.backbone.state_dict()  # toy: irn.init=cls, and the backbone stays frozen while the branch learns
     assert all(torch.equal(v, trained[k]) for k, v in model.backbone.state_dict().items())
     assert 0 <= out["pseudo"]["miou"] <= 1 and out["pseudo"]["samples"] == 48
+    done = {st: runs.read_json(cfg.run_dir / st / "DONE") for st in ("cam", "pseudo")}
+    assert done["pseudo"]["miou"] > done["cam"]["miou"], (done["pseudo"]["miou"], done["cam"]["miou"])  # IRN refines
     for url in sorted((cfg.run_dir / "pseudo").glob("*.tar")):  # labels ⊂ {background} ∪ the image's classes
         cams = {s["__key__"]: s for s in read_shard(str(cfg.run_dir / "cam" / url.name), ("cam.json",))}
         for s in read_shard(str(url), ("png",)):

@@ -84,7 +84,7 @@ def crf_image(rgb: np.ndarray, mode: str = "rgb") -> np.ndarray:
     """The uint8 [H, W, 3] image the CRF sees: the RGB image, or (``deeplab_pytorch_wrap``) deeplab-pytorch's BGR
     minus its mean cast to uint8 — truncated toward zero and wrapped modulo 256, as the x86 float→uint8 cast does."""
     if mode == "rgb":
-        return np.ascontiguousarray(rgb, dtype=np.uint8)
+        return np.require(rgb, np.uint8, ["C", "W"])  # pydensecrf needs a writable buffer (decoded images may be read-only)
     if mode != "deeplab_pytorch_wrap":
         raise ValueError(f"crf image mode must be rgb or deeplab_pytorch_wrap, got {mode!r}")
     bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(DEEPLAB_PYTORCH_MEAN_BGR, np.float32)
