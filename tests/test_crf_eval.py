@@ -54,3 +54,41 @@ def test_eval_crf_keys_are_checked(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pydensecrf" else real(name, *a))
     with pytest.raises(ConfigError, match=r"eval.crf=true needs .*pip install"):
         make_config(["eval.crf=true"])
+
+
+@needs_crf
+def test_pseudo_label_crf_moves_the_edge_and_stays_within_the_images_labels():
+    """pseudo.crf: a label map whose boundary is 4 px off the colour edge is pulled to it; labels ⊂ the given set."""
+    from wsss_dist.methods.crf import crf_labels, label_probs
+
+    h, w, edge = 40, 60, 30
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[:, :edge] = (200, 40, 40)
+    rgb[:, edge:] = (30, 160, 220)
+    label = np.zeros((h, w), np.uint8)
+    label[:, edge - 4:] = 12
+    label[:4, :4] = 7  # a third label of the set, in a corner of uniform colour
+    probs = label_probs(label.astype(np.int64) // 6, 3)  # 0, 7, 12 → 0, 1, 2
+    assert probs.shape == (3, h, w) and np.allclose(probs.sum(0), 1) and probs[2, 0, -1] == pytest.approx(0.7)
+    rgb.flags.writeable = False  # as a decoded shard image may be
+    after = crf_labels(rgb, label, np.array([0, 7, 12]), CrfParams(bi_rgb_std=13, bi_w=10))
+    assert after.dtype == label.dtype and set(np.unique(after)) <= {0, 7, 12}
+    assert (after[:, edge - 4:edge] == 0).mean() > 0.9 and (after[:, edge:] == 12).all()  # moved to the colour edge
+    assert crf_labels(rgb, label * 0, np.array([0])).max() == 0  # one label: nothing to decide
+    with pytest.raises(ValueError, match="not in"):
+        crf_labels(rgb, label, np.array([0, 12]))  # a label outside the set is a bug upstream, not silently kept
+
+
+def test_pseudo_crf_keys_are_checked_and_enter_the_fingerprint_only_when_on(monkeypatch):
+    from wsss_dist.fingerprints import stage_settings
+
+    assert not any(k.startswith("pseudo.crf") for k in stage_settings(make_config([]), "pseudo"))
+    if importlib.util.find_spec("pydensecrf") is not None:
+        on = stage_settings(make_config(["pseudo.crf=true"]), "pseudo")
+        assert on["pseudo.crf"] is True and on["pseudo.crf_gt_prob"] == 0.7 and on["pseudo.crf_image"] == "rgb"
+    with pytest.raises(ConfigError, match="pseudo.crf_gt_prob"):
+        make_config(["pseudo.crf_gt_prob=1.5"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pydensecrf" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pseudo.crf=true needs .*pip install"):
+        make_config(["pseudo.crf=true"])

@@ -173,13 +173,17 @@ def test_toy_chain_with_irn_and_crf(shards, tmp_path):
     crf = importlib.util.find_spec("pydensecrf") is not None
     cfg = make_config(shards + [f"run={tmp_path / 'run'}", "stage=[cls,cam,aff,pseudo,seg,eval]", "refine=irn",
                                 "irn.train.steps=6", "irn.train.batch_size=4", "irn.train.crop=48", "irn.radius=5",
-                                "irn.logt=6", f"eval.crf={str(crf).lower()}", "eval.crf_workers=2"])
+                                f"eval.crf={str(crf).lower()}", "eval.crf_workers=2", f"pseudo.crf={str(crf).lower()}"])
     out = pipeline.run(cfg)
     assert runs.read_json(cfg.run_dir / "aff" / "model.json")["kind"] == "irn"
     model, cls = load_trained(cfg, "aff", "test"), load_trained(cfg, "cls", "test")
     trained = cls.backbone.state_dict()  # toy: irn.init=cls, and the backbone stays frozen while the branch learns
     assert all(torch.equal(v, trained[k]) for k, v in model.backbone.state_dict().items())
     assert 0 <= out["pseudo"]["miou"] <= 1 and out["pseudo"]["samples"] == 48
+    done = {st: runs.read_json(cfg.run_dir / st / "DONE") for st in ("cam", "pseudo")}
+    assert done["pseudo"]["miou"] > done["cam"]["miou"], (done["pseudo"]["miou"], done["cam"]["miou"])  # IRN refines
+    if crf:  # pseudo.crf: the CRF labels are written, both numbers in DONE
+        assert 0 <= done["pseudo"]["crf_miou"] <= 1 and done["pseudo"]["crf_image"] == "rgb"
     for url in sorted((cfg.run_dir / "pseudo").glob("*.tar")):  # labels ⊂ {background} ∪ the image's classes
         cams = {s["__key__"]: s for s in read_shard(str(cfg.run_dir / "cam" / url.name), ("cam.json",))}
         for s in read_shard(str(url), ("png",)):

@@ -48,8 +48,9 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, Any]:
     def within(key: str, prefixes: tuple[str, ...]) -> bool:
         return any(key == w or key.startswith(w + ".") for w in prefixes)
 
+    when = spec.settings_when(cfg)  # keys it names win over not_settings (pseudo.crf_* only with pseudo.crf=true)
     return {k: v for k, v in _flat(to_dict(cfg)).items()
-            if within(k, spec.settings + spec.settings_when(cfg)) and not within(k, spec.not_settings)
+            if (within(k, when) or within(k, spec.settings) and not within(k, spec.not_settings))
             and not is_operational(k)}
 
 

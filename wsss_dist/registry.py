@@ -119,9 +119,12 @@ def _irn_aff(cfg: Any) -> tuple[str, ...]:
             "irn.optim") if cfg.refine == "irn" else ()
 
 
+PSEUDO_CRF_KEYS = ("pseudo.crf", "pseudo.crf_gt_prob", "pseudo.crf_image")  # stage pseudo's only with pseudo.crf=true
+
+
 def _irn_pseudo(cfg: Any) -> tuple[str, ...]:
-    """refine=irn: the refinement and IRN's walk keys shape stage pseudo."""
-    return ("refine", *IRN_WALK_KEYS) if cfg.refine == "irn" else ()
+    """refine=irn: the refinement and IRN's walk keys shape stage pseudo; pseudo.crf=true: the CRF's keys."""
+    return (("refine", *IRN_WALK_KEYS) if cfg.refine == "irn" else ()) + (PSEUDO_CRF_KEYS if cfg.pseudo.crf else ())
 
 
 def _aff_reads(cfg: Any) -> tuple[str, ...]:
@@ -156,7 +159,7 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
               settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn_aff),
     StageSpec("pseudo", "the random walk: pseudo labels and their mIoU", reads=lambda cfg: ("cam", "aff"),
               images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",), settings_when=_irn_pseudo,
-              report=(("miou", "after RW (train)"),)),
+              not_settings=PSEUDO_CRF_KEYS, report=(("miou", "after RW (train)"), ("crf_miou", "after RW + CRF (train)"))),
     StageSpec("seg", "DeepLab-v2 trained on the pseudo labels",
               reads=lambda cfg: ("pseudo", "cls") if cfg.seg.init == "cls" else ("pseudo",), trains=True,
               images_per_gpu_s=200.0, precision_key="seg.train.mixed_precision", settings=("seg", "data.shuffle_buffer"),

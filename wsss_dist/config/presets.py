@@ -60,6 +60,13 @@ TOY_PRESET: dict[str, Any] = {
     "irn.optim.name": "adamw",
     "irn.optim.lr": 2e-3,
     "irn.optim.weight_decay": 1e-4,
+    # IRN's walk on the toy data (docs/methods.md, "IRN on the toy data"; measured on the toy chain's method=cam CAMs,
+    # 300 train images: CAM 53.7 % at cam.bg_threshold 0.15, 57.3 % at its best threshold 0.05). irn's own walk
+    # (β 10, 2^8 steps, bg 0.25) gave 32.7 %: 120 steps leave the boundary map soft (mean B 0.43, max 0.66, never
+    # near irn's ~1 on edges), and 2^8 steps on a 20×20 grid leak across such boundaries.
+    "irn.beta": 40.0,  # a = 1 − B ≥ 0.34 even on edges: β 40 separates 0.34 from interior ~0.6 as β 10 does 0.1 from 0.6 (β 10 → 20 → 40: 54.0 → 56.1 → 57.7 %)
+    "irn.logt": 3,  # 2^3 steps at radius 5 spread over about as much of a 20×20 grid as irn's 2^8 over VOC's 125×94 (logt 8/6/4/3: 32.7/56.6/57.4/57.7 % at β 40 or 10)
+    "irn.bg_threshold": 0.10,  # the toy CAMs' best threshold is 0.05–0.10 (stage cam's sweep), irn's VOC CAMs ~0.15–0.25 (0.05/0.10/0.15: 57.4/57.7/55.7 %)
     "seg.backbone": "resnet18",
     "seg.init": "cls",
     "seg.frozen_bn": False,

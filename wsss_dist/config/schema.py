@@ -190,6 +190,9 @@ class PseudoCfg:
     beta: float = 8.0  # affinity power
     logt: int = 8  # the walk takes 2^logt steps
     radius: int = 5  # neighbourhood of the transition matrix (feature-grid cells)
+    crf: bool = False  # dense CRF on the pseudo labels (deeplab-pytorch's kernels, the image; needs the [crf] extra, pydensecrf2): the CRF labels are written, mIoU without and with it in DONE
+    crf_gt_prob: float = 0.7  # the CRF's unary from the labels: this probability on a pixel's label, the rest spread over the image's other labels (irn's label CRF, gt_prob 0.7)
+    crf_image: Literal["rgb", "deeplab_pytorch_wrap"] = "rgb"  # the CRF's image: RGB, or deeplab-pytorch/CLIP-ES's mean-subtracted BGR cast to uint8 (their wrap-around bug)
 
 
 @dataclass

@@ -54,6 +54,7 @@ def _ranges() -> list[tuple[str, Callable[[Any], bool], str]]:
     add("irn.beta", positive)
     add("irn.bg_threshold", unit)
     add("irn.backbone", (lambda v: v != "resnet38d" and bool(v), "a timm ResNet name (resnet50, resnet18, ...)"))
+    add("pseudo.crf_gt_prob", (lambda v: 0 < v < 1, "a probability in (0, 1)"))
     add("eval.crf_iters", at_least(1))
     add("eval.crf_workers", at_least(0))
     for key in ("eval.crf_pos_w", "eval.crf_bi_w"):
@@ -189,7 +190,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"log_with={name}: allowed trackers are wandb, mlflow (TensorBoard is always written)")
         if importlib.util.find_spec(name) is None:
             raise ConfigError(f"log_with={name} needs its package: pip install {'mlflow-skinny' if name == 'mlflow' else name}")
-    for key in ("aff.crf", "eval.crf"):
+    for key in ("aff.crf", "pseudo.crf", "eval.crf"):
         if get(cfg, key) and importlib.util.find_spec("pydensecrf") is None:
             raise ConfigError(f"{key}=true needs the optional CRF package: pip install 'wsss-dist[crf]' (pydensecrf2)")
     splits = DATASETS[cfg.data.name].splits

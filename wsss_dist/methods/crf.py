@@ -1,5 +1,9 @@
 """Dense CRFs via the optional ``pydensecrf2`` package: psa's on affinity-label scores, deeplab-pytorch's on final
-predictions (:func:`crf_predictions`, notes §14).
+predictions (:func:`crf_predictions`, notes §14) and on pseudo labels (:func:`crf_labels`, ``pseudo.crf``).
+
+Pseudo labels (``pseudo.crf=true``): deeplab-pytorch's kernels on the image, unary from the labels as irn's label
+CRF has it (``gt_prob`` 0.7 on the label, the rest spread over the image's other labels), labels restricted to
+background + the image's classes. All CRFs here run one mean-field body (:func:`_mean_field`).
 
 Final predictions (``eval.crf=true``, deeplab-pytorch ``libs/utils/crf.py``): unary −log(max(p, 1e-5)) of the
 softmax of the logits at the image size, a Gaussian kernel (POS_W 3, POS_XY_STD 1), a bilateral kernel (BI_W 4,
@@ -80,11 +84,38 @@ def crf_image(rgb: np.ndarray, mode: str = "rgb") -> np.ndarray:
     """The uint8 [H, W, 3] image the CRF sees: the RGB image, or (``deeplab_pytorch_wrap``) deeplab-pytorch's BGR
     minus its mean cast to uint8 — truncated toward zero and wrapped modulo 256, as the x86 float→uint8 cast does."""
     if mode == "rgb":
-        return np.ascontiguousarray(rgb, dtype=np.uint8)
+        return np.require(rgb, np.uint8, ["C", "W"])  # pydensecrf needs a writable buffer (decoded images may be read-only)
     if mode != "deeplab_pytorch_wrap":
         raise ValueError(f"crf image mode must be rgb or deeplab_pytorch_wrap, got {mode!r}")
     bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(DEEPLAB_PYTORCH_MEAN_BGR, np.float32)
     return np.ascontiguousarray(np.trunc(bgr).astype(np.int64) & 255, dtype=np.uint8)
+
+
+def label_probs(index: np.ndarray, n: int, gt_prob: float = 0.7) -> np.ndarray:
+    """Probabilities [n, H, W] from a label-index map [H, W] (values < n): ``gt_prob`` on each pixel's label and
+    (1 − gt_prob)/(n − 1) on the others — as unaries, irn's label CRF (pydensecrf ``unary_from_labels``, zero_unsure
+    False; notes §13.1), so the one mean-field body serves label CRFs too."""
+    if n < 2:
+        raise ValueError(f"a label CRF needs at least 2 labels, got {n}")
+    probs = np.full((n, *index.shape), (1 - gt_prob) / (n - 1), dtype=np.float32)
+    np.put_along_axis(probs, index[None].astype(np.int64), np.float32(gt_prob), axis=0)
+    return probs
+
+
+def crf_labels(rgb: np.ndarray, label: np.ndarray, values: np.ndarray, params: CrfParams = CrfParams(),
+               gt_prob: float = 0.7) -> np.ndarray:
+    """A label map [H, W] refined by the dense CRF over the label set ``values`` (background and the image's
+    classes; every label of the map must be one of them): labels → :func:`label_probs` → :func:`crf_predictions`
+    → ``values``. The output holds only ``values``; a single-label set is returned unchanged."""
+    values = np.asarray(values)
+    if len(values) < 2:
+        return label.copy()
+    lut = np.full(int(max(values.max(), label.max())) + 1, -1, dtype=np.int64)
+    lut[values] = np.arange(len(values))
+    index = lut[label]
+    if (index < 0).any():
+        raise ValueError(f"labels {sorted(set(np.unique(label)) - set(values.tolist()))} are not in {values.tolist()}")
+    return values[crf_predictions(rgb, label_probs(index, len(values), gt_prob), params)].astype(label.dtype)
 
 
 def crf_predictions(rgb: np.ndarray, probs: np.ndarray, params: CrfParams = CrfParams()) -> np.ndarray:

@@ -10,6 +10,10 @@ scores · T^(2^logt) by sparse neighbourhood propagation; upsampled, argmax → 
 logits, averaged with the mirrored image's with ``irn.flip``); seeds CAM · (1 − B) (no background row); transition
 from a = 1 − max B on each pair's path within ``irn.walk_radius`` (5), A^β (``irn.beta`` 10), 2^``irn.logt`` steps;
 upsampled, divided by the global max, background plane ``irn.bg_threshold`` (0.25), argmax.
+
+``pseudo.crf=true`` (:func:`wsss_dist.methods.crf.crf_labels`): the refinement's labels go through a dense CRF with
+the image (deeplab-pytorch's kernels; unary ``pseudo.crf_gt_prob`` on each label, labels limited to background and
+the image's classes); the CRF labels are written, and DONE holds the mIoU without (``miou``) and with (``crf_miou``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ..data.records import CAM_KEYS, decode_cam, encode_label
 from ..data.shards import load_manifest, manifest_classes, split_ids
 from ..data.stream import image_tensor, prepare_image
 from ..engine import dist, map_shards
+from ..methods.crf import CrfParams, crf_labels
 from ..methods.irn import propagate_irn
 from ..methods.random_walk import propagate_labels
 from ..metrics import gt_confusion, miou_metrics
@@ -58,6 +63,7 @@ def run(cfg: Config) -> dict:
     manifest = load_manifest(cfg.shards_dir, verify=False)
     ids = set(split_ids(manifest, cfg.cam.eval_split))
     labels_count = len(manifest_classes(manifest)) + 1  # background + the dataset's classes
+    crf = CrfParams(image=p.crf_image)  # deeplab-pytorch's kernels (notes §14.1), as CLIP-ES on its pseudo masks
 
     @torch.no_grad()
     def process(sample: dict) -> tuple[Callable[[], dict], torch.Tensor]:
@@ -73,12 +79,26 @@ def run(cfg: Config) -> dict:
             label = propagate_labels(cams, classes, feats, alpha=p.alpha, beta=p.beta, logt=p.logt, radius=p.radius,
                                      stride=s)
         label = label.to(torch.uint8)  # to the host in the writer thread
-        return lambda: encode_label(sample["__key__"], label.cpu().numpy()), label
+        if not p.crf:
+            return lambda: encode_label(sample["__key__"], label.cpu().numpy()), label
+        values = np.concatenate([[0], classes.cpu().numpy()]).astype(np.int64)
+        refined = crf_labels(np.asarray(sample["jpg"]), label.cpu().numpy(), values, crf, p.crf_gt_prob)
+        return lambda: encode_label(sample["__key__"], refined), (label, refined)
 
-    def evaluate(sample: dict, label: torch.Tensor) -> np.ndarray | None:
-        return gt_confusion(label.cpu().numpy(), sample, labels_count) if sample["__key__"] in ids else None
+    def evaluate(sample: dict, out) -> np.ndarray | None:
+        if sample["__key__"] not in ids:
+            return None
+        if not p.crf:
+            return gt_confusion(out.cpu().numpy(), sample, labels_count)
+        cm = gt_confusion(out[0].cpu().numpy(), sample, labels_count)
+        return None if cm is None else np.stack([cm, gt_confusion(out[1], sample, labels_count)])  # without, with
 
     result = map_shards(cfg, cfg.cam.split, runs.stage_dir(cfg.run_dir, "pseudo"), ("jpg", "seg.png?"), process,
                         evaluate, paired=[(cfg.run_dir / "cam", CAM_KEYS)], desc="pseudo", prepare=prepare)
-    return {"samples": result["samples"], "skipped": result["skipped"], "eval_split": cfg.cam.eval_split,
-            **miou_metrics(result["cm"])}
+    out = {"samples": result["samples"], "skipped": result["skipped"], "eval_split": cfg.cam.eval_split}
+    if p.crf:
+        cm = result["cm"]
+        plain, refined = (None, None) if cm is None else (cm[0], cm[1])
+        return {**out, **miou_metrics(plain), **{f"crf_{k}": v for k, v in miou_metrics(refined).items()},
+                "crf_image": p.crf_image}
+    return {**out, **miou_metrics(result["cm"])}
