@@ -56,33 +56,43 @@ def pytest_configure(config) -> None:
 
 
 # test modules whose module-scoped fixtures train or run a chain: their tests stay on one xdist worker, so that the
-# fixture runs once (the other modules' tests are spread one by one)
-ONE_WORKER_MODULES = ("test_pipeline", "test_rehearsal", "test_infer", "test_preempt", "test_reliability", "test_clip_es",
-                      "test_damaged", "test_fingerprints", "test_fuzz_records", "test_models", "test_pretrained_real",
-                      "test_weights")
+# fixture runs once (the other modules' tests are spread one by one); test_slurm.py's tests are one group too (one
+# worker queues them on the single-node cluster while the others compute)
+ONE_WORKER_MODULES = ("test_slurm", "test_pipeline", "test_rehearsal", "test_infer", "test_preempt", "test_reliability",
+                      "test_clip_es", "test_damaged", "test_fingerprints", "test_fuzz_records", "test_models",
+                      "test_pretrained_real", "test_weights")
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its module for the modules above, else the test itself."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return module if module in ONE_WORKER_MODULES else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Schedule by :func:`work_unit` (xdist's own ``--dist loadgroup`` reads marks through ``item._nodeid``, which
+    pytest ≥ 9.2 no longer uses for ``nodeid``: its groups would silently be single tests)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Order and group the tests for ``--dist loadgroup``: the SLURM tests form one group (one worker queues them on
-    the single-node cluster while the others compute), the modules above one group each; the SLURM group and the
-    slow tests go first, so that the workers end together instead of one waiting for the last long test."""
+    """The SLURM tests first, then the groups and tests with a slow one, then the rest: the workers take the work
+    units in this order, so that they end together instead of one waiting for the last long test."""
     def rank(item) -> int:
         return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
 
+    group_rank: dict[str, int] = {}  # a group goes where its most urgent test would
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else ""
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif module in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
-    group_rank: dict[str, int] = {}  # a group goes where its first (most urgent) test would
-    for item in items:
-        mark = item.get_closest_marker("xdist_group")
-        if mark:
-            group_rank[mark.args[0]] = min(group_rank.get(mark.args[0], 9), rank(item))
-    items.sort(key=lambda it: group_rank[it.get_closest_marker("xdist_group").args[0]]
-               if it.get_closest_marker("xdist_group") else rank(it))
+        g = work_unit(item.nodeid)
+        group_rank[g] = min(group_rank.get(g, 9), rank(item))
+    items.sort(key=lambda it: group_rank[work_unit(it.nodeid)])
 
 
 @pytest.fixture(scope="session")
