@@ -113,7 +113,7 @@ def test_lr_momentum_choice_matches_the_references_effective_step():
 
 
 def test_toy_preset_is_unchanged():
-    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 56  # 45 + 9 irn.* keys (refine=irn only) + clip_es's tiny random CLIP (2)
+    assert PRESETS["toy"] is TOY_PRESET and len(TOY_PRESET) == 59  # 45 + 12 irn.* keys (refine=irn only: 9 + the walk's β, logt, bg) + clip_es's tiny random CLIP (2)
     cfg = make_config([])
     assert (cfg.clip.arch, cfg.clip.weights) == ("tiny", "random")
     assert (cfg.model.backbone, cfg.model.frozen_bn) == ("resnet18", False)

@@ -74,11 +74,13 @@ def _pack_one(source: Any, split: str, index: int, chunk: Sequence[str], out_dir
 
 def _pack_task(source: Any, split: str, index: int, chunk: Sequence[str], out_dir: Path,
                n_classes: int) -> tuple[dict | None, str | None]:
-    """In a packing process: (record, None), or (None, the one-line reason) for a data or file problem."""
+    """In a packing process: (record, None), or (None, the one-line reason) for a data problem; an OSError (a full
+    disk, a file that cannot be read) reaches the stage as itself, whose one line names the file and, for a full disk,
+    the free space (``pipeline.describe_fault``)."""
     try:
         return _pack_one(source, split, index, chunk, out_dir, n_classes), None
-    except (DataError, OSError) as e:
-        return None, str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+    except DataError as e:
+        return None, str(e)
 
 
 def _worker_init(parent: int) -> None:
@@ -204,6 +206,8 @@ def pack_shards(source: Any, out_dir: Path, jobs: Sequence[tuple[str, int, Seque
                         rec, why = fut.result()
                     except BrokenProcessPool as e:
                         raise fail(split, index, f"its packing process died ({e or 'killed'})") from None
+                    except OSError:
+                        raise  # the environment's fault, named by the stage (the file, the free space)
                     except Exception as e:  # noqa: BLE001 - a bug in a worker: named, its traceback chained
                         raise fail(split, index, f"{type(e).__name__}: {e}") from e
                     if why is not None:
