@@ -30,7 +30,8 @@ def _cluster_reason() -> str | None:
 
 
 REASON = _cluster_reason()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow,  # chains of real jobs: part of the full suite, not of the quick loop
+              pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
 @pytest.fixture(autouse=True)
