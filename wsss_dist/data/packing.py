@@ -157,13 +157,13 @@ def pack_shards(source: Any, out_dir: Path, jobs: Sequence[tuple[str, int, Seque
     packed: dict[str, dict] = {}
     last = [time.monotonic()]
 
-    def done(split: str, index: int, rec: dict, force: bool = False) -> None:
+    def done(split: str, index: int, rec: dict) -> None:
         name = shard_name(split, index)
         packed[name] = rec
         bar.update(rec["count"])
         if journal is not None:
             journal["shards"][name] = rec
-            if force or time.monotonic() - last[0] > 2.0:
+            if time.monotonic() - last[0] > 2.0:
                 runs.write_json(out_dir / PROGRESS, journal)
                 last[0] = time.monotonic()
 
