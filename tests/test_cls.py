@@ -13,6 +13,7 @@ from wsss_dist.stages import cls as cls_stage
 from wsss_dist.data.stream import train_loader_for
 from wsss_dist.models.build import build_classifier
 
+pytestmark = pytest.mark.slow  # each method trained until its loss falls
 
 
 @pytest.mark.parametrize("method", ["cam", "mixup", "fmix", "manifold", "sc"])

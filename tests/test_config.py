@@ -123,7 +123,7 @@ def test_keys_lists_every_key_with_type_default_and_doc():
 @pytest.mark.parametrize("arg, words", [
     ("model.backbone=resnet999", ["model.backbone=resnet999", "unknown backbone"]),
     ("seg.backbone=resnet1O1", ["seg.backbone", "did you mean"]),
-    ("teacher.arch=nope", ["teacher.arch=nope", "unknown"]),
+    ("method=teach teacher.arch=nope", ["teacher.arch=nope", "unknown"]),  # checked where a stage builds it
     ("cls.finch_partition=abc", ["cls.finch_partition=abc", "last, first or an integer"]),
     ("data.toy.size=10", ["data.toy.size=10", "≥ 24"]),
     ("cls.sc_rounds=0", ["cls.sc_rounds=0", "≥ 1"]),
@@ -134,7 +134,7 @@ def test_bad_values_fail_when_the_config_is_built(arg, words):
     from wsss_dist.models.preflight import preflight  # names timm must know: the pre-flight, before any job
 
     with pytest.raises(ConfigError) as e:
-        preflight(make_config([arg]))
+        preflight(make_config(arg.split()))
     for w in words:
         assert w in str(e.value)
 
@@ -148,7 +148,7 @@ def test_crf_without_its_extra_fails_when_the_config_is_built(monkeypatch):
         make_config(["aff.crf=true"])
 
 
-@pytest.mark.parametrize("args", [["stage=cam", "model.backbone=resnet999"], ["submit", "stage=all", "teacher.arch=nope"],
+@pytest.mark.parametrize("args", [["stage=cam", "model.backbone=resnet999"], ["submit", "stage=all", "method=teach", "teacher.arch=nope"],
                                   ["run", "stage=cls", "cls.finch_partition=abc"]])
 def test_cli_bad_value_is_one_line_before_any_work(tmp_path, args):
     r = subprocess.run([sys.executable, "-m", "wsss_dist", *args, f"run={tmp_path / 'run'}"], capture_output=True,
@@ -167,3 +167,17 @@ def test_one_precision_switch_and_accelerates_default(monkeypatch):
     cfg = make_config(["cam.mixed_precision=no"])
     assert cfg.cls.train.mixed_precision == cfg.seg.train.mixed_precision == "bf16" and cfg.cam.mixed_precision == "no"
     assert make_config(["precision=no"]).cls.train.mixed_precision == "no"
+
+
+def test_stage_shards_alone_checks_no_network_name_and_imports_no_torch():
+    """The pre-flight checks only the networks of the asked stages: ``stage=shards`` builds none, so a bad backbone
+    name is not its error, and the check imports neither torch nor timm (a packing job starts in a second)."""
+    code = ("import sys; from wsss_dist.config import make_config; from wsss_dist.models.preflight import preflight; "
+            "preflight(make_config(['stage=shards', 'model.backbone=resnet999'])); "
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    from wsss_dist.models.preflight import preflight
+
+    with pytest.raises(ConfigError, match="model.backbone=resnet999"):
+        preflight(make_config(["stage=cls", "model.backbone=resnet999"]))

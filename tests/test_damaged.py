@@ -17,6 +17,8 @@ from wsss_dist.config import make_config
 from wsss_dist.data.voc import VOCSource
 from wsss_dist.errors import DamagedFile, DataError
 
+pytestmark = pytest.mark.slow  # a trained run (cls + cam) that each test damages
+
 
 @pytest.fixture(scope="module")
 def done_run(shards, tmp_path_factory):  # noqa: F811

@@ -169,6 +169,7 @@ def test_unknown_xml_name_missing_files_and_lists(voc, tmp_path):
         VOCSource(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_the_voc_path_is_checked_before_any_job(tmp_path, toy_data):
     """Issue 25 #2: a wrong data.voc_root is one line before any job (not a traceback inside it); VOC without SBD
     warns that train_aug is VOC train only, with the count."""

@@ -564,6 +564,7 @@ def test_coco_pre_rendered_masks_are_packed_instead(tmp_path):
         COCOSource(tmp_path / "coco", masks=tmp_path / "m").mask(rendered.ids("val")[0])
 
 
+@pytest.mark.slow
 def test_local_coco_without_the_gpus_its_stages_ask_for_fails_before_any_job(tmp_path):
     """data=coco's stages ask for a GPU each: on a machine without one, a local chain stops in one line before any
     job (naming slurm.gpus_per_node=0), instead of a job failing after the shards were packed."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes under torchrun/gloo: each test starts a process group
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -161,6 +161,7 @@ def test_incomplete_newest_checkpoint_is_ignored(tmp_path, caplog):
                          load_file(str(tmp_path / "ref" / "model.safetensors")))
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint(tmp_path):
     """SIGKILL inside the second checkpoint write (state files written, no marker): the first one is loaded."""
     r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "10", "ckpt_every=3", "kill_in_save=2"],
@@ -238,6 +239,7 @@ def _results(out: Path) -> list[dict]:
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_processes_gloo_signal_on_one_rank_and_resume(tmp_path):
     """Rank 1 alone gets SIGUSR1 in step 3: both ranks stop after step 4 (the agreement is overlapped with one step);
     a relaunch with more steps resumes there and continues the step count."""

@@ -45,6 +45,7 @@ def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
     return last
 
 
+@pytest.mark.slow
 @needs_root
 def test_full_disk_while_writing_shards(tmp_path):
     with tmpfs(tmp_path / "full", "96k") as full:
@@ -54,6 +55,7 @@ def test_full_disk_while_writing_shards(tmp_path):
         assert not list((full / "shards").glob("*.tar")) or not (full / "shards" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 @needs_root
 def test_full_disk_while_checkpointing(tmp_path):
     common = [f"data.shards_dir={tmp_path / 'shards'}", f"data.toy.root={tmp_path / 'src'}", *TOY]
@@ -66,6 +68,7 @@ def test_full_disk_while_checkpointing(tmp_path):
         assert not (full / "run" / "cls" / "DONE").exists()
 
 
+@pytest.mark.slow
 @needs_root
 def test_read_only_run_directory(tmp_path):
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:

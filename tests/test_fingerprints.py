@@ -34,6 +34,7 @@ def test_each_data_setting_gets_its_own_shards_folder(tmp_path):
     assert make_config(["data.toy.root=/x"]).shards_dir == a.shards_dir.with_name(make_config([]).shards_dir.name)
 
 
+@pytest.mark.slow
 def test_a_shards_folder_of_other_data_settings_is_refused_not_rebuilt(tmp_path):
     """Finding 1: a second run pointed at the first run's folder with other data settings fails in one line and
     leaves the first run's shards as they are."""
@@ -118,6 +119,7 @@ def test_done_records_what_it_was_made_from(done_run, tmp_path):
         assert len(env["git"]["commit"]) == 40 and isinstance(env["git"]["dirty"], bool)
 
 
+@pytest.mark.slow
 def test_a_changed_setting_on_a_finished_stage_is_a_one_line_error_and_redo_runs_it(done_run, tmp_path):
     """A run is its config (issue 25 #1): other values of a finished stage's keys stop the run before any work and
     name the keys and the two ways on; ``redo=cam`` runs it with them; operational keys change nothing."""

@@ -53,6 +53,7 @@ def _files(root: Path) -> list[Path]:
             run / "config.yaml"]
 
 
+@pytest.mark.slow  # a trained run, then every damaged record through the stages
 def test_damaged_records_end_in_one_line_or_a_repair(done):
     """Every mutation of every record: `stage=[cls,cam]` (it reads them all) ends normally or in one UserError line."""
     root, words = done

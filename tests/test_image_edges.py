@@ -44,6 +44,7 @@ def test_an_image_above_the_cap_is_refused_from_its_header():
         decode_sample(sample, ("jpg",), max_pixels=1199)
 
 
+@pytest.mark.slow
 def test_tiny_and_huge_images_are_counted_skips_in_the_cam_stage(tmp_path, caplog):
     """A toy source with one 1×1 image and one 200×200 image (above data.max_pixels=10000): stage=[shards,cls,cam]
     finishes; CAM skips both (counted, warnings naming them), the pseudo-label stage after it skips them too."""

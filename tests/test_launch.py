@@ -140,6 +140,7 @@ def test_stage_job_checkpoint_resubmits_the_same_stage():
 # ------------------------------------------------------------------ local chains (subprocess)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "wsss_dist" / "stages" / "shards.py").exists(), reason="the shards stage is not there yet")
 def test_local_chain_builds_shards_then_skips(tmp_path):
     args = ["stage=shards", f"run={tmp_path}/run", f"data.shards_dir={tmp_path}/shards",
@@ -221,6 +222,7 @@ def test_local_groups_follow_gpus_and_skip_done_steps():
     assert launcher.local_groups(steps, one_process=False) == [[0], [1], [3], [4]]
 
 
+@pytest.mark.slow
 def test_consecutive_local_stages_share_one_job_and_process(tmp_path):
     env = fake_stages(tmp_path, {"seg": PID, "eval": PID})
     r = submit(["stage=[seg,eval]", f"run={tmp_path}/run"], tmp_path, env)
@@ -239,6 +241,7 @@ def test_consecutive_local_stages_share_one_job_and_process(tmp_path):
     assert "[1/2] seg: skipped (done)" in again.stdout and "[2/2] eval: done" in again.stdout
 
 
+@pytest.mark.slow
 def test_one_process_false_runs_one_job_per_stage(tmp_path):
     env = fake_stages(tmp_path, {"seg": PID, "eval": PID})
     r = submit(["stage=[seg,eval]", f"run={tmp_path}/run", "launch.one_process=false"], tmp_path, env)
@@ -247,6 +250,7 @@ def test_one_process_false_runs_one_job_per_stage(tmp_path):
     assert set(pids) == {"seg", "eval"} and pids["seg"] != pids["eval"]
 
 
+@pytest.mark.slow
 def test_a_failure_in_a_shared_job_names_its_stage(tmp_path):
     env = fake_stages(tmp_path, {"seg": PID, "eval": FAILING})
     r = submit(["stage=[seg,eval]", f"run={tmp_path}/run"], tmp_path, env)
@@ -255,6 +259,7 @@ def test_a_failure_in_a_shared_job_names_its_stage(tmp_path):
     assert (tmp_path / "run" / "seg" / "DONE").is_file() and not (tmp_path / "run" / "eval" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_local_job_failure_prints_its_stderr_tail(tmp_path):
     env = fake_stages(tmp_path, {"eval": FAILING})
     r = submit(["stage=eval", f"run={tmp_path}/run"], tmp_path, env)
@@ -263,6 +268,7 @@ def test_local_job_failure_prints_its_stderr_tail(tmp_path):
     assert not (tmp_path / "run" / "eval" / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
     env = fake_stages(tmp_path, {"eval": COUNTING})
     trace = tmp_path / "run" / "eval" / "trace.txt"
@@ -288,6 +294,7 @@ def test_local_interrupt_checkpoints_requeues_and_resumes(tmp_path):
     assert (tmp_path / "run" / "eval" / "DONE").is_file()
 
 
+@pytest.mark.slow
 def test_a_requeued_shared_job_resumes_at_the_interrupted_stage(tmp_path):
     """USR2 (a time-out) during the second stage of a shared local job: the requeued job runs only that stage on."""
     env = fake_stages(tmp_path, {"seg": PID, "eval": COUNTING})
@@ -380,6 +387,7 @@ def test_voc_stage_resources_and_the_time_check(tmp_path):
     assert launcher.plan(make_config(rest), launch, rest)[1].resources.time_min == 600
 
 
+@pytest.mark.slow
 def test_the_last_line_names_the_headline_figures_and_the_report(tmp_path):
     """Issue 25 #5: the launcher ends with the run's CAM / pseudo / val mIoU in % and where its report is."""
     run = tmp_path / "run"
@@ -435,6 +443,7 @@ def _doc_commands(page: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_the_cluster_guides_examples_plan_without_error(tmp_path):
     """Issue 25 #2: every SLURM example of docs/cluster.md plans (batches divide over its GPUs, time limits cover the
     stages) as written and with the voc preset, shown with launch.dry_run=true (no SLURM needed: sbatch is hidden).
@@ -464,6 +473,7 @@ def test_the_cluster_guides_examples_plan_without_error(tmp_path):
             assert r.returncode == 0 and "dry run: nothing submitted" in r.stdout, (w, r.stdout[-1500:], r.stderr[-1500:])
 
 
+@pytest.mark.slow
 def test_real_data_on_a_machine_with_slurm_asks_where_to_run(tmp_path):
     """Issue 25 #4: where sbatch is on PATH (a login node), a chain on real data without cluster= stops in one line
     asking for cluster=slurm or an explicit cluster=local; the toy data and an explicit cluster=local run."""

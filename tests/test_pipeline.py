@@ -9,6 +9,8 @@ from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.registry import METHODS
 
+pytestmark = pytest.mark.slow  # the whole chain and every method trained on the toy data
+
 # `shards` (conftest): the TINY toy dataset's shards, built once per session
 
 

@@ -21,6 +21,8 @@ from wsss_dist import pipeline, runs
 from wsss_dist.config import make_config
 from wsss_dist.engine import newest_checkpoint
 
+pytestmark = pytest.mark.slow  # signals to real training and inference runs
+
 STEPS = 12
 OPERATIONAL = {"seconds", "cpu_seconds", "images_per_s"}
 

@@ -245,6 +245,7 @@ def _broken_val_shards(shards_args: list[str], dst: Path) -> tuple[Path, int]:
     return dst, runs.read_json(dst / MANIFEST)["splits"]["val"]["total"]
 
 
+@pytest.mark.slow
 def test_broken_samples_are_counted_in_done_and_fail_past_the_limit(shards, trained_cls, tmp_path):
     """stage=cam over shards with 2 broken samples: skipped and counted in cam/DONE; past max_skip_fraction: exit 2."""
     sdir, total = _broken_val_shards(shards, tmp_path / "shards")
@@ -333,6 +334,7 @@ def test_shard_changed_after_the_manifest_is_refused(shards, tmp_path):
     _user_error(r, rf"{tar.name}: sha256 differs from .*manifest\.json \(corrupt or modified shard\); run stage=shards again")
 
 
+@pytest.mark.slow
 def test_kill_9_during_cam_keeps_finished_shards_and_resumes(shards, trained_cls, tmp_path):
     """SIGKILL while stage=cam writes its shards: no DONE, no partial shard; the rerun keeps the finished shards
     (same bytes and mtime) and computes only the rest. (kill -9 inside a checkpoint write:

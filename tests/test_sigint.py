@@ -73,6 +73,7 @@ def _finish(p: subprocess.Popen, lines: list[str]) -> str:
     return "".join(lines)
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_exits_130_and_the_rerun_resumes(shards, tmp_path):
     """python -m wsss_dist stage=cls (2 DataLoader workers), SIGINT to its process group after step 2: it finishes
     the step, writes the checkpoint of the step it stopped at, exits 130 with one ``interrupted:`` line; the same

@@ -80,6 +80,9 @@ MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the config's t
 
 
 BACKBONES: tuple[str, ...] = ("resnet38d",)
+# The image normalisation of ImageNet-pretrained weights, of psa/deeplab-pytorch files and of from-scratch runs
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Classifier heads of ImageNet/psa/deeplab-pytorch checkpoints that a backbone never has: optional when loading
 HEAD_PREFIXES: tuple[str, ...] = ("fc.", "fc8.", "linear1000.", "head.", "classifier.", "aspp.")  # our own backbones (wsss_dist/models); any other name is a timm model
 

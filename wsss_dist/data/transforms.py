@@ -14,12 +14,7 @@ from ..errors import DataError
 from .tario import (SkipCounter, decode_value, 
                      selector, verify_against_manifest)
 from ..metrics import IGNORE
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..registry import IMAGENET_MEAN, IMAGENET_STD
 
 
 JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue

@@ -25,9 +25,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from wsss_dist.registry import IMAGENET_MEAN, IMAGENET_STD
+
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # as wsss_dist.data.stream normalises images
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STEM_KEY = "layer1.conv1.conv.weight"
 _BRANCH = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3"),
            "shortcut": ("downsample.0", "downsample.1")}

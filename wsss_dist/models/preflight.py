@@ -17,12 +17,16 @@ def preflight(cfg: Config) -> None:
     """Checks before any job that need timm or the weights files (ConfigError naming the key): the backbone and ViT
     names, and every ``*.weights`` of the stages that load them — given with data=voc (or ``none``), existing, of
     the right architecture, a safetensors file's names and shapes (its header only) fitting the network."""
-    check_backbone("model.backbone", cfg.model.backbone)
-    check_backbone("seg.backbone", cfg.seg.backbone)
-    check_backbone("teacher.arch", cfg.teacher.arch)
-    if cfg.refine == "irn":
+    stages = set(cfg.stages())
+    # the names of the networks the asked stages build (stage=shards alone builds none: no timm to import)
+    if stages & {"cls", "cam", "aff", "pseudo"}:
+        check_backbone("model.backbone", cfg.model.backbone)
+    if stages & {"seg", "eval"}:
+        check_backbone("seg.backbone", cfg.seg.backbone)
+    if "teacher" in stages:
+        check_backbone("teacher.arch", cfg.teacher.arch)
+    if cfg.refine == "irn" and stages & {"aff", "pseudo"}:
         check_backbone("irn.backbone", cfg.irn.backbone)
-    stages = cfg.stages()
     uses = []
     if "aff" in stages and cfg.refine == "irn" and cfg.irn.init == "imagenet":
         uses.append(("irn.weights", cfg.irn.weights, "irn.backbone", cfg.irn.backbone, "aff"))

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-from wsss_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
 from wsss_dist.errors import WeightsError
-from wsss_dist.registry import BACKBONES, HEAD_PREFIXES
+from wsss_dist.registry import BACKBONES, HEAD_PREFIXES, IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
