@@ -3,7 +3,6 @@ time-out (USR2) and on preemption (TERM), exact resume. Skipped when no cluster 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -196,22 +195,6 @@ def _toy(tmp_path: Path) -> list[str]:
             "cam.scales=[1.0]", "cam.flip=false"]
 
 
-# ~2 min on 2 CPU cores: pytest -m slurm (runs in CI: issue 5 asks for these with real stages)
-@needs_training
-def test_real_chain_shards_cls_cam(tmp_path):
-    args = ["stage=[shards,cls,cam]", "method=fmix", f"run={tmp_path}/run", "cls.train.steps=20", *_toy(tmp_path)]
-    r, ids = submit_slurm(args, tmp_path)
-    assert r.returncode == 0 and len(ids) == 3, r.stdout + r.stderr
-    states = wait_end(ids, 900)
-    logs = {j: (tmp_path / "logs" / f"{j}_0_log.err") for j in ids}
-    assert set(states.values()) == {"COMPLETED"}, (states, {j: p.read_text()[-2000:] for j, p in logs.items() if p.exists()})
-    assert_afterok_order(ids)
-    run = tmp_path / "run"
-    assert all((run / s / "DONE").is_file() for s in ("shards", "cls", "cam"))
-    assert (run / "cls" / "model.safetensors").is_file() and list((run / "cam").glob("*.tar"))
-    assert list((tmp_path / "shards").glob("*.tar"))
-
-
 def _newest_ckpt_step(run: Path) -> int:
     """Step of the newest complete cls checkpoint (``ckpt/step-N/COMPLETE``), 0 if none."""
     steps = [int(p.name.split("-")[1]) for p in (run / "cls" / "ckpt").glob("step-*") if (p / "COMPLETE").is_file()]
@@ -396,20 +379,6 @@ def test_a_chain_whose_later_sbatch_fails_cancels_what_it_queued(tmp_path):
     assert any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])), sacct(ids[0])
 
 
-@needs_training
-def test_queued_jobs_run_the_code_of_submit_time(tmp_path):
-    """Issue 25 #4: SLURM jobs import a snapshot of the package taken at submit (<run>/code/...), not the live
-    checkout, so code edited while they queue does not change them."""
-    args = ["stage=shards", f"run={tmp_path}/run", *_toy(tmp_path)]
-    r, ids = submit_slurm(args, tmp_path)
-    assert r.returncode == 0 and len(ids) == 1, r.stdout + r.stderr
-    snaps = list((tmp_path / "run" / "code").glob("*/wsss_dist/pipeline.py"))
-    assert len(snaps) == 1
-    assert set(wait_end(ids, 600).values()) == {"COMPLETED"}
-    env = json.loads((tmp_path / "run" / "shards" / "environment.json").read_text())
-    assert env["package"] == str(snaps[0].parent), env["package"]
-
-
 # ~4-8 min on 2 CPU cores: the whole chain of a user's own folder dataset and of a COCO-2014 layout (issue 22), each
 # a chain of SLURM jobs; both chains are queued at once and share the node (1 CPU per job)
 @needs_training
@@ -444,6 +413,13 @@ def test_folder_and_coco_datasets_run_the_whole_chain_as_slurm_jobs(tmp_path):
         ev = runs.read_json(tmp_path / name / "run" / "eval" / "DONE")
         ev = ev.get("metrics", ev)
         assert isinstance(ev["miou"], float) and len(ev["iou"]) == {"folder": 4, "coco": 81}[name]
+        # issue 25 #4: the jobs import the snapshot of the package taken at submit (<run>/code/...), not the live
+        # checkout, so code edited while they queue does not change them
+        snaps = list((tmp_path / name / "run" / "code").glob("*/wsss_dist/pipeline.py"))
+        assert len(snaps) == 1, snaps
+        for stage in ("shards", "eval"):
+            env = runs.read_json(tmp_path / name / "run" / stage / "environment.json")
+            assert env["package"] == str(snaps[0].parent), (stage, env["package"])
     assert " red " in (tmp_path / "folder" / "run" / "report" / "report.md").read_text()
 
 
@@ -452,7 +428,7 @@ IRN_TINY = ["refine=irn", "irn.train.steps=4", "irn.train.batch_size=4", "irn.tr
 
 # ~7 min on 2 busy CPU cores (7.2 min beside a local sweep): issues 23 and 24 ask for CLIP-ES, IRN and eval.crf "on CI's SLURM"; two whole chains
 # queued at once (1 CPU per job): method=clip_es (the tiny random CLIP: no cls job) with refine=irn and eval.crf=true,
-# and method=cam with refine=irn
+# and method=cam with refine=irn (also the real shards → cls → cam chain of issue 5: its shards, weights and CAM shards)
 @needs_training
 def test_clip_es_and_irn_chains_with_crf_run_to_a_val_miou_as_slurm_jobs(tmp_path):
     pytest.importorskip("open_clip")
@@ -476,6 +452,8 @@ def test_clip_es_and_irn_chains_with_crf_run_to_a_val_miou_as_slurm_jobs(tmp_pat
         assert_afterok_order(ids)
         run = tmp_path / name / "run"
         assert runs.read_json(run / "aff" / "model.json")["kind"] == "irn"
+        assert list((tmp_path / name / "shards").glob("*.tar")) and list((run / "cam").glob("*.tar"))
+        assert (run / "cls" / "model.safetensors").is_file() == (name == "cam")
         ev = runs.read_json(run / "eval" / "DONE")
         ev = ev.get("metrics", ev)
         assert 0 <= ev["miou"] <= 1 and len(ev["iou"]) == 21, ev
