@@ -183,7 +183,8 @@ def _run_stage(cfg: Config, stage: str, fresh: bool = False) -> dict[str, Any]:
         if is_main_process():
             if fp is not None:
                 runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "STARTED", fp.record())
-            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "environment.json", environment())
+            runs.write_json(runs.stage_dir(cfg.run_dir, stage) / "environment.json",
+                            environment(STAGE_SPECS[stage].uses_gpu))
         t0, c0 = time.time(), cpu_seconds()
         logger.info("stage %s: starting (run %s; %s)", stage, cfg.run_dir, stage_setup(cfg, stage))
         metrics = module.run(cfg) or {}
@@ -237,14 +238,14 @@ def run_log(run_dir: Path) -> Any:
         handler.close()
 
 
-def environment() -> dict[str, Any]:
-    """What a stage ran with: versions, the package's git commit, the command line, host, CPUs and GPUs."""
+def environment(gpu: bool = True) -> dict[str, Any]:
+    """What a stage ran with: versions, the package's git commit, the command line, host, CPUs and GPUs (``gpu``
+    False, a CPU-only stage such as shards or report: ``cuda`` and ``gpus`` are not looked up unless torch is
+    already imported, so such a job never imports torch for them)."""
     import platform
     import socket
     import subprocess
     from importlib import metadata
-
-    import torch
 
     versions = {}
     for name in ("wsss-dist", "torch", "torchvision", "accelerate", "timm", "numpy", "submitit", "webdataset", "open_clip_torch"):
@@ -262,15 +263,21 @@ def environment() -> dict[str, Any]:
             git = {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
-    cuda = torch.cuda.is_available()
-    return {"python": platform.python_version(), "versions": versions, "package": str(src), "cuda": torch.version.cuda, "git": git,
+    torch = sys.modules.get("torch")
+    if gpu and torch is None:
+        import torch
+    cuda = torch is not None and torch.cuda.is_available()
+    return {"python": platform.python_version(), "versions": versions, "package": str(src),
+            "cuda": torch.version.cuda if torch is not None else None, "git": git,
             "argv": sys.argv, "host": socket.gethostname(), "cpus": os.cpu_count(), "world_size": world_size(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-            "gpus_used": world_size() if cuda else 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "gpus_used": world_size() if cuda and gpu else 0, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def stage_setup(cfg: Config, stage: str) -> str:
     """What a stage runs with, for its first log line: device, world size, precision, backbone and weights."""
+    if not STAGE_SPECS[stage].uses_gpu:  # a CPU stage (shards, report): no torch to import for the line
+        return f"device cpu, world {world_size()}"
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
@@ -292,8 +299,6 @@ def stage_setup(cfg: Config, stage: str) -> str:
         weights = "this run's trained model"
     if stage == "cam" and not METHODS[cfg.method].trains_classifier:
         net, weights = f"CLIP {cfg.clip.arch}", cfg.clip.weights
-    if stage in ("shards", "report"):
-        return f"device {device}, world {world_size()}"
     return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"
 
 
@@ -306,12 +311,14 @@ def check_device(cfg: Config) -> None:
         return
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return
+    autocast = sorted({f"{k}={get(cfg, k)}" for k in PRECISION_KEYS
+                       if get(cfg, k) != "no" and k.split(".")[0] in cfg.stages()})
+    if not autocast and world_size() <= 1:
+        return  # nothing here needs a GPU (and no torch to import for it)
     import torch
 
     if torch.cuda.is_available():
         return
-    autocast = sorted({f"{k}={get(cfg, k)}" for k in PRECISION_KEYS
-                       if get(cfg, k) != "no" and k.split(".")[0] in cfg.stages()})
     if autocast:
         raise UserError(f"{', '.join(autocast)} asks for GPU autocast, but torch {torch.__version__} sees no CUDA "
                         "device; on a GPU node check the driver and CUDA_VISIBLE_DEVICES; to run on the CPU on purpose "

@@ -83,13 +83,45 @@ def check_backbone(key: str, name: str) -> None:
         return
     import difflib
 
-    import timm
-
-    if timm.is_model(name):
+    names = timm_model_names()
+    if name.split(".", 1)[0] in names:  # a name with a pretrained tag (resnet50.a1_in1k) is its architecture's
         return
-    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(BACKBONES) + sorted(names), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"{key}={name}: unknown backbone (resnet38d or a timm model name){hint}")
+
+
+def timm_model_names() -> frozenset[str]:
+    """timm's model names (``timm.list_models()``), kept in ``$XDG_CACHE_HOME/wsss_dist/timm-<version>-models.json``
+    after the first call: checking a name then needs no import of timm and torch (3 s of every launcher start)."""
+    import json
+    import os
+    import tempfile
+    from importlib import metadata
+
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsss_dist" / f"timm-{version}-models.json"
+    try:
+        names = json.loads(cache.read_text())
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return frozenset(names)
+    except (OSError, ValueError):
+        pass  # no cache yet, or a damaged one: rebuilt below
+    import timm
+
+    names = timm.list_models()
+    try:  # best effort: a read-only home only costs the import next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(names, f)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return frozenset(names)
 
 
 def _check_timm_weights(key: str, value: str, arch_key: str, arch: str, w: Weights) -> None:
