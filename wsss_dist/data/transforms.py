@@ -11,8 +11,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from ..errors import DataError
-from .tario import (SkipCounter, decode_value, 
-                     selector, verify_against_manifest)
+from .tario import decode_value
 from ..metrics import IGNORE
 from ..registry import IMAGENET_MEAN, IMAGENET_STD
 
