@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -181,3 +182,21 @@ def test_stage_shards_alone_checks_no_network_name_and_imports_no_torch():
 
     with pytest.raises(ConfigError, match="model.backbone=resnet999"):
         preflight(make_config(["stage=cls", "model.backbone=resnet999"]))
+
+
+def test_timm_names_come_from_a_cache_per_timm_version_that_a_damaged_file_does_not_fool(tmp_path, monkeypatch):
+    """The launcher checks timm names against ``$XDG_CACHE_HOME/wsss_dist/timm-<version>-models.json`` (written on
+    first use): the same names as timm's own list; a damaged file is rebuilt, not believed."""
+    import timm
+    from importlib import metadata
+
+    from wsss_dist.models.preflight import check_backbone, timm_model_names
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "wsss_dist" / f"timm-{metadata.version('timm')}-models.json"
+    assert timm_model_names() == frozenset(timm.list_models()) and cache.is_file()
+    cache.write_text('{"not": "a list"')
+    assert "resnet18" in timm_model_names() and json.loads(cache.read_text()) == timm.list_models()
+    check_backbone("model.backbone", "resnet50.a1_in1k")  # a pretrained tag names its architecture
+    with pytest.raises(ConfigError, match=r"model.backbone=resnet5O: unknown backbone .*did you mean resnet50"):
+        check_backbone("model.backbone", "resnet5O")
