@@ -75,7 +75,8 @@ def test_log_with_mlflow_gets_the_training_curve_and_the_scores(tmp_path, monkey
 def test_a_method_without_cls_is_done_without_it_and_its_recipe_shows_no_classifier(tmp_path):
     run = tmp_path / "clip_es"
     runs.atomic_write(run / "config.yaml", "method: clip_es\nrefine: irn\nmodel:\n  backbone: resnet18\n"
-                                           "cls:\n  train:\n    steps: 300\n    batch_size: 16\n")
+                                           "cls:\n  train:\n    steps: 300\n    batch_size: 16\n"
+                                           "aff:\n  init: cls\nirn:\n  init: imagenet\n")
     for st in ("cam", "aff", "pseudo", "seg", "eval"):
         runs.mark_done(run, st, {"seconds": 60.0, "miou": 0.1})
     p = load_run(run)
@@ -83,6 +84,7 @@ def test_a_method_without_cls_is_done_without_it_and_its_recipe_shows_no_classif
     header, rows = recipes([p])
     row = dict(zip(header, rows[0]))
     assert (row["cls.train.steps"], row["cls.train.batch_size"], row["model.backbone"]) == ("–", "–", "resnet18")
+    assert row["aff.init"] == "imagenet (irn.init)"  # refine=irn: the boundary network's start, not AffinityNet's
     assert stage_times([p])[0][1:3] == ["cam (min)", "aff (min)"]  # no cls column for it
     runs.atomic_write(run / "config.yaml", "method: cam\ncls:\n  train:\n    steps: 300\n")
     assert load_run(run)["status"] == "incomplete: no cls" and recipes([load_run(run)])[1][0][5] == "300"

@@ -120,6 +120,8 @@ def recipes(points: list[dict]) -> tuple[list[str], list[list[str]]]:
         method = METHODS.get(str(cfg.get("method")))
         if method and key.split(".")[0] in method.skips:
             return "–"
+        if key == "aff.init" and cfg.get("refine") == "irn":  # IRN's boundary network starts from irn.init
+            return f"{get(cfg, 'irn.init')} (irn.init)"
         for part in key.split("."):
             cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
         return "–" if cfg in ({}, None, "") else str(cfg)
