@@ -96,8 +96,9 @@ def timm_model_names() -> frozenset[str]:
     after the first call: checking a name then needs no import of timm and torch (3 s of every launcher start)."""
     import json
     import os
-    import tempfile
     from importlib import metadata
+
+    from wsss_dist import runs
 
     try:
         version = metadata.version("timm")
@@ -114,11 +115,7 @@ def timm_model_names() -> frozenset[str]:
 
     names = timm.list_models()
     try:  # best effort: a read-only home only costs the import next time
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(names, f)
-        os.replace(tmp, cache)
+        runs.atomic_write(cache, json.dumps(names))
     except OSError:
         pass
     return frozenset(names)
