@@ -184,6 +184,35 @@ def test_stage_shards_alone_checks_no_network_name_and_imports_no_torch():
         preflight(make_config(["stage=cls", "model.backbone=resnet999"]))
 
 
+@pytest.mark.parametrize("args, error", [
+    (["stage=pseudo", "refine=irn", "irn.backbone=nope"], "irn.backbone=nope"),  # IRN's walk builds IRN's network
+    (["stage=pseudo", "refine=irn", "model.backbone=nope"], None),  # ... and not AffinityNet's
+    (["stage=pseudo", "model.backbone=nope"], "model.backbone=nope"),  # refine=psa: AffinityNet on model.backbone
+    (["stage=eval", "seg.backbone=nope"], "seg.backbone=nope"),
+    (["stage=cam", "method=clip_es", "model.backbone=nope"], None),  # CLIP-ES's CAMs come from CLIP
+    (["stage=cam", "method=clip_es", "clip.arch=nope"], "clip.arch=nope"),
+])
+def test_the_preflight_checks_the_network_each_asked_stage_builds(args, error):
+    """Which network a stage builds is its ``StageSpec.network`` (one table for the pre-flight and the log line)."""
+    from wsss_dist.models.preflight import preflight
+
+    if error is None:
+        preflight(make_config(args))
+    else:
+        with pytest.raises(ConfigError, match=error):
+            preflight(make_config(args))
+
+
+def test_the_first_log_line_names_each_stages_network_and_weights():
+    from wsss_dist.pipeline import stage_setup
+
+    cfg = make_config(["refine=irn", "irn.init=imagenet", "irn.weights=none"])
+    assert stage_setup(cfg, "aff").endswith("backbone IRN boundaries on resnet18, weights none")
+    assert stage_setup(cfg, "pseudo").endswith("backbone IRN boundaries on resnet18, weights this run's trained model")
+    assert stage_setup(cfg, "seg").endswith("backbone resnet18, weights the classifier's backbone")
+    assert stage_setup(make_config(["method=clip_es"]), "cam").endswith("backbone CLIP tiny, weights random")
+
+
 def test_timm_names_come_from_a_cache_per_timm_version_that_a_damaged_file_does_not_fool(tmp_path, monkeypatch):
     """The launcher checks timm names against ``$XDG_CACHE_HOME/wsss_dist/timm-<version>-models.json`` (written on
     first use): the same names as timm's own list; a damaged file is rebuilt, not believed."""

@@ -22,7 +22,7 @@ from . import fingerprints, runs
 from .config import PRECISION_KEYS, STAGES, Config, data_settings, get, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
-from .registry import METHODS, STAGE_SPECS
+from .registry import STAGE_SPECS
 
 logger = logging.getLogger("wsss_dist")
 
@@ -276,29 +276,23 @@ def environment(gpu: bool = True) -> dict[str, Any]:
 
 def stage_setup(cfg: Config, stage: str) -> str:
     """What a stage runs with, for its first log line: device, world size, precision, backbone and weights."""
-    if not STAGE_SPECS[stage].uses_gpu:  # a CPU stage (shards, report): no torch to import for the line
+    spec = STAGE_SPECS[stage]
+    if not spec.uses_gpu:  # a CPU stage (shards, report): no torch to import for the line
         return f"device cpu, world {world_size()}"
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    key = STAGE_SPECS[stage].precision_key
+    key = spec.precision_key
     if stage == "aff" and cfg.refine == "irn":
         key = "irn.train.mixed_precision"
     precision = get(cfg, key) if key else "no"
-    if stage in ("aff", "pseudo") and cfg.refine == "irn":
-        net = f"IRN boundaries on {cfg.irn.backbone}"
-        weights = "the classifier's backbone" if cfg.irn.init == "cls" else cfg.irn.weights
-    elif stage == "teacher":
-        net, weights = cfg.teacher.arch, cfg.teacher.weights
-    elif stage in ("seg", "eval"):
-        net, weights = cfg.seg.backbone, cfg.seg.weights if cfg.seg.init == "imagenet" else "the classifier's backbone"
+    net_key, weights_key = spec.network(cfg), spec.pretrained(cfg)
+    net = get(cfg, net_key) if net_key else "none"
+    net = {"irn.backbone": f"IRN boundaries on {net}", "clip.arch": f"CLIP {net}"}.get(net_key or "", net)
+    if weights_key is not None:
+        weights = get(cfg, weights_key)
     else:
-        net = cfg.model.backbone
-        weights = "the classifier's backbone" if stage == "aff" and cfg.aff.init == "cls" else cfg.model.weights
-    if stage in ("cam", "pseudo", "eval"):
-        weights = "this run's trained model"
-    if stage == "cam" and not METHODS[cfg.method].trains_classifier:
-        net, weights = f"CLIP {cfg.clip.arch}", cfg.clip.weights
+        weights = "the classifier's backbone" if spec.trains else "this run's trained model"
     return f"device {device}, world {world_size()}, precision {precision}, backbone {net}, weights {weights or 'none'}"
 
 

@@ -1,9 +1,10 @@
 """The registries: one :class:`StageSpec` per pipeline stage and one :class:`Method` per CAM method.
 
 A stage is declared once, here: its name, what it reads, whether it trains, whether it is data-parallel, whether a
-sweep shares it, whether it uses a GPU and at what rate, its precision key, the config keys that shape it and its
-report columns. The config, the runner, the launcher, the report and the fingerprints derive their tables from
-:data:`STAGE_SPECS`; adding a stage is one entry here plus one ``stages/<name>.py``.
+sweep shares it, whether it uses a GPU and at what rate, its precision key, the config keys that shape it, its
+report columns, the network it builds and the weights it starts from. The config, the runner, the launcher, the
+report, the fingerprints and the pre-flight check derive their tables from :data:`STAGE_SPECS`; adding a stage is
+one entry here plus one ``stages/<name>.py``.
 
 A dataset entry (:data:`DATASETS`) says what a dataset is: its class names and their number, its label PNG palette,
 its ignore value, its split names, where its image-level labels come from. Every stage, model head, metric, check
@@ -107,6 +108,8 @@ class StageSpec:
     settings_when: Callable[[Any], tuple[str, ...]] = lambda cfg: ()  # keys that shape it only in some configs (refine=irn, eval.crf=true); out of the fingerprint otherwise, so the default's fingerprints stay as they were
     not_settings: tuple[str, ...] = ()  # keys inside ``settings`` sections that belong to another stage
     report: tuple[tuple[str, str], ...] = ()  # (DONE metric, column title) in the report's tables
+    network: Callable[[Any], Optional[str]] = lambda cfg: None  # the config key naming the network it builds (checked before any job, named in its first log line)
+    pretrained: Callable[[Any], Optional[str]] = lambda cfg: None  # the key of the weights it starts ``network`` from (None: the trained classifier's backbone, or, for an inference stage, its run's trained model)
 
 
 def _uses_teacher(cfg: Any) -> bool:
@@ -139,6 +142,21 @@ def _cam_reads(cfg: Any) -> tuple[str, ...]:
     return ("cls",) if METHODS[cfg.method].trains_classifier else ()
 
 
+def _cam_network(cfg: Any) -> str:
+    return "model.backbone" if METHODS[cfg.method].trains_classifier else "clip.arch"
+
+
+def _refine_network(cfg: Any) -> str:
+    """Stages aff and pseudo: IRN's boundary network with ``refine=irn``, AffinityNet on the classifier's backbone
+    otherwise."""
+    return "irn.backbone" if cfg.refine == "irn" else "model.backbone"
+
+
+def _aff_pretrained(cfg: Any) -> Optional[str]:
+    init, key = (cfg.irn.init, "irn.weights") if cfg.refine == "irn" else (cfg.aff.init, "model.weights")
+    return key if init == "imagenet" else None
+
+
 STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shards", "the dataset packed into WebDataset tar shards + manifest", data_parallel=False,
               uses_gpu=False, shared_by_sweep=True, repairs_when_asked=True,
@@ -148,29 +166,35 @@ STAGE_SPECS: dict[str, StageSpec] = {s.name: s for s in (
                         "data.coco_root", "data.coco_masks", "data.coco_crowd")),
     StageSpec("teacher", "a ViT fine-tuned multi-label; its embeddings for FINCH", trains=True, optional=True,
               images_per_gpu_s=400.0, precision_key="teacher.train.mixed_precision",
-              settings=("teacher", "cls.split", "data.shuffle_buffer")),
+              settings=("teacher", "cls.split", "data.shuffle_buffer"),
+              network=lambda cfg: "teacher.arch", pretrained=lambda cfg: "teacher.weights"),
     StageSpec("cls", "the classifier with a CAM head (the method)",
               reads=lambda cfg: ("teacher",) if _uses_teacher(cfg) else (), trains=True, images_per_gpu_s=40.0,
-              precision_key="cls.train.mixed_precision", settings=("method", "model", "cls", "data.shuffle_buffer")),
+              precision_key="cls.train.mixed_precision", settings=("method", "model", "cls", "data.shuffle_buffer"),
+              network=lambda cfg: "model.backbone", pretrained=lambda cfg: "model.weights"),
     StageSpec("cam", "multi-scale + flip CAMs (or CLIP-ES's) and the CAM mIoU", reads=_cam_reads, images_per_gpu_s=9.0,
               repairs_when_asked=True, precision_key="cam.mixed_precision", settings=("cam",),
               settings_when=lambda cfg: () if METHODS[cfg.method].trains_classifier else ("method", "clip"),
-              report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)"))),
+              report=(("miou", "CAM (train)"), ("best_miou", "CAM best thr (train)")), network=_cam_network,
+              pretrained=lambda cfg: None if METHODS[cfg.method].trains_classifier else "clip.weights"),
     StageSpec("aff", "affinity labels from the CAMs and AffinityNet",
               reads=_aff_reads, trains=True,
               images_per_gpu_s=40.0, repairs_when_asked=True, precision_key="aff.train.mixed_precision",
-              settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn_aff),
+              settings=("aff", "model", "data.shuffle_buffer"), settings_when=_irn_aff, network=_refine_network,
+              pretrained=_aff_pretrained),
     StageSpec("pseudo", "the random walk: pseudo labels and their mIoU", reads=lambda cfg: ("cam", "aff"),
               images_per_gpu_s=10.0, repairs_when_asked=True, settings=("pseudo",), settings_when=_irn_pseudo,
-              not_settings=PSEUDO_CRF_KEYS, report=(("miou", "after RW (train)"), ("crf_miou", "after RW + CRF (train)"))),
+              not_settings=PSEUDO_CRF_KEYS, report=(("miou", "after RW (train)"), ("crf_miou", "after RW + CRF (train)")),
+              network=_refine_network),
     StageSpec("seg", "DeepLab-v2 trained on the pseudo labels",
               reads=lambda cfg: ("pseudo", "cls") if cfg.seg.init == "cls" else ("pseudo",), trains=True,
               images_per_gpu_s=200.0, precision_key="seg.train.mixed_precision", settings=("seg", "data.shuffle_buffer"),
-              not_settings=("seg.eval_scales", "seg.eval_flip")),
+              not_settings=("seg.eval_scales", "seg.eval_flip"), network=lambda cfg: "seg.backbone",
+              pretrained=lambda cfg: "seg.weights" if cfg.seg.init == "imagenet" else None),
     StageSpec("eval", "val predictions, mIoU and per-class IoU", reads=lambda cfg: ("seg",), images_per_gpu_s=200.0,
               repairs_when_asked=True, settings=("seg.eval_scales", "seg.eval_flip"),
               settings_when=lambda cfg: ("eval",) if cfg.eval.crf else (),
-              report=(("miou", "DeepLab (val)"), ("crf_miou", "DeepLab + CRF (val)"))),
+              report=(("miou", "DeepLab (val)"), ("crf_miou", "DeepLab + CRF (val)")), network=lambda cfg: "seg.backbone"),
     StageSpec("report", "tables and figures over runs", data_parallel=False, uses_gpu=False, always_runs=True),
 )}
 STAGE_NAMES: tuple[str, ...] = tuple(STAGE_SPECS)
@@ -180,6 +204,8 @@ def trainer_section(cfg: Any, stage: str) -> str:
     """The config section whose ``train`` / ``optim`` a training stage uses: its own name, but ``irn`` for stage aff
     with ``refine=irn``."""
     return "irn" if stage == "aff" and cfg.refine == "irn" else stage
+
+
 TRAINERS: tuple[str, ...] = tuple(s.name for s in STAGE_SPECS.values() if s.trains)
 
 

@@ -5,41 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsss_dist.config import get
 from wsss_dist.errors import ConfigError
 from wsss_dist.models.pretrained import Weights, header_shapes, parse_weights, strip_module, weights_mismatch
-from wsss_dist.registry import BACKBONES, METHODS
+from wsss_dist.registry import BACKBONES, STAGE_SPECS
 
 if TYPE_CHECKING:
     from wsss_dist.config import Config
 
 
 def preflight(cfg: Config) -> None:
-    """Checks before any job that need timm or the weights files (ConfigError naming the key): the backbone and ViT
-    names, and every ``*.weights`` of the stages that load them — given with data=voc (or ``none``), existing, of
-    the right architecture, a safetensors file's names and shapes (its header only) fitting the network."""
-    stages = set(cfg.stages())
-    # the names of the networks the asked stages build (stage=shards alone builds none: no timm to import)
-    if stages & {"cls", "cam", "aff", "pseudo"}:
-        check_backbone("model.backbone", cfg.model.backbone)
-    if stages & {"seg", "eval"}:
-        check_backbone("seg.backbone", cfg.seg.backbone)
-    if "teacher" in stages:
-        check_backbone("teacher.arch", cfg.teacher.arch)
-    if cfg.refine == "irn" and stages & {"aff", "pseudo"}:
-        check_backbone("irn.backbone", cfg.irn.backbone)
-    uses = []
-    if "aff" in stages and cfg.refine == "irn" and cfg.irn.init == "imagenet":
-        uses.append(("irn.weights", cfg.irn.weights, "irn.backbone", cfg.irn.backbone, "aff"))
-    if "cls" in stages or ("aff" in stages and cfg.refine == "psa" and cfg.aff.init == "imagenet"):
-        uses.append(("model.weights", cfg.model.weights, "model.backbone", cfg.model.backbone,
-                     "cls" if "cls" in stages else "aff"))
-    if "seg" in stages and cfg.seg.init == "imagenet":
-        uses.append(("seg.weights", cfg.seg.weights, "seg.backbone", cfg.seg.backbone, "seg"))
-    if "teacher" in stages:
-        uses.append(("teacher.weights", cfg.teacher.weights, "teacher.arch", cfg.teacher.arch, "teacher"))
-    if "cam" in stages and METHODS[cfg.method].cam_source == "clip_es":
-        check_clip(cfg.clip.arch, cfg.clip.weights)
-    for key, value, arch_key, arch, stage in uses:
+    """Checks before any job that need timm or the weights files (ConfigError naming the key): the network of every
+    asked stage (``StageSpec.network``: a backbone or ViT name, or CLIP's) and the weights it starts from
+    (``StageSpec.pretrained``) — given with data=voc (or ``none``), existing, of the right architecture, a safetensors
+    file's names and shapes (its header only) fitting the network."""
+    uses: dict[str, tuple[str, str, str]] = {}  # weights key -> (network key, its name, the first stage loading it)
+    for stage in cfg.stages():  # stage=shards alone builds no network: no timm to import
+        spec = STAGE_SPECS[stage]
+        net_key, weights_key = spec.network(cfg), spec.pretrained(cfg)
+        if net_key == "clip.arch":
+            check_clip(cfg.clip.arch, cfg.clip.weights)
+        elif net_key is not None:
+            check_backbone(net_key, get(cfg, net_key))
+            if weights_key is not None and weights_key not in uses:
+                uses[weights_key] = (net_key, get(cfg, net_key), stage)
+    for key, (arch_key, arch, stage) in uses.items():
+        value = get(cfg, key)
         w = parse_weights(value)
         if w.kind == "unset":
             if cfg.data.name == "voc":
