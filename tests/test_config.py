@@ -213,6 +213,29 @@ def test_the_first_log_line_names_each_stages_network_and_weights():
     assert stage_setup(make_config(["method=clip_es"]), "cam").endswith("backbone CLIP tiny, weights random")
 
 
+@pytest.mark.parametrize("args", [[], ["method=clip_es", "refine=irn"], ["method=teach", "teacher.dir=1.5", "run=yes"],
+                                  ["data=folder", "data.root=/x", "data.labels=/x/l.csv", "data.classes=on,off,1,null,é"],
+                                  ["data=coco", "data.coco_root=/c", "cls.train.resize_long=[32,48]", "cls.optim.lr=1e-5"]])
+def test_the_quick_yaml_and_dict_of_a_config_are_omegaconfs(args):
+    """``to_yaml`` / ``to_dict`` walk the dataclasses (a run's stages call them often): the same text and values, of
+    the same types, as OmegaConf's YAML round trip."""
+    from omegaconf import OmegaConf
+
+    from wsss_dist.config import to_yaml
+    from wsss_dist.config.build import to_dict
+
+    cfg = make_config(args)
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    assert to_yaml(cfg) == text
+    slow = OmegaConf.to_container(OmegaConf.create(text))
+
+    def typed(x):
+        return {k: typed(v) for k, v in x.items()} if isinstance(x, dict) else \
+            [typed(v) for v in x] if isinstance(x, list) else (type(x).__name__, x)
+
+    assert typed(to_dict(cfg)) == typed(slow)
+
+
 def test_timm_names_come_from_a_cache_per_timm_version_that_a_damaged_file_does_not_fool(tmp_path, monkeypatch):
     """The launcher checks timm names against ``$XDG_CACHE_HOME/wsss_dist/timm-<version>-models.json`` (written on
     first use): the same names as timm's own list; a damaged file is rebuilt, not believed."""

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import SHORT
 from wsss_dist import pipeline
 from wsss_dist.config import make_config
 from wsss_dist.errors import UserError
 
-WORDS = [*TINY, "cls.train.steps=4", "cam.scales=[1.0]"]
+WORDS = [*SHORT, "cls.train.steps=4", "cam.scales=[1.0]"]  # what is read back matters, not how much was trained
 
 
 @pytest.fixture(scope="module")
