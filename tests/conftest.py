@@ -84,7 +84,7 @@ def pytest_xdist_make_scheduler(config, log):
 # the longest work units after test_slurm (seconds of a quiet 2-core AVX-512 run, 2026-12-05; docs/performance.md):
 # within their rank they go first, longest first, so that no worker starts one of them when the others are nearly done.
 # Only the order depends on these numbers; a stale one costs a little wall time, never a result.
-UNIT_SECONDS = {"test_rehearsal": 154, "tests/test_sweep.py::test_local_sweep_three_methods_two_seeds_reports_mean_and_std": 149,
+UNIT_SECONDS = {"test_rehearsal": 154, "tests/test_sweep.py::test_local_sweep_two_methods_two_seeds_reports_mean_and_std": 149,
                 "test_reliability": 115, "test_pipeline": 76, "test_preempt": 66, "test_fuzz_records": 55,
                 "tests/test_distributed.py::test_one_and_two_processes_end_with_the_same_cam_miou": 55,
                 "tests/test_chaos.py::test_chain_survives_random_kill_9": 51, "test_damaged": 38}

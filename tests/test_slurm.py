@@ -379,71 +379,43 @@ def test_a_chain_whose_later_sbatch_fails_cancels_what_it_queued(tmp_path):
     assert any(row["state"].startswith("CANCELLED") for row in sacct(ids[0])), sacct(ids[0])
 
 
-# ~4-8 min on 2 CPU cores: the whole chain of a user's own folder dataset and of a COCO-2014 layout (issue 22), each
-# a chain of SLURM jobs; both chains are queued at once and share the node (1 CPU per job)
-@needs_training
-def test_folder_and_coco_datasets_run_the_whole_chain_as_slurm_jobs(tmp_path):
-    from test_datasets import CHAIN, make_coco_chain, make_folder
-    from wsss_dist import runs
-
-    layouts = {"folder": ["data=folder", f"data.root={tmp_path / 'folder' / 'images'}",
-                          f"data.labels={tmp_path / 'folder' / 'labels.csv'}", f"data.masks={tmp_path / 'folder' / 'masks'}",
-                          f"data.split_lists={tmp_path / 'folder' / 'lists'}", "data.classes=red,green,blue"]}
-    make_folder(tmp_path / "folder")
-    try:
-        import pycocotools  # noqa: F401
-    except ImportError:
-        pass  # the COCO layout needs the [coco] extra: the folder chain alone
-    else:
-        make_coco_chain(tmp_path / "coco")
-        layouts["coco"] = ["data=coco", f"data.coco_root={tmp_path / 'coco'}", "model.weights=none", "seg.weights=none",
-                           "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4",
-                           "slurm.gpus_per_node=0"]  # the coco preset's jobs ask for a GPU each; CI has none
-    chains = {}
-    for name, words in layouts.items():
-        r, ids = submit_slurm([*words, *CHAIN, "stage=all", f"data.shards_dir={tmp_path / name / 'shards'}",
-                               f"run={tmp_path / name / 'run'}"], tmp_path)
-        assert r.returncode == 0 and len(ids) >= 5, r.stdout + r.stderr
-        chains[name] = ids
-    states = wait_end([j for ids in chains.values() for j in ids], 1800)
-    logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in states}
-    assert set(states.values()) == {"COMPLETED"}, (states, {j: p.read_text()[-1500:] for j, p in logs.items() if p.exists()})
-    for name, ids in chains.items():
-        assert_afterok_order(ids)
-        ev = runs.read_json(tmp_path / name / "run" / "eval" / "DONE")
-        ev = ev.get("metrics", ev)
-        assert isinstance(ev["miou"], float) and len(ev["iou"]) == {"folder": 4, "coco": 81}[name]
-        # issue 25 #4: the jobs import the snapshot of the package taken at submit (<run>/code/...), not the live
-        # checkout, so code edited while they queue does not change them
-        snaps = list((tmp_path / name / "run" / "code").glob("*/wsss_dist/pipeline.py"))
-        assert len(snaps) == 1, snaps
-        for stage in ("shards", "eval"):
-            env = runs.read_json(tmp_path / name / "run" / stage / "environment.json")
-            assert env["package"] == str(snaps[0].parent), (stage, env["package"])
-    assert " red " in (tmp_path / "folder" / "run" / "report" / "report.md").read_text()
-
-
 IRN_TINY = ["refine=irn", "irn.train.steps=4", "irn.train.batch_size=4", "irn.train.crop=48", "irn.radius=5", "irn.logt=4"]
 
 
-# ~7 min on 2 busy CPU cores (7.2 min beside a local sweep): issues 23 and 24 ask for CLIP-ES, IRN and eval.crf "on CI's SLURM"; two whole chains
-# queued at once (1 CPU per job): method=clip_es (the tiny random CLIP: no cls job) with refine=irn and eval.crf=true,
-# and method=cam with refine=irn (also the real shards → cls → cam chain of issue 5: its shards, weights and CAM shards)
+# ~2-3 min on 2 CPU cores: three whole chains queued at once, each a chain of SLURM jobs sharing the node (1 CPU per
+# job): a user's own folder dataset (issue 22; AffinityNet), a COCO-2014 layout (issue 22) refined by IRN started from
+# the classifier (issue 23: IRN "on CI's SLURM"), and method=clip_es (issue 24: the tiny random CLIP, no cls job) with
+# IRN from its own init and eval.crf=true. The folder and COCO chains are also the real shards -> cls -> cam chain of
+# issue 5 (its shards, weights and CAM shards); every chain checks the code snapshot its jobs import.
 @needs_training
-def test_clip_es_and_irn_chains_with_crf_run_to_a_val_miou_as_slurm_jobs(tmp_path):
+def test_folder_coco_and_clip_es_chains_with_irn_and_crf_run_to_a_val_miou_as_slurm_jobs(tmp_path):
+    pytest.importorskip("pycocotools", reason="the COCO layout needs the [coco] extra")
     pytest.importorskip("open_clip")
-    pytest.importorskip("pydensecrf", reason="eval.crf needs the [crf] extra: pip install pydensecrf2")
-    from test_datasets import CHAIN
+    import importlib.util
+
+    from test_datasets import CHAIN, make_coco_chain, make_folder
     from wsss_dist import runs
 
-    layouts = {"clip_es": ["method=clip_es", "clip.arch=tiny", "clip.weights=random", "eval.crf=true", "eval.crf_workers=1"],
-               "cam": ["method=cam"]}
+    make_folder(tmp_path / "folder")
+    make_coco_chain(tmp_path / "coco")
+    layouts = {"folder": ["data=folder", f"data.root={tmp_path / 'folder' / 'images'}",
+                          f"data.labels={tmp_path / 'folder' / 'labels.csv'}", f"data.masks={tmp_path / 'folder' / 'masks'}",
+                          f"data.split_lists={tmp_path / 'folder' / 'lists'}", "data.classes=red,green,blue"],
+               "coco": ["data=coco", f"data.coco_root={tmp_path / 'coco'}", "model.weights=none", "seg.weights=none",
+                        "seg.backbone=resnet18", "seg.frozen_bn=false", "model.frozen_bn=false", "aff.stride=4",
+                        "slurm.gpus_per_node=0",  # the coco preset's jobs ask for a GPU each; CI has none
+                        *IRN_TINY, "irn.backbone=resnet18", "irn.init=cls"],
+               "clip_es": [*_toy(tmp_path / "clip_es"), *IRN_TINY, "method=clip_es", "clip.arch=tiny",
+                           "clip.weights=random"]}
+    crf = importlib.util.find_spec("pydensecrf") is not None  # eval.crf needs the [crf] extra (a C++ compiler)
+    if crf:
+        layouts["clip_es"] += ["eval.crf=true", "eval.crf_workers=1"]
     chains = {}
     for name, words in layouts.items():
-        r, ids = submit_slurm([*_toy(tmp_path / name), *CHAIN, *IRN_TINY, *words, "stage=all", "slurm.mem_gb=2",
-                               f"run={tmp_path / name / 'run'}"], tmp_path)
-        assert r.returncode == 0 and len(ids) == {"clip_es": 7, "cam": 8}[name], r.stdout + r.stderr  # shards .. report
-        assert ("cls: submitted" in r.stdout) == (name == "cam"), r.stdout
+        r, ids = submit_slurm([*words, *CHAIN, "stage=all", f"data.shards_dir={tmp_path / name / 'shards'}",
+                               "slurm.mem_gb=2", f"run={tmp_path / name / 'run'}"], tmp_path)
+        assert r.returncode == 0 and len(ids) == {"folder": 8, "coco": 8, "clip_es": 7}[name], r.stdout + r.stderr
+        assert ("cls: submitted" in r.stdout) == (name != "clip_es"), r.stdout
         chains[name] = ids
     states = wait_end([j for ids in chains.values() for j in ids], 2400)
     logs = {j: tmp_path / "logs" / f"{j}_0_log.err" for j in states}
@@ -451,12 +423,20 @@ def test_clip_es_and_irn_chains_with_crf_run_to_a_val_miou_as_slurm_jobs(tmp_pat
     for name, ids in chains.items():
         assert_afterok_order(ids)
         run = tmp_path / name / "run"
-        assert runs.read_json(run / "aff" / "model.json")["kind"] == "irn"
+        assert runs.read_json(run / "aff" / "model.json")["kind"] == ("affinity" if name == "folder" else "irn")
         assert list((tmp_path / name / "shards").glob("*.tar")) and list((run / "cam").glob("*.tar"))
-        assert (run / "cls" / "model.safetensors").is_file() == (name == "cam")
+        assert (run / "cls" / "model.safetensors").is_file() == (name != "clip_es")
         ev = runs.read_json(run / "eval" / "DONE")
         ev = ev.get("metrics", ev)
-        assert 0 <= ev["miou"] <= 1 and len(ev["iou"]) == 21, ev
-        assert (0 <= ev["crf_miou"] <= 1 and ev["crf_image"] == "rgb") if name == "clip_es" else "crf_miou" not in ev, ev
+        assert 0 <= ev["miou"] <= 1 and len(ev["iou"]) == {"folder": 4, "coco": 81, "clip_es": 21}[name], ev
+        assert (0 <= ev["crf_miou"] <= 1 and ev["crf_image"] == "rgb") if name == "clip_es" and crf else "crf_miou" not in ev, ev
+        # issue 25 #4: the jobs import the snapshot of the package taken at submit (<run>/code/...), not the live
+        # checkout, so code edited while they queue does not change them
+        snaps = list((run / "code").glob("*/wsss_dist/pipeline.py"))
+        assert len(snaps) == 1, snaps
+        for stage in ("shards", "eval"):
+            env = runs.read_json(run / stage / "environment.json")
+            assert env["package"] == str(snaps[0].parent), (stage, env["package"])
     assert not (tmp_path / "clip_es" / "run" / "cls").exists()
+    assert " red " in (tmp_path / "folder" / "run" / "report" / "report.md").read_text()
     assert "clip_es+irn" in (tmp_path / "clip_es" / "run" / "report" / "report.md").read_text()
