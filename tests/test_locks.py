@@ -98,6 +98,28 @@ def test_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path, caplog):
     assert f"pid {dead} is not running on this host" in caplog.text
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombie states are read from Linux's /proc")
+def test_lock_of_a_killed_but_unreaped_pid_is_taken_over(tmp_path, caplog):
+    """After ``kill -9`` of a local chain its orphaned job is a zombie until init reaps it (seconds, here): the rerun
+    takes its lock over at once instead of refusing a process that no longer runs (seen in CI: test_launch's
+    test_chain_killed_mid_stage_reruns_only_the_rest)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(tmp_path, "cam", pid=p.pid)
+        with pytest.raises(StageLocked):  # alive: refused
+            StageLock(tmp_path, "cam").acquire()
+        p.kill()
+        deadline = time.time() + 30
+        while time.time() < deadline and Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # dead, not reaped (we do not wait() yet): a zombie
+        with caplog.at_level(logging.WARNING, logger="wsss_dist.locks"), StageLock(tmp_path, "cam") as lock:
+            assert _holder(lock.path)["pid"] == os.getpid()
+        assert f"pid {p.pid} is not running on this host" in caplog.text
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_lock_of_a_live_pid_on_another_host_is_refused_until_its_heartbeat_is_stale(tmp_path, caplog):
     """pid 1 of another host with a fresh heartbeat may be alive: refused; with a heartbeat older than stale_s it is
     taken over."""

@@ -88,14 +88,21 @@ def _remove_if(path: Path, expected: bytes) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (another user's counts)."""
+    """Whether a process ``pid`` runs on this host (another user's counts; a zombie — killed, not yet reaped by its
+    parent, e.g. an orphaned job after ``kill -9`` of its launcher, until init reaps it — does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter after the command name's closing parenthesis
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:  # ended meanwhile, or no /proc at all (macOS: kill(0) said it exists)
+        return not Path("/proc/self/stat").exists()
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 class StageLock:
