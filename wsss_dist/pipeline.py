@@ -22,7 +22,7 @@ from . import fingerprints, runs
 from .config import PRECISION_KEYS, STAGES, Config, data_settings, get, to_yaml
 from .errors import Interrupted, RunConfigChanged, UserError
 from .locks import StageLock
-from .registry import STAGE_SPECS
+from .registry import STAGE_SPECS, trainer_section
 
 logger = logging.getLogger("wsss_dist")
 
@@ -282,9 +282,7 @@ def stage_setup(cfg: Config, stage: str) -> str:
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    key = spec.precision_key
-    if stage == "aff" and cfg.refine == "irn":
-        key = "irn.train.mixed_precision"
+    key = f"{trainer_section(cfg, stage)}.train.mixed_precision" if spec.trains else spec.precision_key  # IRN's under refine=irn
     precision = get(cfg, key) if key else "no"
     net_key, weights_key = spec.network(cfg), spec.pretrained(cfg)
     net = get(cfg, net_key) if net_key else "none"
