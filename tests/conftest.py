@@ -69,6 +69,23 @@ def work_unit(nodeid: str) -> str:
     return module if module in ONE_WORKER_MODULES else nodeid
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, and one more when a SLURM cluster answers: the worker holding test_slurm.py
+    mostly waits on the scheduler (sleeping fake stages, job starts), which left 20-45 % of a 2-core machine idle
+    for the first minutes (docs/performance.md)."""
+    import shutil
+    import subprocess
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if config.getoption("markexpr", "") or not shutil.which("scontrol"):  # -m ...: the quick loop, no SLURM tests
+        return cores
+    try:
+        up = "UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        up = False
+    return cores + up
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Schedule by :func:`work_unit` (xdist's own ``--dist loadgroup`` reads marks through ``item._nodeid``, which
     pytest ≥ 9.2 no longer uses for ``nodeid``: its groups would silently be single tests)."""

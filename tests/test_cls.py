@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow  # each method trained until its loss falls
 
 @pytest.mark.parametrize("method", ["cam", "mixup", "fmix", "manifold", "sc"])
 def test_method_loss_falls(shards, tmp_path, method):
-    cfg = make_config(shards + [f"run={tmp_path}", f"method={method}", "cls.train.steps=40", "cls.optim.lr=3e-3",
+    """20 steps bring each objective below 0.9 of its start (measured 2026-12-06: 0.52-0.65 after 20 steps, 0.41-0.63
+    after 40; 12 steps are too few for sc, 0.91)."""
+    cfg = make_config(shards + [f"run={tmp_path}", f"method={method}", "cls.train.steps=20", "cls.optim.lr=3e-3",
                                 "cls.train.mixed_precision=no", "cls.train.ckpt_every=1000"])
     num_sub = 7 if method == "sc" else 0
     urls = split_urls(cfg.shards_dir, "train_aug")
