@@ -98,14 +98,15 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
-# the longest work units after test_slurm (seconds of a quiet 2-core AVX-512 run, 2026-12-06; docs/performance.md):
-# within their rank they go first, longest first, so that no worker starts one of them when the others are nearly done.
-# Only the order depends on these numbers; a stale one costs a little wall time, never a result.
-UNIT_SECONDS = {"test_rehearsal": 95, "test_reliability": 87,
-                "tests/test_sweep.py::test_local_sweep_two_methods_two_seeds_reports_mean_and_std": 70,
-                "test_pipeline": 53, "test_preempt": 49, "tests/test_chaos.py::test_chain_survives_random_kill_9": 43,
-                "tests/test_distributed.py::test_one_and_two_processes_end_with_the_same_cam_miou": 41,
-                "test_damaged": 26, "test_fuzz_records": 22}
+# the longest work units after test_slurm (seconds of a quiet 2-core AVX-512 run with 3 workers, 2026-12-06;
+# docs/performance.md): within their rank they go first, longest first, so that no worker starts one of them when the
+# others are nearly done. Only the order depends on these numbers; a stale one costs a little wall time, never a result.
+UNIT_SECONDS = {"tests/test_sweep.py::test_local_sweep_two_methods_two_seeds_reports_mean_and_std": 166,
+                "test_rehearsal": 109, "test_reliability": 95, "test_preempt": 73,
+                "tests/test_distributed.py::test_one_and_two_processes_end_with_the_same_cam_miou": 65,
+                "test_pipeline": 56, "tests/test_chaos.py::test_chain_survives_random_kill_9": 53, "test_fuzz_records": 50,
+                "tests/test_distributed.py::test_one_and_two_processes_see_the_same_global_batch": 36,
+                "test_damaged": 26}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,9 +2,13 @@
 prepared in reader workers that ignore stop signals (the main process owns them) and die with their parent."""
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import logging
+import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -89,20 +93,53 @@ class ShardSamples(torch.utils.data.IterableDataset):
 READER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")  # the stop signals: the main process owns them
 
 
+def _stop_signals() -> set[signal.Signals]:
+    return {getattr(signal, name) for name in READER_IGNORES if hasattr(signal, name)}
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Start reader workers inside this: the stop signals are held (blocked) in this thread while it forks them, so
+    that a signal to the process group landing between a worker's fork and :func:`reader_worker_init` stays pending
+    in the worker until it ignores it (torch's worker handler would end the worker, and a graceful stop became a
+    "DataLoader worker exited unexpectedly" crash); this process gets a held signal when the block ends. Also makes
+    sure no worker outlives an exit of this process (:func:`_end_workers_at_exit`)."""
+    atexit.unregister(_end_workers_at_exit)  # once, and after multiprocessing's own exit hook: atexit runs LIFO
+    atexit.register(_end_workers_at_exit)
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _end_workers_at_exit() -> None:
+    """Kill the reader workers still running when this process exits (e.g. a reader left open by an exception whose
+    traceback is kept): multiprocessing's own exit hook would send them SIGTERM, which they ignore, and then wait for
+    them forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers are daemonic
+            with contextlib.suppress(Exception):
+                child.kill()
+                child.join(5)
+
+
 def reader_worker_init(parent: int, worker: int) -> None:
     """Set up a DataLoader reader worker (training stream and inference readers): it ignores the stop signals (a
     signal to the whole process group, e.g. ``scancel``, SLURM preemption, a container stop or a terminal's Ctrl-C,
     reaches it too; the main process checkpoints and then shuts the workers down) and ends when its parent process
-    does (Linux), so a stage killed by SIGKILL never leaves workers blocked on a full queue."""
+    does (Linux), so a stage killed by SIGKILL never leaves workers blocked on a full queue. The stop signals arrive
+    held (:func:`stop_signals_held`): they are released once ignored, and one sent meanwhile is dropped."""
     import ctypes
-    import os
-    import signal
     import sys
 
-    for name in READER_IGNORES:  # after torch's own worker handlers (its SIGTERM one would end the worker)
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    for sig in _stop_signals():  # after torch's own worker handlers (its SIGTERM one would end the worker)
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signals())
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -131,7 +168,8 @@ def shard_samples(urls: Sequence[str], keys: Sequence[str], *, paired: Sequence[
                                          num_workers=workers, pin_memory=pin_memory,
                                          prefetch_factor=4 if workers else None,
                                          worker_init_fn=functools.partial(reader_worker_init, os.getpid()) if workers else None)
-    return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
+    with stop_signals_held():
+        return _Samples(iter(loader))  # the workers start here, before the caller starts any thread
 
 
 class _Samples:
@@ -168,6 +206,9 @@ def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
         return
     except DataError as e:
         msg = str(e)
+    except BaseException:  # any other error, or this generator closed: stop the workers now, not at exit
+        close_loader(it)
+        raise
     if "Original Traceback" in msg:
         msg = msg.strip().splitlines()[-1].split("DataError: ", 1)[-1]
     close_loader(it)  # stop the workers now, not whenever the traceback is freed

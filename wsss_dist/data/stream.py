@@ -28,7 +28,7 @@ from ..errors import DataError
 from ..registry import VOC_LABELS
 from .tario import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, 
                      selector, verify_against_manifest)
-from .readers import _one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples  # noqa: F401
+from .readers import _one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples, stop_signals_held  # noqa: F401
 from .transforms import (AUG_COLUMNS, IMAGENET_MEAN, IMAGENET_STD, _seed, denormalize, aug_record, augment, augment_mask,  # noqa: F401
                          augment_on_device, draw_augment, normalize, renormalize)
 
@@ -286,7 +286,8 @@ def train_loader(urls: Sequence[str], *, batch_size: int, crop: int, resize_long
         return iter(ds)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=2,
                                          worker_init_fn=functools.partial(reader_worker_init, os.getpid()))
-    return _one_line_errors(iter(loader))
+    with stop_signals_held():  # the workers start here
+        return _one_line_errors(iter(loader))
 
 
 def image_tensor(sample: dict, device: torch.device) -> torch.Tensor:
