@@ -117,9 +117,9 @@ def stop_signals_held() -> Iterator[None]:
 
 
 def _end_workers_at_exit() -> None:
-    """Kill the reader workers still running when this process exits (e.g. a reader left open by an exception whose
-    traceback is kept): multiprocessing's own exit hook would send them SIGTERM, which they ignore, and then wait for
-    them forever."""
+    """Kill the daemonic children still running when this process exits — the reader workers (e.g. of a reader left
+    open by an exception whose traceback is kept): multiprocessing's own exit hook would send them SIGTERM, which they
+    ignore, and then wait for them forever. (The CRF and packing pools' processes are not daemonic.)"""
     for child in multiprocessing.active_children():
         if child.daemon:  # DataLoader workers are daemonic
             with contextlib.suppress(Exception):
