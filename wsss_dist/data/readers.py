@@ -206,10 +206,8 @@ def _one_line_errors(it: Iterator[dict]) -> Iterator[dict]:
         return
     except DataError as e:
         msg = str(e)
-    except BaseException:  # any other error, or this generator closed: stop the workers now, not at exit
+    finally:  # on any error, or this generator closed: stop the workers now, not whenever the traceback is freed
         close_loader(it)
-        raise
     if "Original Traceback" in msg:
         msg = msg.strip().splitlines()[-1].split("DataError: ", 1)[-1]
-    close_loader(it)  # stop the workers now, not whenever the traceback is freed
     raise DataError(msg)
