@@ -69,21 +69,30 @@ def work_unit(nodeid: str) -> str:
     return module if module in ONE_WORKER_MODULES else nodeid
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker per core, and one more when a SLURM cluster answers: the worker holding test_slurm.py
-    mostly waits on the scheduler (sleeping fake stages, job starts), which left 20-45 % of a 2-core machine idle
-    for the first minutes (docs/performance.md)."""
+def slurm_reason() -> str | None:
+    """Why the SLURM tests cannot run here (no client on PATH, no controller answering), or None when they can."""
     import shutil
     import subprocess
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if config.getoption("markexpr", "") or not shutil.which("scontrol"):  # -m ...: the quick loop, no SLURM tests
-        return cores
+    if not (shutil.which("sinfo") and shutil.which("srun") and shutil.which("sbatch")):
+        return "no SLURM client (sinfo/srun/sbatch) on PATH; start one with: bash .ci/slurm_up.sh"
     try:
-        up = "UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        up = False
-    return cores + up
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol ping failed: {e}"
+    if r.returncode != 0 or "UP" not in r.stdout:
+        return f"no SLURM controller answers (scontrol ping: {r.stdout.strip() or r.stderr.strip()}); start one with: bash .ci/slurm_up.sh"
+    return None
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, and one more when the SLURM tests run (:func:`slurm_reason`): the worker
+    holding test_slurm.py mostly waits on the scheduler (sleeping fake stages, job starts), which left 20-45 % of a
+    2-core machine idle for the first minutes (docs/performance.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if config.getoption("markexpr", ""):  # -m ...: the quick loop, no SLURM tests
+        return cores
+    return cores + (slurm_reason() is None)
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -13,22 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import slurm_reason
 from test_launch import COUNTING, ROOT, SUBMIT, TOY, fake_stages
 
 
-def _cluster_reason() -> str | None:
-    if not (shutil.which("sinfo") and shutil.which("srun") and shutil.which("sbatch")):
-        return "no SLURM client (sinfo/srun/sbatch) on PATH; start one with: bash .ci/slurm_up.sh"
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol ping failed: {e}"
-    if r.returncode != 0 or "UP" not in r.stdout:
-        return f"no SLURM controller answers (scontrol ping: {r.stdout.strip() or r.stderr.strip()}); start one with: bash .ci/slurm_up.sh"
-    return None
-
-
-REASON = _cluster_reason()
+REASON = slurm_reason()
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,  # chains of real jobs: part of the full suite, not of the quick loop
               pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
