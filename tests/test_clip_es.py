@@ -18,6 +18,7 @@ from wsss_dist.config import make_config  # noqa: E402
 from wsss_dist.errors import ConfigError  # noqa: E402
 from wsss_dist.methods import clip_es  # noqa: E402
 from wsss_dist.models import clip as clipm  # noqa: E402
+from wsss_dist.models import clip_weights  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -201,7 +202,7 @@ def test_weights_key_resolves_local_files_and_folders_and_never_downloads(tmp_pa
     snap.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors"))
     folder = snap.parents[1]
-    assert clipm.resolve_weights(clipm.TINY, str(folder)) == str(snap / "open_clip_model.safetensors")
+    assert clip_weights.resolve_weights(clipm.TINY, str(folder)) == str(snap / "open_clip_model.safetensors")
     loaded = clipm.build_clip(clipm.TINY, str(folder))
     torch.testing.assert_close(loaded.visual.proj, model.visual.proj)
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
@@ -215,14 +216,41 @@ def test_weights_key_resolves_local_files_and_folders_and_never_downloads(tmp_pa
         clipm.build_clip(clipm.TINY, str(other))
     for bad, says in ((str(tmp_path / "nope.pt"), "not found"), (str(tmp_path), "no open_clip_model")):
         with pytest.raises(ConfigError, match=says):
-            clipm.resolve_weights("ViT-B-16-quickgelu", bad)
-    monkeypatch.setattr(clipm, "_hf_cached", lambda repo, names: None)
+            clip_weights.resolve_weights("ViT-B-16-quickgelu", bad)
+    monkeypatch.setattr(clip_weights, "_hf_cached", lambda repo, names: None)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ConfigError, match="not in the local caches.*pre-fetch") as e:
-        clipm.resolve_weights("ViT-B-16-quickgelu", "openai")
+        clip_weights.resolve_weights("ViT-B-16-quickgelu", "openai")
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="known: openai"):
-        clipm.resolve_weights("ViT-B-16-quickgelu", "nonsense")
+        clip_weights.resolve_weights("ViT-B-16-quickgelu", "nonsense")
+
+
+def test_the_preflight_checks_clip_names_and_files_without_torch(tmp_path, monkeypatch):
+    """The launcher's pre-flight of method=clip_es (tiny + random, or an open_clip name + a weights file) imports
+    neither torch nor open_clip: the model names come from a cache per open_clip version (written on first use, the
+    same as open_clip's own list); a misspelt name is a one-line error with the closest names."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    import open_clip
+
+    from wsss_dist.models.preflight import check_clip, clip_model_names
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "wsss_dist" / f"open_clip_torch-{metadata.version('open_clip_torch')}-models.json"
+    assert clip_model_names() == frozenset(open_clip.list_models()) and cache.is_file()
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"x")
+    code = ("import sys; from wsss_dist.config import make_config; from wsss_dist.models.preflight import preflight; "
+            "preflight(make_config(['stage=cam', 'method=clip_es', 'clip.arch=tiny', 'clip.weights=random'])); "
+            f"preflight(make_config(['stage=cam', 'method=clip_es', 'clip.arch=ViT-B-16', 'clip.weights={weights}'])); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # XDG_CACHE_HOME: tmp_path
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
+    with pytest.raises(ConfigError, match=r"^clip.arch=ViT-B-61: not an open_clip model \(or tiny\); did you mean ViT-B-16"):
+        check_clip("ViT-B-61", "random")
 
 
 def test_clip_es_has_no_cls_stage_and_no_classifier_init(tmp_path):

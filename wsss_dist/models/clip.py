@@ -3,30 +3,23 @@ it, the prompts' text embeddings, and the image tower's forward at any input siz
 of every block and the last block's LayerNorm-ed input tokens (the Grad-CAM target), with gradients only through
 that last block (reference-implementations.md §15.1).
 
-No download ever happens here: a tag (``openai``) is looked up in the Hugging Face cache and in open_clip's own
-cache (``~/.cache/clip``) only; docs/usage.md says how to pre-fetch.
+No download ever happens here: :mod:`.clip_weights` resolves ``clip.weights`` from the local caches only;
+docs/usage.md says how to pre-fetch.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .clip_weights import RANDOM, TINY, resolve_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (§15.1)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TINY = "tiny"  # clip.arch=tiny: a small randomly initialised CLIP of the same family (tests, the toy chain)
-RANDOM = "random"  # clip.weights=random: random init (seeded: every rank and every resume builds the same model)
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names in an HF repo
-PREFETCH = ("pre-fetch on a machine with internet: python -c \"import open_clip; open_clip.create_model("
-            "'ViT-B-16-quickgelu', pretrained='openai')\" (fills the Hugging Face cache; copy it or set HF_HOME), "
-            "or give clip.weights=FILE (docs/usage.md#clip-weights)")
 
 
 def tiny_config() -> dict[str, Any]:
@@ -35,70 +28,6 @@ def tiny_config() -> dict[str, Any]:
     return dict(embed_dim=32, quick_gelu=True,
                 vision_cfg=dict(image_size=64, layers=12, width=32, head_width=16, patch_size=8),
                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-
-
-def _hf_cached(repo: str, names: Sequence[str]) -> Optional[str]:
-    """A file of ``repo`` already in the Hugging Face cache (None when absent or huggingface_hub is missing)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in names:
-        hit = try_to_load_from_cache(repo, name)
-        if isinstance(hit, str):
-            return hit
-    return None
-
-
-def _in_dir(path: Path) -> Optional[str]:
-    """The open_clip weights file in a folder: the folder itself, or an HF cache repo folder's snapshots."""
-    for folder in [path, *sorted((path / "snapshots").glob("*"))]:
-        for name in WEIGHT_FILES:
-            if (folder / name).is_file():
-                return str(folder / name)
-    return None
-
-
-def resolve_weights(arch: str, value: str) -> Optional[str]:
-    """The local weights file that ``clip.weights=value`` names for ``clip.arch=arch`` (None: random init);
-    ConfigError in one line when there is none here (never downloads)."""
-    key = f"clip.weights={value}"
-    if not value:
-        raise ConfigError(f"clip.weights is unset: method=clip_es needs CLIP weights (openai, a file, an HF cache "
-                          f"folder) or clip.weights={RANDOM}; {PREFETCH}")
-    if value == RANDOM:
-        return None
-    path = Path(value).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
-        found = _in_dir(path)
-        if found is None:
-            raise ConfigError(f"{key}: no {' or '.join(WEIGHT_FILES)} in that folder (or its snapshots/*)")
-        return found
-    if "/" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise ConfigError(f"{key}: weights file not found")
-    if arch == TINY:
-        raise ConfigError(f"{key}: clip.arch=tiny has no pretrained weights; use clip.weights={RANDOM} or a file")
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(arch, value)
-    if not cfg:
-        known = open_clip.list_pretrained_tags_by_model(arch)
-        raise ConfigError(f"{key}: open_clip has no weights {value!r} of clip.arch={arch}"
-                          + (f"; known: {', '.join(known)}" if known else ""))
-    hit = None
-    if cfg.get("hf_hub"):
-        repo, name = os.path.split(cfg["hf_hub"].rstrip("/")) if not cfg["hf_hub"].endswith("/") \
-            else (cfg["hf_hub"].rstrip("/"), "")
-        hit = _hf_cached(repo, [name] if name else WEIGHT_FILES)
-    if hit is None and cfg.get("url"):
-        f = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
-        hit = str(f) if f.is_file() else None
-    if hit is None:
-        raise ConfigError(f"{key}: the {arch} weights are not in the local caches (Hugging Face "
-                          f"{cfg.get('hf_hub') or '-'}, ~/.cache/clip) and nothing is downloaded at run time; {PREFETCH}")
-    return hit
 
 
 def is_torchscript(path: str) -> bool:
@@ -202,4 +131,4 @@ def image_pass(model: torch.nn.Module, x: torch.Tensor) -> ClipPass:
 
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ClipPass", "RANDOM", "TINY", "build_clip", "image_pass", "patch_size",
-           "resolve_weights", "text_embeddings", "tiny_config"]
+           "text_embeddings", "tiny_config"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from wsss_dist.config import get
 from wsss_dist.errors import ConfigError
@@ -52,17 +52,18 @@ def preflight(cfg: Config) -> None:
 
 def check_clip(arch: str, weights: str) -> None:
     """ConfigError unless open_clip is installed, knows ``clip.arch`` and ``clip.weights`` names a local file
-    (a tag found in the caches, a file, a folder) or ``random`` (never downloads)."""
-    try:
-        import open_clip
-    except ImportError:
-        raise ConfigError("method=clip_es needs open_clip: pip install open_clip_torch (or the [clip] extra)") from None
-    from wsss_dist.models.clip import TINY, resolve_weights
+    (a tag found in the caches, a file, a folder) or ``random`` (never downloads). Without torch, unless the weights
+    are a named tag (``openai``: open_clip's table says where they would be)."""
+    import importlib.util
 
-    if arch != TINY and arch not in open_clip.list_models():
+    if importlib.util.find_spec("open_clip") is None:
+        raise ConfigError("method=clip_es needs open_clip: pip install open_clip_torch (or the [clip] extra)")
+    from wsss_dist.models.clip_weights import TINY, resolve_weights
+
+    if arch != TINY and arch not in clip_model_names():
         import difflib
 
-        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(arch, sorted(clip_model_names()), n=3, cutoff=0.6)
         raise ConfigError(f"clip.arch={arch}: not an open_clip model (or tiny)"
                           + (f"; did you mean {', '.join(close)}?" if close else ""))
     resolve_weights(arch, weights)
@@ -85,6 +86,27 @@ def check_backbone(key: str, name: str) -> None:
 def timm_model_names() -> frozenset[str]:
     """timm's model names (``timm.list_models()``), kept in ``$XDG_CACHE_HOME/wsss_dist/timm-<version>-models.json``
     after the first call: checking a name then needs no import of timm and torch (3 s of every launcher start)."""
+    def names() -> list[str]:
+        import timm
+
+        return timm.list_models()
+
+    return _cached_names("timm", names)
+
+
+def clip_model_names() -> frozenset[str]:
+    """open_clip's model names (``open_clip.list_models()``), cached per open_clip version as timm's are."""
+    def names() -> list[str]:
+        import open_clip
+
+        return open_clip.list_models()
+
+    return _cached_names("open_clip_torch", names)
+
+
+def _cached_names(package: str, list_names: Callable[[], list[str]]) -> frozenset[str]:
+    """``list_names()`` (which imports ``package``), kept in ``$XDG_CACHE_HOME/wsss_dist/<package>-<version>-models.json``
+    after the first call; a damaged cache file is rebuilt, not believed."""
     import json
     import os
     from importlib import metadata
@@ -92,19 +114,17 @@ def timm_model_names() -> frozenset[str]:
     from wsss_dist import runs
 
     try:
-        version = metadata.version("timm")
+        version = metadata.version(package)
     except metadata.PackageNotFoundError:
         version = "unknown"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsss_dist" / f"timm-{version}-models.json"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsss_dist" / f"{package}-{version}-models.json"
     try:
         names = json.loads(cache.read_text())
         if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
             return frozenset(names)
     except (OSError, ValueError):
         pass  # no cache yet, or a damaged one: rebuilt below
-    import timm
-
-    names = timm.list_models()
+    names = list_names()
     try:  # best effort: a read-only home only costs the import next time
         runs.atomic_write(cache, json.dumps(names))
     except OSError:
