@@ -7,7 +7,6 @@ Writes OUT/result-rank<r>.json: world, backend, rank, and the metrics or the int
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
