@@ -255,13 +255,3 @@ def test_two_processes_gloo_signal_on_one_rank_and_resume(tmp_path):
     assert "resuming from" in r.stderr and "step-00000004 at step 4" in r.stderr
     assert [x["metrics"]["steps"] for x in _results(tmp_path)] == [12, 12]
     assert _results(tmp_path)[0]["metrics"]["skipped"] == 2 * ((11 - 4) // 5)  # latest count of each rank, summed
-
-
-@pytest.mark.slow
-def test_two_processes_more_steps_continue(tmp_path):
-    r = _launch(tmp_path, 4)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [(x["world"], x["backend"], x["metrics"]["steps"]) for x in _results(tmp_path)] == [(2, "gloo", 4)] * 2
-    r = _launch(tmp_path, 7)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "at step 4" in r.stderr and _results(tmp_path)[0]["metrics"]["steps"] == 7

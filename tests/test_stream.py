@@ -91,7 +91,7 @@ def test_ranks_split_the_global_batch(toy_shards, workers):
     assert _same(two[1][3:], resumed)
 
 
-def test_global_batch_must_divide_over_processes_and_accumulation():
+def test_global_batch_must_divide_over_processes_and_accumulation(monkeypatch):
     from wsss_dist.data.stream import micro_batch
     from wsss_dist.errors import ConfigError
 
@@ -102,6 +102,9 @@ def test_global_batch_must_divide_over_processes_and_accumulation():
         from wsss_dist.config import check_batches, make_config
 
         check_batches(make_config(["stage=cls"]), 3)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch and torchrun set in each process
+    with pytest.raises(ConfigError, match=r"^cls.train.batch_size=7 is the global batch and must divide over 2 process\(es\)"):
+        make_config(["stage=cls", "cls.train.batch_size=7"])
 
 
 def test_ground_truth_is_never_decoded(toy_shards, tmp_path, monkeypatch):
