@@ -1,4 +1,6 @@
 """Each CAM method's objective falls when trained on toy shards; batched TTA equals a per-scale loop."""
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -18,8 +20,10 @@ pytestmark = pytest.mark.slow  # each method trained until its loss falls
 
 @pytest.mark.parametrize("method", ["cam", "mixup", "fmix", "manifold", "sc"])
 def test_method_loss_falls(shards, tmp_path, method):
-    """20 steps bring each objective below 0.9 of its start (measured 2026-12-06: 0.52-0.65 after 20 steps, 0.41-0.63
-    after 40; 12 steps are too few for sc, 0.91)."""
+    """20 steps bring each objective below 0.9 of its start. Seeded as the stage seeds (train.seed before the build)
+    and with fixed sub-labels, the test does not depend on what ran before it in the process: with unseeded initial
+    weights, sc's ratio after 20 steps ranged 0.52-0.87 over 14 inits and once, in a full run, 0.99 (measured
+    2026-12-06, seed 0: 0.48-0.52 for cam, mixup, fmix and manifold, 0.73 for sc)."""
     cfg = make_config(shards + [f"run={tmp_path}", f"method={method}", "cls.train.steps=20", "cls.optim.lr=3e-3",
                                 "cls.train.mixed_precision=no", "cls.train.ckpt_every=1000"])
     num_sub = 7 if method == "sc" else 0
@@ -28,7 +32,7 @@ def test_method_loss_falls(shards, tmp_path, method):
     sub = None
     if method == "sc":  # synthetic sub-labels: one of 7 sub-categories per image, from its key
         keys = [s for u in urls for s in _keys(u)]
-        sub = {k: np.eye(num_sub, dtype=np.float32)[hash(k) % num_sub] for k in keys}
+        sub = {k: np.eye(num_sub, dtype=np.float32)[zlib.crc32(k.encode()) % num_sub] for k in keys}
     loss_fn = cls_stage.make_loss(cfg, sub)
 
     def objective(model):
@@ -37,6 +41,7 @@ def test_method_loss_falls(shards, tmp_path, method):
         with torch.no_grad():
             return float(loss_fn(model, batch, 0)[0])
 
+    torch.manual_seed(cfg.cls.train.seed)  # as the stage's trainer stamp: the initial weights are a function of the seed
     model = build_classifier(cfg, num_sub=num_sub)
     before = objective(model)
     fit(model=model, param_groups=model.param_groups(cfg.cls.optim.lr, 0.0), loss_fn=loss_fn,
