@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -224,6 +225,9 @@ def test_weights_key_resolves_local_files_and_folders_and_never_downloads(tmp_pa
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="known: openai"):
         clip_weights.resolve_weights("ViT-B-16-quickgelu", "nonsense")
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # installed, but its import fails (e.g. a torch mismatch)
+    with pytest.raises(ConfigError, match=r"^clip.weights=openai: open_clip cannot be imported"):
+        clip_weights.resolve_weights("ViT-B-16-quickgelu", "openai")
 
 
 def test_the_preflight_checks_clip_names_and_files_without_torch(tmp_path, monkeypatch):
@@ -231,7 +235,6 @@ def test_the_preflight_checks_clip_names_and_files_without_torch(tmp_path, monke
     neither torch nor open_clip: the model names come from a cache per open_clip version (written on first use, the
     same as open_clip's own list); a misspelt name is a one-line error with the closest names."""
     import subprocess
-    import sys
     from importlib import metadata
 
     import open_clip

@@ -63,7 +63,10 @@ def resolve_weights(arch: str, value: str) -> Optional[str]:
         raise ConfigError(f"{key}: weights file not found")
     if arch == TINY:
         raise ConfigError(f"{key}: clip.arch=tiny has no pretrained weights; use clip.weights={RANDOM} or a file")
-    import open_clip
+    try:
+        import open_clip
+    except ImportError as e:  # installed but not importable (find_spec found it): say so before any job
+        raise ConfigError(f"{key}: open_clip cannot be imported ({e}); pip install open_clip_torch") from None
 
     cfg = open_clip.get_pretrained_cfg(arch, value)
     if not cfg:
