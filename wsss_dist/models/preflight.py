@@ -60,10 +60,11 @@ def check_clip(arch: str, weights: str) -> None:
         raise ConfigError("method=clip_es needs open_clip: pip install open_clip_torch (or the [clip] extra)")
     from wsss_dist.models.clip_weights import TINY, resolve_weights
 
-    if arch != TINY and arch not in clip_model_names():
+    names = clip_model_names() if arch != TINY else frozenset()
+    if arch != TINY and arch not in names:
         import difflib
 
-        close = difflib.get_close_matches(arch, sorted(clip_model_names()), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(arch, sorted(names), n=3, cutoff=0.6)
         raise ConfigError(f"clip.arch={arch}: not an open_clip model (or tiny)"
                           + (f"; did you mean {', '.join(close)}?" if close else ""))
     resolve_weights(arch, weights)
