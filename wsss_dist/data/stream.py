@@ -28,8 +28,8 @@ from ..errors import DataError
 from ..registry import VOC_LABELS
 from .tario import (SkipCounter, check_pixels, check_skip_fraction, check_tars, decode_sample, decode_value, refuse_pickles, 
                      selector, verify_against_manifest)
-from .readers import _one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples  # noqa: F401
-from .readers import stop_signals_held
+from .readers import (_one_line_errors, _record_skips, prepare_image, reader_worker_init, shard_samples,  # noqa: F401
+                      stop_signals_held)
 from .transforms import (AUG_COLUMNS, IMAGENET_MEAN, IMAGENET_STD, _seed, denormalize, aug_record, augment, augment_mask,  # noqa: F401
                          augment_on_device, draw_augment, normalize, renormalize)
 
