@@ -46,6 +46,25 @@ SHORT = [*TINY, "data.toy.n_train=12", "data.toy.n_val=6", "data.toy.n_sbd=12", 
          "cls.train.ckpt_every=3", "aff.train.steps=3", "seg.train.steps=3"]
 
 
+def pytest_report_header(config) -> str:
+    """The CPU the suite runs on, in the header: suite times compare only between machines of one kind (a 2-core
+    AVX2-only machine takes about twice as long as an AVX-512 one; docs/performance.md)."""
+    import contextlib
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
+    return f"cpu: {model}, {os.cpu_count()} CPUs, {isa}"
+
+
 def pytest_configure(config) -> None:
     """Under pytest-xdist (``-n auto``, the default in pyproject.toml) each worker runs torch on one thread: the
     workers share the cores, and several threads per worker on tiny tensors only contend. Set before torch is
