@@ -60,8 +60,7 @@ def check_clip(arch: str, weights: str) -> None:
         raise ConfigError("method=clip_es needs open_clip: pip install open_clip_torch (or the [clip] extra)")
     from wsss_dist.models.clip_weights import TINY, resolve_weights
 
-    names = clip_model_names() if arch != TINY else frozenset()
-    if arch != TINY and arch not in names:
+    if arch != TINY and arch not in (names := clip_model_names()):
         import difflib
 
         close = difflib.get_close_matches(arch, sorted(names), n=3, cutoff=0.6)
